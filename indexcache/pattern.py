@@ -34,7 +34,9 @@ class IndexCachePattern:
                     f"IndexCache pattern has illegal character {char!r} at position {pos}: use only 'F' and 'S'"
                 )
         if self.value[0] != FULL:
-            raise ValueError("IndexCache pattern starts with 'S' at position 0: layer 0 must be 'F' (it has no F layer to reuse)")
+            raise ValueError(
+                "IndexCache pattern starts with 'S' at position 0: layer 0 must be 'F' (it has no F layer to reuse)"
+            )
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -112,6 +114,9 @@ class IndexCachePattern:
 
     def owner(self, layer: int) -> int:
         """The F layer whose top-k `layer` uses (itself when it is F)."""
+        if not 0 <= layer < self.num_layers:
+            # A negative index would otherwise count from the end and name the wrong owner.
+            raise IndexError(f"layer {layer} is outside the pattern's {self.num_layers} layers")
         for i in range(layer, -1, -1):
             if self.value[i] == FULL:
                 return i

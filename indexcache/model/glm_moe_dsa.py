@@ -1,0 +1,87 @@
+"""GLM-5 (`glm_moe_dsa`): the DSA family whose transformers code already shares top-k across layers.
+
+What differs from stock, and why:
+- Every layer's `GlmMoeDsaIndexer` becomes a `TrainableGlmMoeDsaIndexer` holding the same tensors under the same
+  names (`model.layers.{i}.self_attn.indexer.{wq_b,wk,k_norm,weights_proj}`): it is differentiable and hands the
+  loss its q/k/w, where the stock one only returns indices under no_grad.
+- A pattern is applied to the live model the way transformers builds one from `config.indexer_types`: S layers get
+  `skip_topk=True` and `indexer=None`, and the stock `prev_topk_indices` hand-over then gives them the F layer's
+  selection. Doing it in place (instead of rebuilding from the config) keeps every F layer's own weights, which
+  is where training starts; the indexers of S layers stay in the wrapper's pool so a later pattern may revive them.
+- Exports drop S-layer indexer tensors: serving engines build no indexer on shared layers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM, PretrainedConfig, PreTrainedModel
+
+from indexcache.model.indexer import TrainableGlmMoeDsaIndexer, to_trainable
+from indexcache.model.registry import ModelFamily, SharedIndexerFactory, register_family
+from indexcache.model.tiny import TINY_DSA_DIMS
+from indexcache.pattern import IndexCachePattern
+
+
+def tiny_glm_moe_dsa_config(**overrides: object) -> GlmMoeDsaConfig:
+    # Explicit all-F layer types: the pattern is IndexCacheModel's business, not the tiny config's.
+    fields = {**TINY_DSA_DIMS, **overrides}
+    fields.setdefault("indexer_types", ["full"] * fields["num_hidden_layers"])
+    return GlmMoeDsaConfig(**fields)
+
+
+def _build(config: PretrainedConfig) -> PreTrainedModel:
+    return GlmMoeDsaForCausalLM._from_config(config)
+
+
+def _load(path: str | os.PathLike[str], dtype: torch.dtype) -> PreTrainedModel:
+    return GlmMoeDsaForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def dsa_attentions(model: PreTrainedModel) -> list[nn.Module]:
+    return [layer.self_attn for layer in model.model.layers[: model.config.num_hidden_layers]]
+
+
+def _install_indexers(model: PreTrainedModel) -> dict[int, nn.Module]:
+    pool: dict[int, nn.Module] = {}
+    for layer_idx, attention in enumerate(dsa_attentions(model)):
+        # An IndexCache export has no indexer on its S layers: nothing to train there.
+        if attention.indexer is not None:
+            attention.indexer = to_trainable(attention.indexer, TrainableGlmMoeDsaIndexer)
+            pool[layer_idx] = attention.indexer
+    return pool
+
+
+def _apply_pattern(
+    model: PreTrainedModel,
+    pattern: IndexCachePattern,
+    indexers: dict[int, nn.Module],
+    shared_indexer: SharedIndexerFactory,
+) -> None:
+    missing = [layer for layer in pattern.full_layers if layer not in indexers]
+    if missing:
+        raise ValueError(
+            f"pattern {pattern} makes layers {missing} F, but the checkpoint has no indexer weights for them: "
+            "use a pattern whose F layers are F in the checkpoint's config.indexer_types"
+        )
+    model.config.indexer_types = pattern.to_indexer_types()
+    for layer_idx, attention in enumerate(dsa_attentions(model)):
+        full = pattern.is_full(layer_idx)
+        attention.skip_topk = not full
+        attention.indexer = indexers[layer_idx] if full else None
+
+
+GLM_MOE_DSA = register_family(
+    ModelFamily(
+        model_type="glm_moe_dsa",
+        build=_build,
+        load=_load,
+        tiny_config=tiny_glm_moe_dsa_config,
+        dsa_attentions=dsa_attentions,
+        install_indexers=_install_indexers,
+        apply_pattern=_apply_pattern,
+        keeps_shared_indexer_tensors=False,
+    )
+)

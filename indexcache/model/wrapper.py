@@ -1,0 +1,357 @@
+"""IndexCacheModel: a stock HF DSA model with trainable indexers, an F/S pattern, teacher capture and the KL loss.
+
+How it hooks into the stock code without monkey-patching: it registers the `indexcache` attention backend with
+transformers' `AttentionInterface` (and the boolean causal mask for it with `AttentionMaskInterface`) and sets
+the model's attention implementation to it. For any implementation other than eager/sdpa the stock DSA attention
+passes its indexer's result as `indices=` and the plain causal mask to the backend, plus the model's `**kwargs`,
+through which `forward` hands the backend this forward's `ForwardContext`. The backend then
+
+- dense mode (warm-up): runs dense causal attention, ignoring the indices;
+- sparse mode: attends only to the layer's top-k set (a row with fewer visible keys than K attends to all of them);
+
+and in both records the layer's detached query/key (after RoPE) as its teacher. Once the last layer a group
+serves has run, the group's `multi_layer_kl` is computed and the captured tensors are freed, so at most one
+group's teachers are alive at a time.
+
+Losses (DESIGN.md section 1): each group's loss is the mean over valid (non-padding) query rows of
+(1/G) sum_j KL(p_j || q_f); `kl_loss` is the sum over F layers of their group's loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from indexcache.losses import KLResult, TeacherInputs, multi_layer_kl
+from indexcache.model.indexer import IndexerSelection
+from indexcache.model.registry import ModelFamily, get_family
+from indexcache.pattern import IndexCachePattern
+
+BACKEND = "indexcache"
+CONTEXT_KWARG = "indexcache_context"
+MODES = ("dense", "sparse")
+
+__all__ = [
+    "BACKEND",
+    "ForwardContext",
+    "IndexCacheModel",
+    "IndexCacheOutput",
+    "SharedIndexer",
+    "indexcache_attention",
+    "register_backend",
+]
+
+
+@dataclass
+class IndexCacheOutput:
+    loss: Tensor  # kl_loss (+ lm_weight * lm_loss when with_lm_loss)
+    kl_loss: Tensor  # sum over F layers of each group's KLResult.loss
+    lm_loss: Tensor | None  # when labels are given (detached unless with_lm_loss)
+    metrics: dict[str, float]
+    logits: Tensor  # [B, T, V] of the attention this mode runs (dense or the layers' top-k sets)
+
+
+class ForwardContext:
+    """What one forward's attention calls share: mode, pattern, padding mask, captured teachers, group losses.
+
+    One instance per IndexCacheModel, `reset` at the start of each forward and `finish`ed at its end, so nothing
+    captured outlives the forward that captured it (and nothing lives in module globals).
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.mode = "dense"
+        self.pattern: IndexCachePattern | None = None
+        self.attention_mask: Tensor | None = None
+        self.loss_impl = "auto"
+        self.loss_chunk_size = 1024
+        self._selections: dict[int, IndexerSelection] = {}
+        self._teachers: dict[int, list[TeacherInputs]] = {}
+        self._results: dict[int, KLResult] = {}
+
+    def reset(
+        self,
+        mode: str,
+        pattern: IndexCachePattern,
+        attention_mask: Tensor | None,
+        loss_impl: str,
+        loss_chunk_size: int,
+    ) -> None:
+        self.active = True
+        self.mode, self.pattern, self.attention_mask = mode, pattern, attention_mask
+        self.loss_impl, self.loss_chunk_size = loss_impl, loss_chunk_size
+        self._selections, self._teachers, self._results = {}, {}, {}
+
+    def finish(self) -> dict[int, KLResult]:
+        """End the forward: return the group losses and drop every captured tensor."""
+        results = self._results
+        self.reset(self.mode, self.pattern, None, self.loss_impl, self.loss_chunk_size)
+        self.active = False
+        return results
+
+    def selection(self, owner: int) -> IndexerSelection:
+        """The selection F layer `owner` made earlier in this forward (read by S-layer stand-ins)."""
+        if owner not in self._selections:
+            raise RuntimeError(f"F layer {owner} has not run yet in this forward: its S layers cannot reuse it")
+        return self._selections[owner]
+
+    def record(self, layer_idx: int, selection: IndexerSelection, teacher: TeacherInputs) -> None:
+        """Capture layer `layer_idx`'s teacher; after the last layer of a group, compute that group's loss."""
+        owner = self.pattern.owner(layer_idx)
+        if selection.layer_idx != owner:
+            raise AssertionError(f"layer {layer_idx} attended with layer {selection.layer_idx}'s top-k, not {owner}'s")
+        if layer_idx == owner:
+            self._selections[owner] = selection
+        served = self.pattern.groups[owner]
+        teachers = self._teachers.setdefault(owner, [])
+        teachers.append(teacher)
+        if layer_idx != served[-1]:
+            return
+        if len(teachers) != len(served):
+            raise AssertionError(f"group of F layer {owner} captured {len(teachers)} teachers for {len(served)} layers")
+        topk_indices = selection.topk_indices if self.mode == "sparse" else None
+        self._results[owner] = multi_layer_kl(
+            selection.outputs,
+            teachers,
+            self.attention_mask,
+            topk_indices,
+            impl=self.loss_impl,
+            chunk_size=self.loss_chunk_size,
+        )
+        del self._teachers[owner]  # free the group's teachers now: only one group's are ever alive
+
+
+class SharedIndexer(nn.Module):
+    """Parameter-free stand-in for an S layer's indexer: returns its F layer's selection from this forward.
+
+    For families whose transformers code has no cross-layer sharing (deepseek_v32): the stock attention calls it
+    like its own indexer and attends with what it returns. It accepts, and ignores, the stock indexer arguments.
+    """
+
+    def __init__(self, layer_idx: int, owner_idx: int, context: ForwardContext) -> None:
+        super().__init__()
+        self.layer_idx, self.owner_idx, self.context = layer_idx, owner_idx, context
+
+    def forward(self, *args: object, **kwargs: object) -> IndexerSelection:
+        return self.context.selection(self.owner_idx)
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, reuses=layer {self.owner_idx}"
+
+
+def _allowed_keys(causal_mask: Tensor, topk_indices: Tensor | None) -> Tensor:
+    """[B, 1, T, S] bool keys each row attends to: the causal+padding mask, restricted to the top-k set if given.
+
+    A row left with no key at all (a padding row under left padding) gets its own position, so the softmax stays
+    finite; stock eager would average all keys there, and no loss reads such rows.
+    """
+    allowed = causal_mask.bool()
+    if topk_indices is not None:
+        num_keys = allowed.shape[-1]
+        # -1 slots go to an extra column that is dropped, so they select nothing.
+        slots = torch.where(topk_indices >= 0, topk_indices, num_keys).long()
+        selected = torch.zeros(*topk_indices.shape[:2], num_keys + 1, dtype=torch.bool, device=allowed.device)
+        selected.scatter_(-1, slots, True)
+        allowed = allowed & selected[:, None, :, :num_keys]
+    empty_rows = ~allowed.any(dim=-1, keepdim=True)
+    if empty_rows.any():
+        diagonal = torch.eye(allowed.shape[-2], allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+        allowed = allowed | (empty_rows & diagonal)
+    return allowed
+
+
+def indexcache_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    indices: IndexerSelection | None = None,
+    indexcache_context: ForwardContext | None = None,
+    **kwargs: object,
+) -> tuple[Tensor, None]:
+    """The `indexcache` attention backend: dense or top-k attention, plus teacher capture (see the module doc).
+
+    query [B, H, T, D], key [B, H_kv, T, D], value [B, H_kv, T, D_v] after RoPE; returns [B, T, H, D_v] like the
+    stock backends. torch sdpa does the maths (CPU and GPU); it equals stock eager up to float round-off.
+    """
+    context = indexcache_context
+    if context is None or not context.active or not isinstance(indices, IndexerSelection):
+        raise RuntimeError(
+            f"the {BACKEND!r} attention backend runs only inside IndexCacheModel.forward, with trainable indexers"
+        )
+    sparse = context.mode == "sparse"
+    if sparse and indices.topk_indices is None:
+        raise AssertionError(f"sparse mode, but F layer {indices.layer_idx} computed no top-k")
+    enable_gqa = query.shape[1] != key.shape[1]
+    if not sparse and context.attention_mask is None:
+        # No padding and no top-k: the plain causal kernel (flash on GPU) needs no [T, S] mask at all.
+        output = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=enable_gqa
+        )
+    else:
+        if attention_mask is None:
+            raise AssertionError("the indexcache backend expects the boolean causal mask it registered")
+        allowed = _allowed_keys(attention_mask, indices.topk_indices if sparse else None)
+        output = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=enable_gqa
+        )
+    context.record(module.layer_idx, indices, TeacherInputs(query=query.detach(), key=key.detach(), scaling=scaling))
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register_backend() -> None:
+    """Register the `indexcache` attention backend and its (boolean, sdpa-style) mask; idempotent."""
+    AttentionInterface.register(BACKEND, indexcache_attention)
+    AttentionMaskInterface.register(BACKEND, sdpa_mask)
+
+
+class IndexCacheModel(nn.Module):
+    """The stock HF model with trainable indexers swapped in, an F/S pattern applied, and the IndexCache loss.
+
+    Parameter names are the stock ones (`hf_model.named_parameters()`); S layers hold no indexer parameters.
+    """
+
+    def __init__(
+        self,
+        hf_model: PreTrainedModel,
+        pattern: IndexCachePattern | None = None,
+        mode: str = "dense",
+        lm_weight: float = 1.0,
+        loss_impl: str = "auto",
+        loss_chunk_size: int = 1024,
+        topk_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+        self.family: ModelFamily = get_family(hf_model.config.model_type)
+        self.lm_weight = lm_weight
+        self.loss_impl = loss_impl
+        self.loss_chunk_size = loss_chunk_size
+        self._context = ForwardContext()
+        # Every layer's trainable indexer, kept outside the module tree (a plain dict) so that S layers carry no
+        # parameters while a later `apply_pattern` (e.g. pattern search) can still turn them back into F layers.
+        self._indexer_pool = self.family.install_indexers(hf_model)
+        for indexer in self._indexer_pool.values():
+            indexer.chunk_size = topk_chunk_size
+        register_backend()
+        hf_model.set_attn_implementation(BACKEND)
+        self.num_dsa_layers = len(self.family.dsa_attentions(hf_model))
+        self.pattern = IndexCachePattern.all_full(self.num_dsa_layers)
+        self.mode = mode
+        self.apply_pattern(pattern or self.pattern)
+
+    # ---- configuration ------------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is unknown: use 'dense' (warm-up) or 'sparse'")
+        self._mode = mode
+        # Dense attention never reads the top-k, so dense mode skips computing it.
+        for indexer in self._indexer_pool.values():
+            indexer.compute_topk = mode == "sparse"
+
+    def apply_pattern(self, pattern: IndexCachePattern) -> None:
+        """F layers keep (or regain) their own indexer; S layers drop theirs and reuse their F layer's top-k."""
+        if pattern.num_layers != self.num_dsa_layers:
+            raise ValueError(
+                f"pattern {pattern} has {pattern.num_layers} layers but the model has {self.num_dsa_layers} DSA layers"
+            )
+        self.family.apply_pattern(self.hf_model, pattern, self._indexer_pool, self._shared_indexer)
+        self.pattern = pattern
+
+    def _shared_indexer(self, layer_idx: int, owner_idx: int) -> nn.Module:
+        return SharedIndexer(layer_idx, owner_idx, self._context)
+
+    # ---- parameters ---------------------------------------------------------------------------------------------
+    def indexer_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """F-layer indexer parameters with their HF (= checkpoint) names."""
+        module_names = {id(module): name for name, module in self.hf_model.named_modules()}
+        params = []
+        for layer in self.pattern.full_layers:
+            indexer = self._indexer_pool[layer]
+            prefix = module_names[id(indexer)]
+            params.extend((f"{prefix}.{name}", param) for name, param in indexer.named_parameters())
+        return params
+
+    def base_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Every other parameter of the HF model (S layers have no indexer parameters in the model)."""
+        indexer_ids = {id(param) for _, param in self.indexer_parameters()}
+        return [(name, param) for name, param in self.hf_model.named_parameters() if id(param) not in indexer_ids]
+
+    def indexer_state_dict(self) -> dict[str, Tensor]:
+        """`model.layers.{i}.self_attn.indexer.{...}` tensors of the F layers (detached, not copied)."""
+        return {name: param.detach() for name, param in self.indexer_parameters()}
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        with_lm_loss: bool = False,
+    ) -> IndexCacheOutput:
+        """Run the model in the current mode, computing every group's KL (and the LM loss when labels are given).
+
+        `labels` follow HF (same shape as input_ids, shifted inside); padding positions are ignored whatever
+        they hold. `with_lm_loss` adds lm_weight * lm_loss to `loss` so the base can train (the sparse stage);
+        without it `lm_loss` is still reported, detached. Which parameters train is the optimizer's choice.
+        """
+        if with_lm_loss and labels is None:
+            raise ValueError("with_lm_loss=True needs labels")
+        if self.hf_model.is_activation_checkpointing:
+            raise ValueError("activation checkpointing is unsupported: its recomputation would capture teachers twice")
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            if labels is not None:
+                labels = labels.masked_fill(~attention_mask, -100)
+        self._context.reset(self.mode, self.pattern, attention_mask, self.loss_impl, self.loss_chunk_size)
+        try:
+            out = self.hf_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                use_cache=False,
+                **{CONTEXT_KWARG: self._context},
+            )
+        finally:
+            results = self._context.finish()
+        missing = [layer for layer in self.pattern.full_layers if layer not in results]
+        if missing:
+            raise AssertionError(f"no KL for F layers {missing}: their attention did not run the indexcache backend")
+
+        kl_loss = torch.stack([results[layer].loss for layer in self.pattern.full_layers]).sum()
+        lm_loss = out.loss
+        loss = kl_loss
+        if with_lm_loss:
+            loss = kl_loss + self.lm_weight * lm_loss
+        elif lm_loss is not None:
+            lm_loss = lm_loss.detach()
+        return IndexCacheOutput(
+            loss=loss, kl_loss=kl_loss, lm_loss=lm_loss, metrics=self._metrics(results), logits=out.logits
+        )
+
+    def _metrics(self, results: dict[int, KLResult]) -> dict[str, float]:
+        names, values = [], []
+        for owner, served in self.pattern.groups.items():
+            result = results[owner]
+            names.append(f"indexcache/kl/layer_{owner}")
+            values.append(result.loss.detach().reshape(1))
+            names.extend(f"indexcache/kl_served/layer_{layer}" for layer in served)
+            values.append(result.kl_per_layer.reshape(-1))
+            names.extend(f"indexcache/teacher_entropy/layer_{layer}" for layer in served)
+            values.append(result.teacher_entropy.reshape(-1))
+        # One device-to-host copy for all metrics instead of one sync per number.
+        flat = torch.cat([value.float() for value in values]).tolist()
+        return dict(zip(names, flat, strict=True))

@@ -1,0 +1,181 @@
+"""Lightning-indexer maths: scorer, chunked top-k, and parity of the trainable indexers with the stock HF ones."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from indexcache.model.indexer import (
+    TrainableDeepseekV32Indexer,
+    TrainableGlmMoeDsaIndexer,
+    index_scores,
+    key_padding_mask,
+    select_topk,
+    to_trainable,
+)
+from indexcache.model.tiny import tiny_model
+
+TRAINABLE = {"glm_moe_dsa": TrainableGlmMoeDsaIndexer, "deepseek_v32": TrainableDeepseekV32Indexer}
+OTHER_FAMILY = {"glm_moe_dsa": "deepseek_v32", "deepseek_v32": "glm_moe_dsa"}
+
+
+def random_indexer_inputs(batch: int = 2, seq: int = 19, heads: int = 3, dim: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, heads, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, seq, dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(batch, seq, heads, generator=gen, dtype=torch.float64)
+    return q, k, w
+
+
+def visible_keys(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
+    real = torch.ones(batch, seq, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    return torch.ones(seq, seq, dtype=torch.bool).tril()[None] & real[:, None, :]
+
+
+def test_index_scores_is_weighted_relu_sum():
+    q, k, w = random_indexer_inputs()
+    expected = torch.einsum("btj,btjs->bts", w, torch.einsum("btjd,bsd->btjs", q, k).relu())
+    torch.testing.assert_close(index_scores(q, k, w).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 19, 64])
+def test_select_topk_equals_brute_force_in_every_chunking(chunk_size: int):
+    q, k, w = random_indexer_inputs()
+    attention_mask = torch.ones(2, 19, dtype=torch.long)
+    attention_mask[1, 13:] = 0  # right padding
+    attention_mask[0, 5] = 0  # a hole: that key must never be chosen
+    topk = 6
+    got = select_topk(q, k, w, attention_mask, topk, chunk_size=chunk_size)
+    assert got.shape == (2, 19, topk) and got.dtype == torch.long
+
+    visible = visible_keys(attention_mask, 2, 19)
+    scores = index_scores(q, k, w).masked_fill(~visible, float("-inf"))
+    for b in range(2):
+        for t in range(19):
+            num_visible = int(visible[b, t].sum())
+            row = got[b, t].tolist()
+            # Invalid slots are -1 and come last; the valid ones are distinct visible keys holding the best scores,
+            # best first (compared by score: keys whose relus are all zero tie exactly at 0).
+            assert row.count(-1) == max(topk - num_visible, 0)
+            chosen = [s for s in row if s >= 0]
+            assert row[: len(chosen)] == chosen and len(set(chosen)) == len(chosen)
+            assert all(visible[b, t, s] for s in chosen)
+            expected = scores[b, t].topk(min(topk, num_visible)).values
+            torch.testing.assert_close(scores[b, t, chosen], expected, rtol=0, atol=0)
+
+
+def test_select_topk_keeps_at_most_seq_len_columns():
+    q, k, w = random_indexer_inputs(seq=5)
+    got = select_topk(q, k, w, None, topk=64)
+    assert got.shape == (2, 5, 5)
+    # Row t sees t + 1 keys, so it lists all of them and pads 4 - t slots with -1.
+    for t in range(5):
+        assert sorted(got[0, t, : t + 1].tolist()) == list(range(t + 1))
+        assert (got[0, t, t + 1 :] == -1).all()
+
+
+@pytest.mark.parametrize(("topk", "chunk_size"), [(0, 4), (4, 0)])
+def test_select_topk_rejects_nonpositive_arguments(topk: int, chunk_size: int):
+    q, k, w = random_indexer_inputs()
+    with pytest.raises(ValueError, match="invalid"):
+        select_topk(q, k, w, None, topk, chunk_size)
+
+
+def test_key_padding_mask_reads_last_row_of_bool_and_additive_masks():
+    attention_mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]]).bool()
+    causal = visible_keys(attention_mask, 2, 4)[:, None]  # [B, 1, T, S] like the stock mask
+    assert torch.equal(key_padding_mask(causal), attention_mask)
+    additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert torch.equal(key_padding_mask(additive[:, 0]), attention_mask)
+    assert key_padding_mask(None) is None
+
+
+def test_to_trainable_shares_stock_tensors_under_checkpoint_names():
+    model = tiny_model("glm_moe_dsa")
+    stock = model.model.layers[1].self_attn.indexer
+    trainable = to_trainable(stock, TrainableGlmMoeDsaIndexer)
+    assert isinstance(trainable, type(stock))
+    names = [name for name, _ in trainable.named_parameters()]
+    assert names == ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"]
+    for (_, mine), (_, theirs) in zip(trainable.named_parameters(), stock.named_parameters(), strict=True):
+        assert mine.data_ptr() == theirs.data_ptr() and mine.requires_grad
+
+
+def capture_stock_indexer_calls(model: torch.nn.Module) -> list[tuple[int, tuple, dict, torch.Tensor]]:
+    """Run-time record of every stock indexer call: (layer, args, kwargs, returned top-k)."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append((module.layer_idx, args, kwargs, output))
+
+    for layer in model.model.layers:
+        layer.self_attn.indexer.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def assert_same_sets_up_to_ties(ours, stock, scores, visible, tol: float = 1e-4) -> None:
+    """Row by row, the two top-k sets (visible keys only) agree, except keys tied with the K-th score."""
+    for b, t in torch.cartesian_prod(torch.arange(ours.shape[0]), torch.arange(ours.shape[1])).tolist():
+        mine = {s for s in ours[b, t].tolist() if s >= 0}
+        theirs = {s for s in stock[b, t].tolist() if visible[b, t, s]}
+        if mine == theirs:
+            continue
+        kth = min(scores[b, t, s].item() for s in mine)
+        for s in mine ^ theirs:
+            assert abs(scores[b, t, s].item() - kth) <= tol * max(1.0, abs(kth)), (b, t, s)
+
+
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "deepseek_v32"])
+def test_trainable_indexer_selects_the_stock_topk(model_type: str):
+    model = tiny_model(model_type, seed=1)
+    model.set_attn_implementation("eager")
+    input_ids = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones(2, 29, dtype=torch.long)
+    attention_mask[1, 20:] = 0
+    calls = capture_stock_indexer_calls(model)
+    with torch.no_grad():
+        model(input_ids, attention_mask=attention_mask, use_cache=False)
+    assert len(calls) == 4
+    visible = visible_keys(attention_mask, 2, 29)
+
+    rope_mattered = False
+    for layer_idx, args, kwargs, stock_topk in calls:
+        stock_indexer = model.model.layers[layer_idx].self_attn.indexer
+        ours = to_trainable(copy.deepcopy(stock_indexer), TRAINABLE[model_type])
+        selection = ours(*args, **kwargs)
+        assert selection.layer_idx == layer_idx
+        assert selection.topk_indices.shape == (2, 29, 8)
+        out = selection.outputs
+        scores = index_scores(out.q, out.k, out.w).detach()
+        assert_same_sets_up_to_ties(selection.topk_indices, stock_topk, scores, visible)
+        # The other family's RoPE layout selects differently: the comparison above can fail.
+        other = to_trainable(copy.deepcopy(stock_indexer), TRAINABLE[OTHER_FAMILY[model_type]])
+        rope_mattered |= not torch.equal(other(*args, **kwargs).topk_indices, selection.topk_indices)
+    assert rope_mattered
+
+
+def test_trainable_indexer_is_differentiable_and_detaches_its_inputs():
+    model = tiny_model("deepseek_v32")
+    indexer = to_trainable(model.model.layers[0].self_attn.indexer, TrainableDeepseekV32Indexer)
+    hidden = torch.randn(1, 6, 64, requires_grad=True)
+    q_resid = torch.randn(1, 6, 32, requires_grad=True)
+    cos_sin = model.model.rotary_emb(hidden, torch.arange(6)[None])
+    indexer.compute_topk = False
+    selection = indexer(hidden, q_resid, cos_sin, visible_keys(None, 1, 6))
+    assert selection.topk_indices is None
+    out = selection.outputs
+    assert out.q.shape == (1, 6, 4, 32) and out.k.shape == (1, 6, 32) and out.w.shape == (1, 6, 4)
+    (out.q.sum() + out.k.sum() + out.w.sum()).backward()
+    assert hidden.grad is None and q_resid.grad is None
+    assert all(param.grad is not None for param in indexer.parameters())
+
+
+def test_trainable_indexer_refuses_a_kv_cache():
+    model = tiny_model("glm_moe_dsa")
+    indexer = to_trainable(model.model.layers[0].self_attn.indexer, TrainableGlmMoeDsaIndexer)
+    hidden = torch.randn(1, 3, 64)
+    cos_sin = model.model.rotary_emb(hidden, torch.arange(3)[None])
+    with pytest.raises(ValueError, match="use_cache=False"):
+        indexer(hidden, torch.randn(1, 3, 32), cos_sin, None, None, past_key_values=object())
