@@ -196,6 +196,9 @@ def load_config(overrides: list[str]) -> RunConfig:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="indexcache"):
             composed: DictConfig = compose(config_name="config", overrides=overrides)
+        missing = sorted(OmegaConf.missing_keys(composed))
+        if missing:
+            raise ConfigError(f"{missing[0]} is required but not set: add {missing[0]}=<value> to the command line")
         cfg_obj: Any = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(_one_line(error)) from error

@@ -149,6 +149,8 @@ def _read_source(source_dir: Path) -> _Source:
         raise ExportError(
             f"source checkpoint {source_dir} has unreadable JSON ({err}): repair or re-download it"
         ) from err
+    if not isinstance(config, dict):
+        raise ExportError(f"source checkpoint {source_dir} has a config.json that is not a JSON object")
     problems: list[str] = []
     shards = read_shards(source_dir, problems)  # the validator's layout checks, so export and validation agree
     if problems:

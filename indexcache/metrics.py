@@ -23,6 +23,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 METRIC_PREFIXES = ("train/", "eval/", "perf/", "indexcache/")
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"  # lets a resumed run continue the same W&B run
+_active_wandb_runs = 0  # W&B runs this process has started and not yet finished
 
 
 @dataclass
@@ -112,7 +113,7 @@ class MetricsLogger:
             self._file.close()
             self._file = None
         if self._wandb_run is not None:
-            self._wandb_run.finish()
+            _finish_wandb(self._wandb_run)
             self._wandb_run = None
 
     def __enter__(self) -> MetricsLogger:
@@ -162,7 +163,7 @@ def _start_wandb(cfg: WandbConfig, run_dir: Path, resolved_config: dict[str, Any
         id_path.write_text(run_id + "\n", encoding="utf-8")
     parent = Path(cfg.dir) if cfg.dir is not None else run_dir
     parent.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
+    run = wandb.init(
         project=cfg.project,
         name=cfg.name,
         tags=list(cfg.tags),
@@ -171,6 +172,22 @@ def _start_wandb(cfg: WandbConfig, run_dir: Path, resolved_config: dict[str, Any
         config=resolved_config,
         id=run_id,
         resume="allow",
+        allow_val_change=True,  # a resumed run may change overrides (more steps, new eval cadence)
         # A process may hold more than one logger (tests, several stages): never finish another's run.
         reinit="create_new",
     )
+    global _active_wandb_runs
+    _active_wandb_runs += 1
+    return run
+
+
+def _finish_wandb(run: Any) -> None:
+    import wandb
+
+    global _active_wandb_runs
+    run.finish()
+    _active_wandb_runs -= 1
+    if _active_wandb_runs == 0:
+        # finish() returns before wandb-core has written the run's .wandb record; teardown waits for it, so an
+        # offline run is complete on disk when close() returns (the atexit hook is unreliable under launchers).
+        wandb.teardown()

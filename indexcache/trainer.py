@@ -36,6 +36,7 @@ class Run:
     logger: MetricsLogger
     checkpoints: CheckpointManager
     history: list[dict[str, Any]] = field(default_factory=list)
+    hf_ds_config: Any = None  # ZeRO-3: transformers' weak reference to the DeepSpeed config must stay alive
 
 
 def use_bf16(ds: DeepSpeedConfig, device: torch.device) -> bool:
@@ -60,7 +61,8 @@ def deepspeed_config(ds: DeepSpeedConfig, stage: StageConfig, device: torch.devi
             "params": {
                 "total_num_steps": stage.steps,
                 "warmup_num_steps": min(stage.warmup_steps, stage.steps),
-                "warmup_min_ratio": 0.0,
+                # The first step already trains (a 0 ratio would waste it): lr ramps from lr/warmup to lr.
+                "warmup_min_ratio": 1.0 / max(stage.warmup_steps, 1),
                 "cos_min_ratio": stage.min_lr_ratio,
                 "warmup_type": "linear",
             },
@@ -140,6 +142,7 @@ def train_stage(
     cfg, dist = run.cfg, run.dist
     run.model.apply_pattern(stage_pattern(run, stage))
     run.model.mode = stage.mode
+    run.model.lm_weight = stage.lm_loss_weight
     run.model.train()
     engine = build_engine(run, stage)
     batches = ResumableBatches(
@@ -160,7 +163,7 @@ def train_stage(
     tokens_per_step = cfg.train.seq_len * cfg.deepspeed.micro_batch_size * accum * dist.world_size
     while stage_step < stage.steps:
         started = time.perf_counter()
-        step_metrics: dict[str, float] = {}
+        step_metrics: dict[str, float] = {"train/lr": engine.get_lr()[0]}
         for _ in range(accum):
             batch = _to_device(next(iterator), dist.device)
             out = engine(
@@ -174,7 +177,7 @@ def train_stage(
             micro = {"train/loss": out.loss.item(), "train/kl_loss": out.kl_loss.item(), **out.metrics}
             if out.lm_loss is not None:
                 micro["train/lm_loss"] = out.lm_loss.item()
-            for key, value in micro.items():
+            for key, value in micro.items():  # the logged step value is the mean over micro-batches
                 step_metrics[key] = step_metrics.get(key, 0.0) + value / accum
         stage_step += 1
         global_step += 1
@@ -228,7 +231,7 @@ def total_steps(cfg: RunConfig) -> int:
 
 def train(run: Run) -> bool:
     """Run every stage in order, resuming from the newest complete checkpoint. Returns True when finished."""
-    resume = find_resume(run)
+    resume = find_resume(run.cfg, run.checkpoints)
     global_step = 0
     for index, (name, stage) in enumerate(run.cfg.stage.items()):
         stage_resume = None
@@ -268,11 +271,11 @@ def restore_weights(run: Run, stage: StageConfig, path: Path) -> None:
         engine.destroy()
 
 
-def find_resume(run: Run) -> tuple[Path, TrainerState] | None:
-    choice = run.cfg.train.resume
+def find_resume(cfg: RunConfig, checkpoints: CheckpointManager) -> tuple[Path, TrainerState] | None:
+    choice = cfg.train.resume
     if choice == "none":
         return None
-    path = run.checkpoints.latest() if choice == "auto" else Path(choice)
+    path = checkpoints.latest() if choice == "auto" else Path(choice)
     if path is None:
         return None
     return path, CheckpointManager.read_state(path)

@@ -138,12 +138,25 @@ def test_order_is_identical_across_builds_and_filesystem_orders(tmp_path, tokeni
     forward = make_corpus(tmp_path / "forward", CORPUS_FILES)
     backward = make_corpus(tmp_path / "backward", CORPUS_FILES[::-1])
     results = []
-    for corpus in (forward, backward, forward):  # the third build is served from the datasets cache
-        cfg = DataConfig(sources=[str(corpus)], validation_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+    # The third build is served from the datasets cache; the glob is keyed relative to its folder part.
+    for source in (forward, backward, forward, f"{forward}/**/*.py"):
+        cfg = DataConfig(sources=[str(source)], validation_fraction=0.3, cache_dir=str(tmp_path / "cache"))
         splits = build_datasets(cfg, tokenizer, SEQ_LEN)
         results.append((flat(splits.train), flat(splits.validation)))
     # Keys are relative to the source folder, so a copy created in another order splits and packs the same.
-    assert results[0] == results[1] == results[2]
+    assert results[0] == results[1] == results[2] == results[3]
+
+
+def test_parallel_tokenisation_gives_the_same_windows(tmp_path, tokenizer):
+    corpus = make_corpus(tmp_path / "corpus", CORPUS_FILES)
+    results = []
+    for num_proc in (1, 2):
+        cfg = DataConfig(
+            sources=[str(corpus)], validation_fraction=0.3, num_proc=num_proc, cache_dir=str(tmp_path / "cache")
+        )
+        splits = build_datasets(cfg, tokenizer, SEQ_LEN)
+        results.append((flat(splits.train), flat(splits.validation)))
+    assert results[0] == results[1]
 
 
 def test_caps_take_the_first_files_and_share_tokens_between_splits(tmp_path, tokenizer):

@@ -1,0 +1,425 @@
+"""Fused Triton multi-layer KL (forward and backward) for CUDA; imported lazily, only where triton exists.
+
+Passes (all accumulate in float32; inputs bf16/fp16):
+  A. teacher log-sum-exp per (layer, head, row)      grid (row blocks, B*H, G), flash-style: Q stays on chip
+  B. student log-sum-exp per row                       grid (row blocks, B)
+  then, for each chunk of R query rows:
+  C. one program per causal (row block, key block) tile: indexer logits I, every layer's head-averaged p
+     (sum over heads on chip), the KL/entropy partial sums, and dI = q - p_bar written to a [R, T] fp32 scratch
+  D. dq, dw: one program per (row block, indexer head), looping over key blocks
+  E. dk:     one program per key block, looping over the chunk's row blocks and indexer heads
+No [T, T] tensor is ever allocated. dI for one row chunk ([R, T], R chosen so it stays under a fixed budget)
+does go through global memory: the dq accumulators of every indexer head for a row block
+(BLOCK x H_I x D_I fp32, 1 MiB at BLOCK=64, H_I=32) cannot stay on chip, so dq/dk are computed by D and E
+from the stored dI instead of inside C. Gradients are computed in the forward (see chunked.py: the teacher
+scores, the dominant cost, are then computed once per tile rather than again in backward).
+
+Sparse variant: top-k sets become a packed bitmap [B, T, ceil(T/32)] int32 and the same kernels mask with it,
+so the sparse loss costs what the dense one does (see bench/NOTES.md for why gathering keys is slower here).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from indexcache.losses.chunked import PrecomputedGradKL, Sums, wants_grad
+from indexcache.losses.interface import (
+    IndexerOutputs,
+    KLResult,
+    TeacherInputs,
+    key_mask,
+    selected_entries,
+    valid_rows,
+)
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+BLOCK = 64  # row and key block of passes C, D, E (equal, so causal tiles align)
+SCRATCH_BYTES = 256 * 2**20  # budget for one row chunk's dI
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def fused_supports(indexer: IndexerOutputs, teachers: list[TeacherInputs]) -> bool:
+    """Shapes and dtypes the kernels handle; anything else goes to the chunked path."""
+    tensors = [indexer.q, indexer.k, indexer.w] + [x for t in teachers for x in (t.query, t.key)]
+    if not all(x.is_cuda for x in tensors) or indexer.q.dtype not in _TL_DTYPES:
+        return False
+    if indexer.k.dtype != indexer.q.dtype:
+        return False
+    if any(t.query.dtype not in _TL_DTYPES or t.key.dtype != t.query.dtype for t in teachers):
+        return False
+    if len({t.query.dtype for t in teachers}) != 1:
+        return False
+    idx_dim = indexer.q.shape[-1]
+    if idx_dim < 16 or idx_dim & (idx_dim - 1) or idx_dim > 256:
+        return False
+    first = teachers[0]
+    same = all(t.query.shape == first.query.shape and t.key.shape == first.key.shape for t in teachers)
+    return same and 16 <= first.query.shape[-1] <= 256
+
+
+def selection_bitmap(topk_indices: Tensor, real: Tensor, rows_per_step: int = 1024) -> Tensor:
+    """[B, T, ceil(T/32)] int32: bit s of row t is set iff top-k entry s is visible from t (built in row steps)."""
+    batch, seq, _ = topk_indices.shape
+    words = (seq + 31) // 32
+    entries = selected_entries(topk_indices, real)
+    bitmap = torch.empty(batch, seq, words, dtype=torch.int32, device=topk_indices.device)
+    weights = 2 ** torch.arange(32, device=topk_indices.device, dtype=torch.int64)
+    for start in range(0, seq, rows_per_step):
+        stop = min(start + rows_per_step, seq)
+        hits = torch.zeros(batch, stop - start, words * 32, dtype=torch.bool, device=topk_indices.device)
+        hits.scatter_(2, topk_indices[:, start:stop].clamp(0, seq - 1).long(), entries[:, start:stop])
+        # scatter_ writes False for rejected entries; an index both accepted and rejected in one row cannot
+        # happen (acceptance depends only on the index and the row), so duplicates are harmless.
+        packed = (hits.view(batch, stop - start, words, 32).long() * weights).sum(-1)
+        bitmap[:, start:stop] = (packed - (packed >= 2**31).long() * 2**32).int()
+    return bitmap
+
+
+@triton.jit
+def _allowed(rows, cols, seq_len, key_ok_ptr, bits_ptr, bits_row_stride, SPARSE: tl.constexpr):
+    """[rows, cols] bool: causal, real key, in range, and (sparse) selected."""
+    key_ok = tl.load(key_ok_ptr + cols, mask=cols < seq_len, other=0) != 0
+    allowed = (cols[None, :] <= rows[:, None]) & key_ok[None, :] & (rows[:, None] < seq_len)
+    if SPARSE:
+        word = tl.load(bits_ptr + rows[:, None] * bits_row_stride + (cols[None, :] >> 5), mask=allowed, other=0)
+        allowed = allowed & (((word >> (cols[None, :] & 31)) & 1) != 0)
+    return allowed
+
+
+@triton.jit
+def _indexer_logits(q_ptr, w_ptr, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI: tl.constexpr):
+    """I[t, s] = sum_j w[t, j] relu(q[t, j] . k[s]) for one tile; k_t is [D_I, cols]."""
+    di = tl.arange(0, BLOCK_DI)
+    logits = tl.zeros([rows.shape[0], k_t.shape[1]], dtype=tl.float32)
+    for j in range(num_idx_heads):
+        q_j = tl.load(q_ptr + rows[:, None] * s_qt + j * s_qj + di[None, :], mask=row_in[:, None], other=0.0)
+        w_j = tl.load(w_ptr + rows * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
+        logits += w_j[:, None] * tl.maximum(tl.dot(q_j, k_t), 0.0)
+    return logits
+
+
+@triton.jit
+def _teacher_lse_kernel(
+    q_table, k_table, scale_table, lse_ptr, key_ok_ptr, bits_ptr,
+    seq_len, num_heads, heads_per_kv, head_dim,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_okb, s_bitb, s_bitt,
+    DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPARSE: tl.constexpr,
+):  # fmt: skip
+    pid_t, pid_bh, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = pid_bh // num_heads, pid_bh % num_heads
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    q_base = tl.load(q_table + layer).to(tl.pointer_type(DTYPE)) + b * s_qb + h * s_qh
+    k_base = tl.load(k_table + layer).to(tl.pointer_type(DTYPE)) + b * s_kb + (h // heads_per_kv) * s_kh
+    scale2 = tl.load(scale_table + layer) * 1.4426950408889634
+    query = tl.load(
+        q_base + rows[:, None] * s_qt + d[None, :], mask=(rows[:, None] < seq_len) & (d[None, :] < head_dim), other=0.0
+    )
+    running_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_T], tl.float32)
+    # Causal: no key after the block's last row (keys past seq_len are masked in _allowed).
+    for start in range(0, (pid_t + 1) * BLOCK_T, BLOCK_S):
+        cols = start + tl.arange(0, BLOCK_S)
+        key_t = tl.load(
+            k_base + cols[None, :] * s_kt + d[:, None], mask=(cols[None, :] < seq_len) & (d[:, None] < head_dim), other=0.0
+        )
+        scores = tl.dot(query, key_t) * scale2
+        allowed = _allowed(rows, cols, seq_len, key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb, s_bitt, SPARSE)
+        scores = tl.where(allowed, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with no key yet stay finite
+        running_sum = running_sum * tl.exp2(running_max - safe_max) + tl.sum(tl.exp2(scores - safe_max[:, None]), 1)
+        running_max = new_max
+    # A row with no visible key gets lse 0 so exp2(-inf - lse) = 0 later instead of NaN; it carries no loss.
+    lse = tl.where(running_sum > 0, running_max + tl.log2(running_sum), 0.0)
+    lse_row = lse_ptr + (layer * tl.num_programs(1) + pid_bh) * seq_len
+    tl.store(lse_row + rows, lse, mask=rows < seq_len)
+
+
+@triton.jit
+def _student_lse_kernel(
+    q_ptr, k_ptr, w_ptr, lse_ptr, key_ok_ptr, bits_ptr,
+    seq_len, num_idx_heads,
+    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_okb, s_bitb, s_bitt,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr, SPARSE: tl.constexpr,
+):  # fmt: skip
+    pid_t, b = tl.program_id(0), tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_in = rows < seq_len
+    di = tl.arange(0, BLOCK_DI)
+    running_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, (pid_t + 1) * BLOCK_T, BLOCK_S):
+        cols = start + tl.arange(0, BLOCK_S)
+        k_t = tl.load(k_ptr + b * s_kb + cols[None, :] * s_kt + di[:, None], mask=cols[None, :] < seq_len, other=0.0)
+        logits = _indexer_logits(q_ptr + b * s_qb, w_ptr + b * s_wb, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI)
+        allowed = _allowed(rows, cols, seq_len, key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb, s_bitt, SPARSE)
+        logits = tl.where(allowed, logits * 1.4426950408889634, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, 1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp2(running_max - safe_max) + tl.sum(tl.exp2(logits - safe_max[:, None]), 1)
+        running_max = new_max
+    lse = tl.where(running_sum > 0, running_max + tl.log2(running_sum), 0.0)
+    tl.store(lse_ptr + b * seq_len + rows, lse, mask=row_in)
+
+
+@triton.jit
+def _kl_tile_kernel(
+    q_ptr, k_ptr, w_ptr, q_table, k_table, scale_table, teacher_lse_ptr, student_lse_ptr,
+    key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr, partial_ptr, d_logits_ptr,
+    seq_len, chunk_start, num_idx_heads, num_layers, num_heads, heads_per_kv, head_dim,
+    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt,
+    s_tqb, s_tqh, s_tqt, s_tkb, s_tkh, s_tkt,
+    s_okb, s_bitb, s_bitt, s_gb, s_gt,
+    DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPARSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):  # fmt: skip
+    pid, b = tl.program_id(0), tl.program_id(1)
+    row_block, col_block = tl.load(tiles_ptr + 2 * pid), tl.load(tiles_ptr + 2 * pid + 1)
+    rows = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = col_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_in = rows < seq_len
+    di = tl.arange(0, BLOCK_DI)
+    d = tl.arange(0, BLOCK_D)
+    allowed = _allowed(rows, cols, seq_len, key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb, s_bitt, SPARSE)
+    row_ok = tl.load(row_ok_ptr + b * s_okb + rows, mask=row_in, other=0) != 0
+
+    k_t = tl.load(k_ptr + b * s_kb + cols[None, :] * s_kt + di[:, None], mask=cols[None, :] < seq_len, other=0.0)
+    logits = _indexer_logits(q_ptr + b * s_qb, w_ptr + b * s_wb, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI)
+    student_lse = tl.load(student_lse_ptr + b * seq_len + rows, mask=row_in, other=0.0)
+    log2_q = tl.where(allowed, logits * 1.4426950408889634 - student_lse[:, None], 0.0)
+
+    p_bar = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
+    for layer in range(num_layers):
+        q_base = tl.load(q_table + layer).to(tl.pointer_type(DTYPE)) + b * s_tqb
+        k_base = tl.load(k_table + layer).to(tl.pointer_type(DTYPE)) + b * s_tkb
+        scale2 = tl.load(scale_table + layer) * 1.4426950408889634
+        lse_base = teacher_lse_ptr + (layer * tl.num_programs(1) + b) * num_heads * seq_len
+        p_layer = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
+        for h in range(num_heads):
+            query = tl.load(
+                q_base + h * s_tqh + rows[:, None] * s_tqt + d[None, :],
+                mask=row_in[:, None] & (d[None, :] < head_dim), other=0.0,
+            )
+            key_t = tl.load(
+                k_base + (h // heads_per_kv) * s_tkh + cols[None, :] * s_tkt + d[:, None],
+                mask=(cols[None, :] < seq_len) & (d[:, None] < head_dim), other=0.0,
+            )
+            lse = tl.load(lse_base + h * seq_len + rows, mask=row_in, other=0.0)
+            # Disallowed entries may overflow to inf here; they are replaced by 0 below (no inf - inf occurs).
+            p_layer += tl.exp2(tl.dot(query, key_t) * scale2 - lse[:, None])
+        p_layer = tl.where(allowed, p_layer / num_heads, 0.0)
+        p_log2_p = p_layer * tl.log2(tl.where(p_layer > 0, p_layer, 1.0))
+        valid = allowed & row_ok[:, None]
+        tl.store(partial_ptr + (pid * tl.num_programs(1) + b) * num_layers * 2 + 2 * layer,
+                 tl.sum(tl.sum(tl.where(valid, p_log2_p, 0.0), 1), 0))  # fmt: skip
+        tl.store(partial_ptr + (pid * tl.num_programs(1) + b) * num_layers * 2 + 2 * layer + 1,
+                 tl.sum(tl.sum(tl.where(valid, p_layer * log2_q, 0.0), 1), 0))  # fmt: skip
+        p_bar += p_layer
+    if WRITE_GRAD:
+        # dI * N; the 1/N is applied to the float32 accumulators of passes D and E (keeps fp16 off subnormals).
+        d_logits = tl.where(allowed & row_ok[:, None], tl.exp2(log2_q) - p_bar / num_layers, 0.0)
+        out = d_logits_ptr + b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :]
+        tl.store(out, d_logits, mask=row_in[:, None])
+
+
+@triton.jit
+def _dq_dw_kernel(
+    q_ptr, k_ptr, w_ptr, d_logits_ptr, dq_ptr, dw_ptr,
+    seq_len, chunk_start, inv_rows,
+    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_gb, s_gt,
+    BLOCK_T: tl.constexpr, BLOCK_DI: tl.constexpr,
+):  # fmt: skip
+    pid_t, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = chunk_start + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_in = rows < seq_len
+    di = tl.arange(0, BLOCK_DI)
+    q_j = tl.load(q_ptr + b * s_qb + rows[:, None] * s_qt + j * s_qj + di[None, :], mask=row_in[:, None], other=0.0)
+    w_j = tl.load(w_ptr + b * s_wb + rows * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
+    dq = tl.zeros([BLOCK_T, BLOCK_DI], tl.float32)
+    dw = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, chunk_start + (pid_t + 1) * BLOCK_T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        key = tl.load(k_ptr + b * s_kb + cols[:, None] * s_kt + di[None, :], mask=cols[:, None] < seq_len, other=0.0)
+        grad = tl.load(
+            d_logits_ptr + b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :],
+            mask=row_in[:, None] & (cols[None, :] < seq_len), other=0.0,
+        )
+        scores = tl.dot(q_j, tl.trans(key))
+        dw += tl.sum(grad * tl.maximum(scores, 0.0), 1)
+        d_scores = tl.where(scores > 0, grad * w_j[:, None], 0.0)
+        dq += tl.dot(d_scores.to(key.dtype), key)
+    out = rows[:, None] * s_qt + j * s_qj + di[None, :]
+    tl.store(dq_ptr + b * s_qb + out, (dq * inv_rows).to(dq_ptr.dtype.element_ty), mask=row_in[:, None])
+    tl.store(dw_ptr + b * s_wb + rows * s_wt + j, (dw * inv_rows).to(dw_ptr.dtype.element_ty), mask=row_in)
+
+
+@triton.jit
+def _dk_kernel(
+    q_ptr, k_ptr, w_ptr, d_logits_ptr, dk_ptr,
+    seq_len, chunk_start, chunk_stop, num_idx_heads, inv_rows,
+    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_gb, s_gt, s_dkb, s_dkt,
+    BLOCK_T: tl.constexpr, BLOCK_DI: tl.constexpr,
+):  # fmt: skip
+    pid_s, b = tl.program_id(0), tl.program_id(1)
+    cols = pid_s * BLOCK_T + tl.arange(0, BLOCK_T)
+    col_in = cols < seq_len
+    di = tl.arange(0, BLOCK_DI)
+    key = tl.load(k_ptr + b * s_kb + cols[:, None] * s_kt + di[None, :], mask=col_in[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_T, BLOCK_DI], tl.float32)
+    first = pid_s * BLOCK_T  # causal: rows before this key block never see it
+    if first < chunk_start:
+        first = chunk_start
+    for start in range(first, chunk_stop, BLOCK_T):
+        rows = start + tl.arange(0, BLOCK_T)
+        row_in = rows < chunk_stop
+        grad_t = tl.load(
+            d_logits_ptr + b * s_gb + (rows[None, :] - chunk_start) * s_gt + cols[:, None],
+            mask=row_in[None, :] & col_in[:, None], other=0.0,
+        )
+        for j in range(num_idx_heads):
+            q_j = tl.load(q_ptr + b * s_qb + rows[:, None] * s_qt + j * s_qj + di[None, :], mask=row_in[:, None], other=0.0)
+            w_j = tl.load(w_ptr + b * s_wb + rows * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
+            scores_t = tl.dot(key, tl.trans(q_j))
+            d_scores_t = tl.where(scores_t > 0, grad_t * w_j[None, :], 0.0)
+            dk += tl.dot(d_scores_t.to(q_j.dtype), q_j)
+    out = dk_ptr + b * s_dkb + cols[:, None] * s_dkt + di[None, :]
+    tl.store(out, tl.load(out, mask=col_in[:, None]) + dk * inv_rows, mask=col_in[:, None])
+
+
+def _teacher_tables(teachers: list[TeacherInputs]) -> tuple[list[TeacherInputs], Tensor, Tensor, Tensor]:
+    """Pointer tables so one launch reads every served layer without stacking them (stacking copies GiBs)."""
+    first = teachers[0]
+    strides = (first.query.stride(), first.key.stride())
+    if any((t.query.stride(), t.key.stride()) != strides or t.query.stride(-1) != 1 for t in teachers):
+        teachers = [TeacherInputs(t.query.contiguous(), t.key.contiguous(), t.scaling) for t in teachers]
+    device = first.query.device
+    q_table = torch.tensor([t.query.data_ptr() for t in teachers], dtype=torch.int64, device=device)
+    k_table = torch.tensor([t.key.data_ptr() for t in teachers], dtype=torch.int64, device=device)
+    scales = torch.tensor([float(t.scaling) for t in teachers], dtype=torch.float32, device=device)
+    return teachers, q_table, k_table, scales
+
+
+def _chunk_rows(batch: int, seq: int) -> int:
+    rows = SCRATCH_BYTES // (4 * batch * triton.cdiv(seq, BLOCK) * BLOCK)
+    return max(BLOCK, min(triton.cdiv(seq, BLOCK) * BLOCK, rows // BLOCK * BLOCK))
+
+
+def fused_sums(
+    indexer: IndexerOutputs,
+    teachers: list[TeacherInputs],
+    real: Tensor,
+    rows_ok: Tensor,
+    num_rows: int,
+    topk_indices: Tensor | None,
+    want_grad: bool,
+    num_warps: int = 8,
+) -> Sums:
+    q, k, w = (x.contiguous() for x in (indexer.q, indexer.k, indexer.w))
+    batch, seq, num_idx_heads, idx_dim = q.shape
+    teachers, q_table, k_table, scales = _teacher_tables(teachers)
+    query, key = teachers[0].query, teachers[0].key
+    num_layers, num_heads, num_kv_heads, head_dim = len(teachers), query.shape[1], key.shape[1], query.shape[3]
+    dtype = _TL_DTYPES[query.dtype]
+    block_d = triton.next_power_of_2(head_dim)
+    device = q.device
+    sparse = topk_indices is not None
+    key_ok = real.to(torch.int8).contiguous()
+    row_ok = rows_ok.to(torch.int8).contiguous()
+    bits = selection_bitmap(topk_indices, real) if sparse else torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+
+    teacher_lse = torch.empty(num_layers, batch, num_heads, seq, dtype=torch.float32, device=device)
+    _teacher_lse_kernel[(triton.cdiv(seq, BLOCK), batch * num_heads, num_layers)](
+        q_table, k_table, scales, teacher_lse, key_ok, bits,
+        seq, num_heads, num_heads // num_kv_heads, head_dim,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        key_ok.stride(0), bits.stride(0), bits.stride(1),
+        DTYPE=dtype, BLOCK_T=BLOCK, BLOCK_S=BLOCK, BLOCK_D=block_d, SPARSE=sparse, num_warps=num_warps,
+    )  # fmt: skip
+    student_lse = torch.empty(batch, seq, dtype=torch.float32, device=device)
+    index_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1))
+    _student_lse_kernel[(triton.cdiv(seq, BLOCK), batch)](
+        q, k, w, student_lse, key_ok, bits, seq, num_idx_heads, *index_strides,
+        key_ok.stride(0), bits.stride(0), bits.stride(1),
+        BLOCK_T=BLOCK, BLOCK_S=BLOCK, BLOCK_DI=idx_dim, SPARSE=sparse, num_warps=num_warps,
+    )  # fmt: skip
+
+    chunk = _chunk_rows(batch, seq)
+    padded = triton.cdiv(seq, BLOCK) * BLOCK
+    scratch = torch.empty(batch, chunk, padded, dtype=torch.float32, device=device) if want_grad else bits
+    dq = torch.empty_like(q) if want_grad else None
+    dw = torch.empty_like(w) if want_grad else None
+    dk = torch.zeros(batch, seq, idx_dim, dtype=torch.float32, device=device) if want_grad else None
+    inv_rows = 1.0 / max(num_rows, 1)
+    blocks = torch.arange(triton.cdiv(seq, BLOCK), device=device, dtype=torch.int32)
+    partial_sums = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
+    for chunk_start in range(0, seq, chunk):
+        chunk_stop = min(chunk_start + chunk, seq)
+        row_blocks = blocks[chunk_start // BLOCK : triton.cdiv(chunk_stop, BLOCK)]
+        # Causal tiles of this chunk, row-major: consecutive programs share the row block's queries in L2.
+        counts = (row_blocks + 1).long()
+        tiles = torch.stack(
+            [row_blocks.repeat_interleave(counts), torch.cat([blocks[: int(n)] for n in counts.tolist()])], dim=1
+        ).contiguous()
+        partial = torch.empty(tiles.shape[0], batch, num_layers, 2, dtype=torch.float32, device=device)
+        _kl_tile_kernel[(tiles.shape[0], batch)](
+            q, k, w, q_table, k_table, scales, teacher_lse, student_lse,
+            key_ok, row_ok, bits, tiles, partial, scratch,
+            seq, chunk_start, num_idx_heads, num_layers, num_heads, num_heads // num_kv_heads, head_dim,
+            *index_strides,
+            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+            key_ok.stride(0), bits.stride(0), bits.stride(1), scratch.stride(0), scratch.stride(1),
+            DTYPE=dtype, BLOCK_T=BLOCK, BLOCK_DI=idx_dim, BLOCK_D=block_d, SPARSE=sparse, WRITE_GRAD=want_grad,
+            num_warps=num_warps,
+        )  # fmt: skip
+        partial_sums += partial.double().sum(dim=(0, 1))
+        if not want_grad:
+            continue
+        _dq_dw_kernel[(triton.cdiv(chunk_stop - chunk_start, BLOCK), num_idx_heads, batch)](
+            q, k, w, scratch, dq, dw, seq, chunk_start, inv_rows, *index_strides,
+            scratch.stride(0), scratch.stride(1), BLOCK_T=BLOCK, BLOCK_DI=idx_dim, num_warps=num_warps // 2,
+        )  # fmt: skip
+        _dk_kernel[(triton.cdiv(chunk_stop, BLOCK), batch)](
+            q, k, w, scratch, dk, seq, chunk_start, chunk_stop, num_idx_heads, inv_rows, *index_strides,
+            scratch.stride(0), scratch.stride(1), dk.stride(0), dk.stride(1),
+            BLOCK_T=BLOCK, BLOCK_DI=idx_dim, num_warps=num_warps // 2,
+        )  # fmt: skip
+    p_log2_p, p_log2_q = partial_sums[:, 0], partial_sums[:, 1]
+    return Sums(
+        kl=(p_log2_p - p_log2_q) * LN2,
+        entropy=-p_log2_p * LN2,
+        num_rows=num_rows,
+        dq=dq,
+        dk=dk,
+        dw=dw,
+    )
+
+
+def fused_multi_layer_kl(
+    indexer: IndexerOutputs,
+    teachers: list[TeacherInputs],
+    attention_mask: Tensor | None,
+    topk_indices: Tensor | None = None,
+) -> KLResult:
+    if not fused_supports(indexer, teachers):
+        raise ValueError("impl='fused' needs CUDA bf16/fp16 tensors, D_I a power of two <= 256, equal teacher shapes")
+    batch, seq = indexer.q.shape[:2]
+    real = key_mask(attention_mask, batch, seq, indexer.q.device)
+    rows = valid_rows(real, topk_indices)
+    # Normalisation: all per-row sums are divided by the number of valid rows (computed once, here).
+    num_rows = int(rows.sum())
+    detached = [TeacherInputs(t.query.detach(), t.key.detach(), t.scaling) for t in teachers]
+    want_grad = wants_grad(indexer)
+    plain = IndexerOutputs(indexer.q.detach(), indexer.k.detach(), indexer.w.detach())
+
+    def compute() -> Sums:
+        return fused_sums(plain, detached, real, rows, num_rows, topk_indices, want_grad)
+
+    loss, kl_per_layer, entropy = PrecomputedGradKL.apply(indexer.q, indexer.k, indexer.w, compute)
+    return KLResult(loss=loss, kl_per_layer=kl_per_layer, teacher_entropy=entropy, num_rows=num_rows)
+

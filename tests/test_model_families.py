@@ -1,0 +1,277 @@
+"""IndexCacheModel on the tiny DSA families: parity with stock transformers, gradient isolation, losses, padding."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import indexcache.model.wrapper as wrapper
+from indexcache.losses import multi_layer_kl
+from indexcache.model import IndexCacheModel, get_family, register_family, select_topk
+from indexcache.model.tiny import tiny_model
+from indexcache.model.wrapper import SharedIndexer
+from indexcache.pattern import IndexCachePattern
+
+SEQ, PADDED_LEN = 24, 17  # SEQ > index_topk = 8, so sparse attention differs from dense
+INDEXER_PARAMS = ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"]
+FAMILIES = ["glm_moe_dsa", "deepseek_v32"]
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of SEQ tokens; the second is right-padded after PADDED_LEN (its pad ids are arbitrary tokens)."""
+    input_ids = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+    attention_mask = torch.ones(2, SEQ, dtype=torch.long)
+    attention_mask[1, PADDED_LEN:] = 0
+    return input_ids, attention_mask
+
+
+def stock_model(model_type: str, pattern: str | None = None, **overrides) -> nn.Module:
+    """The tiny stock model (eager attention); for GLM with `pattern`, built by transformers with that pattern."""
+    all_full = tiny_model(model_type, **overrides)
+    all_full.set_attn_implementation("eager")
+    if pattern is None:
+        return all_full
+    types = IndexCachePattern(pattern).to_indexer_types()
+    shared = tiny_model(model_type, indexer_types=types, **overrides)
+    missing, unexpected = shared.load_state_dict(all_full.state_dict(), strict=False)
+    assert not missing and all(".indexer." in key for key in unexpected)
+    shared.set_attn_implementation("eager")
+    return shared
+
+
+def wrapped(model_type: str, pattern: str = "FFFF", mode: str = "sparse", **overrides) -> IndexCacheModel:
+    return IndexCacheModel(stock_model(model_type, **overrides), IndexCachePattern(pattern), mode=mode)
+
+
+@pytest.fixture
+def kl_calls(monkeypatch: pytest.MonkeyPatch) -> list[SimpleNamespace]:
+    """Records every multi_layer_kl call the wrapper makes (arguments and result); the real loss still runs."""
+    calls = []
+
+    def recording_kl(indexer, teachers, attention_mask, topk_indices=None, **kwargs):
+        result = multi_layer_kl(indexer, teachers, attention_mask, topk_indices, **kwargs)
+        calls.append(SimpleNamespace(indexer=indexer, teachers=teachers, mask=attention_mask, topk=topk_indices))
+        calls[-1].result = result
+        return result
+
+    monkeypatch.setattr(wrapper, "multi_layer_kl", recording_kl)
+    return calls
+
+
+def test_unknown_model_type_names_the_known_families():
+    with pytest.raises(ValueError, match="deepseek_v32, glm_moe_dsa"):
+        get_family("llama_moe_dsa_v9")
+    with pytest.raises(ValueError, match="already registered"):
+        register_family(get_family("glm_moe_dsa"))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "pattern"), [("glm_moe_dsa", "FFFF"), ("glm_moe_dsa", "FSSF"), ("deepseek_v32", "FFFF")]
+)
+def test_sparse_logits_equal_stock_eager(model_type: str, pattern: str):
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        expected = stock_model(model_type, None if pattern == "FFFF" else pattern)(
+            input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits
+        model = wrapped(model_type, pattern, mode="sparse")
+        got = model(input_ids, attention_mask).logits
+        model.mode = "dense"
+        dense = model(input_ids, attention_mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (dense - got).abs().max() > 1e-2  # the top-k really restricts attention at this length
+
+
+def test_deepseek_v32_sharing_equals_stock_attending_with_the_owner_topk():
+    """Oracle for our DeepSeek-V3.2 sharing: stock eager attention fed the F layer's top-k on the S layers."""
+    pattern = IndexCachePattern("FSSF")
+    stock = stock_model("deepseek_v32")
+    owner_topk = {}
+    for layer in pattern.full_layers:
+        stock.model.layers[layer].self_attn.indexer.register_forward_hook(
+            lambda module, args, output: owner_topk.__setitem__(module.layer_idx, output)
+        )
+
+    class ReplayOwner(nn.Module):
+        def __init__(self, owner: int) -> None:
+            super().__init__()
+            self.owner = owner
+
+        def forward(self, *args, **kwargs) -> torch.Tensor:
+            return owner_topk[self.owner]
+
+    for layer in pattern.shared_layers:
+        stock.model.layers[layer].self_attn.indexer = ReplayOwner(pattern.owner(layer))
+    ours = IndexCacheModel(stock_model("deepseek_v32"), pattern, mode="sparse")
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        expected = stock(input_ids, attention_mask=attention_mask, use_cache=False).logits
+        got = ours(input_ids, attention_mask).logits
+        all_full = stock_model("deepseek_v32")(input_ids, attention_mask=attention_mask, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (all_full - got).abs().max() > 1e-2  # sharing changed what the S layers attend to
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_dense_logits_and_teachers_equal_stock_dense(model_type: str, kl_calls: list[SimpleNamespace]):
+    # index_topk >= T: the stock model attends densely.
+    stock = stock_model(model_type, index_topk=64)
+    model = wrapped(model_type, "FSFS", mode="dense", index_topk=64)
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        expected = stock(input_ids, attention_mask=attention_mask, use_cache=False, output_attentions=True)
+        got = model(input_ids, attention_mask)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+
+    # The captured teachers reproduce the stock attention probabilities of every layer.
+    teachers = [teacher for call in kl_calls for teacher in call.teachers]
+    assert len(teachers) == 4 and all(call.topk is None for call in kl_calls)
+    visible = torch.ones(SEQ, SEQ, dtype=torch.bool).tril() & attention_mask.bool()[:, None, None, :]
+    for teacher, stock_probs in zip(teachers, expected.attentions, strict=True):
+        scores = teacher.query @ teacher.key.transpose(-1, -2) * teacher.scaling
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        torch.testing.assert_close(probs, stock_probs, rtol=1e-5, atol=1e-6)
+    # Dense attention never reads the top-k, so the indexers skip it.
+    assert not any(indexer.compute_topk for indexer in model._indexer_pool.values())
+
+
+@pytest.mark.parametrize(
+    ("model_type", "mode"), [("glm_moe_dsa", "dense"), ("glm_moe_dsa", "sparse"), ("deepseek_v32", "sparse")]
+)
+def test_kl_gradients_reach_only_f_layer_indexers(model_type: str, mode: str, kl_calls: list[SimpleNamespace]):
+    model = wrapped(model_type, "FSSF", mode=mode)
+    input_ids, attention_mask = batch()
+    model(input_ids, attention_mask).kl_loss.backward()
+
+    f_names = {name for name, _ in model.indexer_parameters()}
+    assert f_names == {f"model.layers.{i}.self_attn.indexer.{p}" for i in (0, 3) for p in INDEXER_PARAMS}
+    for name, param in model.hf_model.named_parameters():
+        if name in f_names:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+    for layer in (1, 2):  # S layers' own indexers are out of the model and untouched
+        assert all(param.grad is None for param in model._indexer_pool[layer].parameters())
+    for call in kl_calls:
+        assert all(not t.query.requires_grad and not t.key.requires_grad for t in call.teachers)
+
+
+def test_sparse_lm_loss_trains_the_base_and_kl_trains_the_indexers():
+    model = wrapped("glm_moe_dsa", "FSSF", mode="sparse")
+    model.lm_weight = 0.5
+    input_ids, attention_mask = batch()
+    out = model(input_ids, attention_mask, labels=input_ids, with_lm_loss=True)
+    torch.testing.assert_close(out.loss, out.kl_loss + 0.5 * out.lm_loss)
+
+    indexer_params = [param for _, param in model.indexer_parameters()]
+    base_params = [param for _, param in model.base_parameters()]
+    assert not any(".indexer." in name for name, _ in model.base_parameters())
+
+    def grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+        return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+
+    assert all(grad is None for grad in grads(out.lm_loss, indexer_params))
+    assert sum(grad is not None and bool(grad.abs().sum() > 0) for grad in grads(out.lm_loss, base_params)) > 10
+    assert all(grad is None for grad in grads(out.kl_loss, base_params))
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in grads(out.kl_loss, indexer_params))
+
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids, attention_mask, with_lm_loss=True)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "mode"), [("glm_moe_dsa", "dense"), ("glm_moe_dsa", "sparse"), ("deepseek_v32", "sparse")]
+)
+def test_group_losses_equal_reference_on_captured_tensors(model_type: str, mode: str, kl_calls: list[SimpleNamespace]):
+    pattern = IndexCachePattern("FSSF")
+    model = wrapped(model_type, str(pattern), mode=mode)
+    input_ids, attention_mask = batch()
+    out = model(input_ids, attention_mask)
+
+    assert len(kl_calls) == len(pattern.full_layers)
+    total = torch.zeros(())
+    for owner, call in zip(pattern.full_layers, kl_calls, strict=True):
+        served = pattern.groups[owner]
+        assert len(call.teachers) == len(served)
+        assert (call.topk is not None) == (mode == "sparse")
+        if mode == "sparse":  # the group attends with the top-k of the very scores its loss trains
+            q, k, w = call.indexer.q, call.indexer.k, call.indexer.w
+            assert torch.equal(call.topk, select_topk(q, k, w, attention_mask, topk=8))
+        assert torch.equal(call.mask, attention_mask.bool())
+        reference = multi_layer_kl(call.indexer, call.teachers, call.mask, call.topk, impl="reference")
+        total = total + reference.loss
+        metrics = [out.metrics[f"indexcache/kl/layer_{owner}"]]
+        metrics += [out.metrics[f"indexcache/kl_served/layer_{layer}"] for layer in served]
+        entropies = [out.metrics[f"indexcache/teacher_entropy/layer_{layer}"] for layer in served]
+        expected = [reference.loss.item(), *reference.kl_per_layer.tolist()]
+        torch.testing.assert_close(torch.tensor(metrics), torch.tensor(expected), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(entropies), reference.teacher_entropy.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.kl_loss, total, rtol=1e-4, atol=1e-6)
+    assert out.kl_loss > 0
+    assert len(out.metrics) == len(pattern.full_layers) + 2 * pattern.num_layers
+
+
+@pytest.mark.parametrize(("model_type", "mode"), [("glm_moe_dsa", "sparse"), ("deepseek_v32", "dense")])
+def test_right_padding_equals_the_unpadded_sequences(model_type: str, mode: str):
+    model = wrapped(model_type, "FSSF", mode=mode)
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        padded = model(input_ids, attention_mask, labels=input_ids)
+        alone = [model(input_ids[:1]), model(input_ids[1:, :PADDED_LEN])]
+    torch.testing.assert_close(padded.logits[0], alone[0].logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded.logits[1, :PADDED_LEN], alone[1].logits[0], rtol=1e-5, atol=1e-5)
+    # Losses are means over valid rows: the padded batch's is the row-weighted mean of the two sequences'.
+    for owner in (0, 3):
+        name = f"indexcache/kl/layer_{owner}"
+        combined = (alone[0].metrics[name] * SEQ + alone[1].metrics[name] * PADDED_LEN) / (SEQ + PADDED_LEN)
+        assert padded.metrics[name] == pytest.approx(combined, rel=1e-4)
+    assert padded.lm_loss is not None and not padded.lm_loss.requires_grad
+
+
+def test_glm_pattern_uses_stock_sharing_and_revives_f_layers_with_their_weights():
+    model = wrapped("glm_moe_dsa", "FFFF")
+    original = {name: param for name, param in model.indexer_parameters()}
+    model.apply_pattern(IndexCachePattern("FSSF"))
+    attentions = [layer.self_attn for layer in model.hf_model.model.layers]
+    assert model.hf_model.config.indexer_types == ["full", "shared", "shared", "full"]
+    assert [a.skip_topk for a in attentions] == [False, True, True, False]
+    assert [a.indexer is None for a in attentions] == [False, True, True, False]
+    state = model.indexer_state_dict()
+    assert sorted(state) == sorted(f"model.layers.{i}.self_attn.indexer.{p}" for i in (0, 3) for p in INDEXER_PARAMS)
+    assert all(state[name].data_ptr() == original[name].data_ptr() for name in state)
+
+    model.apply_pattern(IndexCachePattern("FFFF"))
+    revived = dict(model.indexer_parameters())
+    assert revived.keys() == original.keys()
+    assert all(revived[name] is original[name] for name in original)
+
+
+def test_deepseek_v32_pattern_puts_parameter_free_stand_ins_on_s_layers():
+    model = wrapped("deepseek_v32", "FSSF")
+    indexers = [layer.self_attn.indexer for layer in model.hf_model.model.layers]
+    assert [isinstance(ix, SharedIndexer) for ix in indexers] == [False, True, True, False]
+    assert [ix.owner_idx for ix in indexers[1:3]] == [0, 0]
+    assert not any(".layers.1.self_attn.indexer" in name for name, _ in model.hf_model.named_parameters())
+    assert get_family("deepseek_v32").keeps_shared_indexer_tensors
+    assert not get_family("glm_moe_dsa").keeps_shared_indexer_tensors
+
+
+def test_pattern_errors_are_user_errors():
+    model = wrapped("glm_moe_dsa", "FFFF")
+    with pytest.raises(ValueError, match="has 3 layers but the model has 4"):
+        model.apply_pattern(IndexCachePattern("FSS"))
+    with pytest.raises(ValueError, match="mode='banana' is unknown"):
+        model.mode = "banana"
+    # A GLM checkpoint exported with S layers has no indexer weights there to start F layers from.
+    exported = tiny_model("glm_moe_dsa", indexer_types=["full", "shared", "full", "shared"])
+    with pytest.raises(ValueError, match=r"makes layers \[1, 3\] F"):
+        IndexCacheModel(exported, IndexCachePattern("FFFF"))
+
+
+def test_backend_refuses_to_run_outside_the_wrapper():
+    model = wrapped("glm_moe_dsa", "FFFF")
+    with pytest.raises(RuntimeError, match=r"only inside IndexCacheModel\.forward"):
+        model.hf_model(batch()[0], use_cache=False)
