@@ -209,13 +209,13 @@ def _validate(cfg: DataConfig, seq_len: int) -> None:
             raise ValueError(f"data.{name}={value} is invalid: use an integer >= 1, or null for no cap")
     if cfg.num_proc < 1:
         raise ValueError(f"data.num_proc={cfg.num_proc} is invalid: use an integer >= 1")
-    if cfg.saved_dataset is not None and cfg.sources:
+    if cfg.saved_dataset and cfg.sources:
         # Both at once would silently mix the default stdlib corpus into a user's saved dataset.
         raise ValueError(
             f"data.saved_dataset={cfg.saved_dataset} and data.sources={list(cfg.sources)} are both set: "
             "use one (add data.sources=[] to read only the saved dataset)"
         )
-    if cfg.saved_dataset is None and not cfg.sources:
+    if not cfg.saved_dataset and not cfg.sources:
         raise ValueError("data.sources is empty and data.saved_dataset is unset: name at least one (e.g. [stdlib])")
 
 
@@ -247,7 +247,7 @@ def _load_documents(cfg: DataConfig) -> list[tuple[datasets.Dataset, list[str]]]
     def split_of(key: str) -> str:
         return document_split(key, cfg.seed, cfg.validation_fraction)
 
-    if cfg.saved_dataset is not None:
+    if cfg.saved_dataset:
         saved = _load_saved(cfg.saved_dataset, cfg.text_field)
         return [(saved, _split_by_content(saved, split_of))]
 

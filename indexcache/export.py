@@ -78,9 +78,9 @@ def export_checkpoint(
     """Write the serving checkpoint for `pattern` to `target_dir` and return its path.
 
     `indexer_tensors` holds every F layer's trained indexer under checkpoint names
-    (`model.layers.{i}.self_attn.indexer.wq_b.weight`, ...). `summary` is the training summary (JSON-serialisable);
-    its `"metrics"` entry, if any, is recorded as the final metrics. With `overwrite=True` an existing target is
-    replaced atomically (old renamed aside, new renamed in, old deleted).
+    (`model.layers.{i}.self_attn.indexer.wq_b.weight`, ...). `summary` is the training summary (JSON-serialisable),
+    recorded in indexcache.json as given; its `"metrics"` entry, if any, is also recorded as the final metrics.
+    With `overwrite=True` an existing target is replaced atomically (old renamed aside, new renamed in, old deleted).
     """
     # The target's last component is not resolved: a symlink there must be refused, not followed.
     source_dir = Path(source_dir).resolve()
@@ -285,8 +285,8 @@ def _record_json(source: _Source, pattern: IndexCachePattern, model_type: str, s
         "groups": {str(owner): served for owner, served in pattern.groups.items()},
         "uniform": None if uniform is None else {"freq": uniform[0], "offset": uniform[1]},
         "source": {"path": str(source.directory), "config_sha256": source.config_sha256},
-        "training": {key: value for key, value in summary.items() if key != "metrics"},
-        "metrics": summary.get("metrics", {}),
+        "summary": dict(summary),
+        "metrics": summary.get("metrics", {}),  # the final metrics, at the top level for quick reading
     }
     try:
         return json.dumps(record, indent=2) + "\n"

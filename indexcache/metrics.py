@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 WANDB_MODES = ("online", "offline", "disabled")
 METRIC_PREFIXES = ("train/", "eval/", "perf/", "indexcache/")
@@ -99,6 +100,8 @@ class MetricsLogger:
         if not self._show_progress:
             return
         if self._bar is None:
+            from tqdm import tqdm  # imported on first use: ~0.1 s that a logger without a bar never pays
+
             self._bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
         # refresh=False: tqdm's own rate limit decides when to redraw, so per-step calls stay cheap.
         self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)

@@ -56,23 +56,24 @@ def deepspeed_config(ds: DeepSpeedConfig, stage: StageConfig, device: torch.devi
             # torch_adam: DeepSpeed's fused CPU/GPU Adam builds are JIT-compiled extensions; torch's AdamW is exact.
             "params": {"lr": stage.lr, "weight_decay": stage.weight_decay, "torch_adam": True},
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": stage.steps,
-                "warmup_num_steps": min(stage.warmup_steps, stage.steps),
-                # The first step already trains (a 0 ratio would waste it): lr ramps from lr/warmup to lr.
-                "warmup_min_ratio": 1.0 / max(stage.warmup_steps, 1),
-                "cos_min_ratio": stage.min_lr_ratio,
-                "warmup_type": "linear",
-            },
-        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if ds.zero_stage == 3:
         config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
     return config
+
+
+def lr_ratio(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to `min_ratio`; step 0 already trains (at lr / warmup_steps).
+
+    (DeepSpeed's WarmupCosineLR gives step 0 a zero learning rate, wasting the first step.)
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def stage_pattern(run: Run, stage: StageConfig) -> IndexCachePattern:
@@ -89,9 +90,16 @@ def build_engine(run: Run, stage: StageConfig) -> Any:
     for group in groups:
         for param in group["params"]:
             param.requires_grad_(True)
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        warmup = min(stage.warmup_steps, stage.steps)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_ratio(step, warmup, stage.steps, stage.min_lr_ratio)
+        )
+
     engine, _, _, _ = deepspeed.initialize(
         model=run.model,
         model_parameters=groups,
+        lr_scheduler=schedule,  # DeepSpeed steps it with the optimizer and keeps its state in checkpoints
         config=deepspeed_config(run.cfg.deepspeed, stage, run.dist.device),
     )
     return engine
@@ -163,7 +171,8 @@ def train_stage(
     tokens_per_step = cfg.train.seq_len * cfg.deepspeed.micro_batch_size * accum * dist.world_size
     while stage_step < stage.steps:
         started = time.perf_counter()
-        step_metrics: dict[str, float] = {"train/lr": engine.get_lr()[0]}
+        # The lr this step's optimizer update uses (the scheduler has already set it on the param groups).
+        step_metrics: dict[str, float] = {"train/lr": engine.optimizer.param_groups[0]["lr"]}
         for _ in range(accum):
             batch = _to_device(next(iterator), dist.device)
             out = engine(
@@ -186,33 +195,34 @@ def train_stage(
             raise FloatingPointError(
                 f"non-finite loss at stage {name} step {stage_step}: stopping (last checkpoint kept)"
             )
-        if stage_step % cfg.train.log_every == 0 or stage_step == stage.steps:
+        last = stage_step == stage.steps
+        logged: dict[str, float] = {}
+        if stage_step % cfg.train.log_every == 0 or last:
             logged = {k: all_reduce_mean(v, dist.device) for k, v in step_metrics.items()}
             logged.update(
                 {
-                    "train/lr": engine.get_lr()[0],
                     "train/stage": float(index),
                     "perf/tokens_per_s": tokens_per_step / elapsed,
                     "perf/step_time_s": elapsed,
                 }
             )
-            run.logger.log(global_step, logged)
             run.logger.progress(global_step, total_steps(cfg), logged["train/loss"], logged["perf/tokens_per_s"])
-        last = stage_step == stage.steps
-        if cfg.train.eval_every and stage_step % cfg.train.eval_every == 0 and not last:
-            run.logger.log(global_step, evaluate(run, engine, stage))
-        if last:
-            final = evaluate(run, engine, stage)
-            run.logger.log(global_step, final)
-            run.history.append(
-                {
-                    "stage": name,
-                    "mode": stage.mode,
-                    "pattern": str(stage_pattern(run, stage)),
-                    "steps": stage.steps,
-                    "metrics": final,
-                }
-            )
+        if last or (cfg.train.eval_every and stage_step % cfg.train.eval_every == 0):
+            # Evaluation joins the step's line, so metrics.jsonl keeps one line per logged step.
+            evaluated = evaluate(run, engine, stage)
+            logged.update(evaluated)
+            if last:
+                run.history.append(
+                    {
+                        "stage": name,
+                        "mode": stage.mode,
+                        "pattern": str(stage_pattern(run, stage)),
+                        "steps": stage.steps,
+                        "metrics": evaluated,
+                    }
+                )
+        if logged:
+            run.logger.log(global_step, logged)
         if last or stage_step % cfg.train.checkpoint_every == 0:
             state = TrainerState(
                 index, name, stage_step, global_step, last, batches.state_dict(), history=list(run.history)

@@ -170,9 +170,14 @@ def _check_config(config: dict[str, Any], problems: list[str]) -> IndexCachePatt
         problems.append(f"config.json index_topk_pattern is {text!r}, not an F/S string")
         return None
     try:
-        pattern = IndexCachePattern.parse(text, num_layers)
+        pattern = IndexCachePattern(text)  # not `parse`: engines read the string verbatim, so no normalising here
     except ValueError as err:
         problems.append(f"config.json index_topk_pattern: {err}")
+        return None
+    if pattern.num_layers != num_layers:
+        problems.append(
+            f"config.json index_topk_pattern has {pattern.num_layers} layers, num_hidden_layers is {num_layers}"
+        )
         return None
 
     indexer_types = config.get("indexer_types")

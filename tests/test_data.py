@@ -152,7 +152,10 @@ def test_parallel_tokenisation_gives_the_same_windows(tmp_path, tokenizer):
     results = []
     for num_proc in (1, 2):
         cfg = DataConfig(
-            sources=[str(corpus)], validation_fraction=0.3, num_proc=num_proc, cache_dir=str(tmp_path / "cache")
+            sources=[str(corpus)],
+            validation_fraction=0.3,
+            num_proc=num_proc,
+            cache_dir=str(tmp_path / f"cache_{num_proc}"),  # separate caches: the second build must recompute
         )
         splits = build_datasets(cfg, tokenizer, SEQ_LEN)
         results.append((flat(splits.train), flat(splits.validation)))
@@ -170,6 +173,25 @@ def test_caps_take_the_first_files_and_share_tokens_between_splits(tmp_path, tok
     capped_tokens = DataConfig(sources=[str(corpus)], max_tokens=3000, validation_fraction=0.25, cache_dir=cache)
     splits = build_datasets(capped_tokens, tokenizer, SEQ_LEN)
     assert len(splits.train) == 2250 // SEQ_LEN and len(splits.validation) == 750 // SEQ_LEN
+
+
+def test_token_cap_beyond_the_first_tokenised_prefix_keeps_document_order(tmp_path, tokenizer):
+    # Hundreds of short rows: a cap near the total forces the tokenised prefix to grow past its first 64 documents.
+    rows = [chunk for name in CORPUS_FILES for chunk in (STDLIB / name).read_text().split("\n\n") if chunk.strip()]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    train_rows = [r for r in rows if document_split(r, 0, 0.25) == "train"]
+    validation_rows = [r for r in rows if document_split(r, 0, 0.25) == "validation"]
+    full = {"train": stream_of(tokenizer, train_rows), "validation": stream_of(tokenizer, validation_rows)}
+    assert len(rows) > 300
+    max_tokens = int(0.8 * (len(full["train"]) + len(full["validation"])))
+    cfg = DataConfig(
+        sources=[str(path)], max_tokens=max_tokens, validation_fraction=0.25, cache_dir=str(tmp_path / "cache")
+    )
+    splits = build_datasets(cfg, tokenizer, SEQ_LEN)
+    caps = {"validation": round(max_tokens * 0.25), "train": max_tokens - round(max_tokens * 0.25)}
+    for name, windows in (("train", splits.train), ("validation", splits.validation)):
+        assert_packed(windows, full[name][: caps[name]])
 
 
 def test_stdlib_source_reads_the_standard_library_only(tmp_path, tokenizer):

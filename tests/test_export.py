@@ -124,7 +124,7 @@ def write_hub_source(directory: Path, model: PreTrainedModel, *, sharded: bool, 
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     else:
         save_file(stored, directory / "model.safetensors", metadata={"format": "pt"})
-    model.config.dtype = torch.bfloat16
+    model.config.dtype = torch.bfloat16  # what the stored weights are, as in a hub config
     model.config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     (directory / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
@@ -143,12 +143,8 @@ def trained_indexers(source: Source, pattern: IndexCachePattern, seed: int = 2) 
     """Simulated training: the F layers' fp32 indexer weights moved well away from the source's."""
     generator = torch.Generator().manual_seed(seed)
     state = source.model.state_dict()
-    return {
-        _indexer(layer, part): state[_indexer(layer, part)]
-        + torch.randn(state[_indexer(layer, part)].shape, generator=generator)
-        for layer in pattern.full_layers
-        for part in INDEXER_PARTS
-    }
+    names = [_indexer(layer, part) for layer in pattern.full_layers for part in INDEXER_PARTS]
+    return {name: state[name] + torch.randn(state[name].shape, generator=generator) for name in names}
 
 
 def read_export(directory: Path) -> dict[str, torch.Tensor]:
@@ -292,7 +288,7 @@ def test_glm_export_tensors_config_and_record(glm_source, glm_export):
     assert record["groups"] == {"0": [0, 1], "2": [2], "3": [3, 4]} and record["uniform"] is None
     assert record["source"]["path"] == str(glm_source.directory.resolve())
     assert len(record["source"]["config_sha256"]) == 64
-    assert record["metrics"] == SUMMARY["metrics"] and record["training"]["steps"] == 12
+    assert record["metrics"] == SUMMARY["metrics"] and record["summary"] == SUMMARY
     assert "`FSFFS`" in (target / "README.md").read_text()
     assert leftovers(target.parent) == ["export"]  # no temporary directory left beside it
 

@@ -150,6 +150,14 @@ def test_trainable_indexer_selects_the_stock_topk(model_type: str):
         out = selection.outputs
         scores = index_scores(out.q, out.k, out.w).detach()
         assert_same_sets_up_to_ties(selection.topk_indices, stock_topk, scores, visible)
+        # w carries the stock scales: softmax_scale inside the relu and the H_I^-0.5 head average outside it.
+        weights = stock_indexer.weights_proj(args[0]).float() * stock_indexer.n_heads**-0.5
+        stock_scores = torch.einsum(
+            "btj,btjs->bts",
+            weights,
+            torch.einsum("btjd,bsd->btjs", out.q, out.k).mul(stock_indexer.softmax_scale).relu(),
+        )
+        torch.testing.assert_close(scores, stock_scores.detach(), rtol=1e-5, atol=1e-6)
         # The other family's RoPE layout selects differently: the comparison above can fail.
         other = to_trainable(copy.deepcopy(stock_indexer), TRAINABLE[OTHER_FAMILY[model_type]])
         rope_mattered |= not torch.equal(other(*args, **kwargs).topk_indices, selection.topk_indices)

@@ -101,9 +101,9 @@ def test_disabled_wandb_imports_nothing_and_spawns_nothing(tmp_path):
     assert report["children"] == []
     assert not (run_dir / "wandb").exists()
     assert len(read_lines(run_dir)) == 100
-    # Measured ~0.1 s import (tqdm) and ~10 ms for 100 logged + progressed steps; the bounds only catch a
-    # regression such as importing wandb (~0.5 s) or starting its service.
-    assert report["import_s"] < 0.4 and report["logger_s"] < 0.3, report
+    # Measured 0.02-0.07 s to import and 0.11-0.15 s for the logger with its bar (tqdm's import is most of it) and
+    # 100 logged steps; wandb alone takes ~0.5 s to import plus ~0.6 s to start, so these bounds catch that.
+    assert report["import_s"] < 0.5 and report["logger_s"] < 0.6, report
 
 
 def test_metrics_jsonl_has_one_line_per_step_after_a_resume(tmp_path):

@@ -218,9 +218,9 @@ def test_group_losses_equal_reference_on_captured_tensors(model_type: str, mode:
 def test_right_padding_equals_the_unpadded_sequences(model_type: str, mode: str):
     model = wrapped(model_type, "FSSF", mode=mode)
     input_ids, attention_mask = batch()
+    padded = model(input_ids, attention_mask, labels=input_ids)
     with torch.no_grad():
-        padded = model(input_ids, attention_mask, labels=input_ids)
-        alone = [model(input_ids[:1]), model(input_ids[1:, :PADDED_LEN])]
+        alone = [model(ids, labels=ids) for ids in (input_ids[:1], input_ids[1:, :PADDED_LEN])]
     torch.testing.assert_close(padded.logits[0], alone[0].logits[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded.logits[1, :PADDED_LEN], alone[1].logits[0], rtol=1e-5, atol=1e-5)
     # Losses are means over valid rows: the padded batch's is the row-weighted mean of the two sequences'.
@@ -228,7 +228,10 @@ def test_right_padding_equals_the_unpadded_sequences(model_type: str, mode: str)
         name = f"indexcache/kl/layer_{owner}"
         combined = (alone[0].metrics[name] * SEQ + alone[1].metrics[name] * PADDED_LEN) / (SEQ + PADDED_LEN)
         assert padded.metrics[name] == pytest.approx(combined, rel=1e-4)
-    assert padded.lm_loss is not None and not padded.lm_loss.requires_grad
+    # The LM loss ignores padded positions whatever token ids they hold (SEQ - 1 and PADDED_LEN - 1 targets).
+    combined_lm = (alone[0].lm_loss * (SEQ - 1) + alone[1].lm_loss * (PADDED_LEN - 1)) / (SEQ + PADDED_LEN - 2)
+    torch.testing.assert_close(padded.lm_loss, combined_lm, rtol=1e-5, atol=1e-6)
+    assert not padded.lm_loss.requires_grad  # reported only: with_lm_loss was not asked for
 
 
 def test_glm_pattern_uses_stock_sharing_and_revives_f_layers_with_their_weights():

@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"indexcache: {error}", file=sys.stderr)
             return 2
         finished = train(run)
-        if finished and cfg.export.enabled:
+        if not finished:
+            print(f"indexcache: stopped at train.stop_after_steps={cfg.train.stop_after_steps}; the same command resumes")
+        elif cfg.export.enabled:
             export_run(run)
         run.logger.close()
-        return 0 if finished else 3
+        return 0
     finally:
         shutdown()
 

