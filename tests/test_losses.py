@@ -282,12 +282,13 @@ def test_no_mask_equals_all_ones_mask() -> None:
 
 
 def test_bfloat16_inputs_keep_dtype_and_accuracy() -> None:
-    """bf16 inputs accumulate in float32: loss within 1e-2 relative of the float64 reference on the same values."""
+    """bf16 inputs accumulate in float32: values within 1e-3, gradients (stored in bf16) within 1e-2 of float64."""
     case = Case(seq=32, padding="right")
     indexer, teachers, mask = make_inputs(case, seed=23, dtype=torch.bfloat16)
     result = multi_layer_kl(indexer, teachers, mask, impl="chunked", chunk_size=10)
     dq, dk, dw = grads(result, indexer)
-    assert result.loss.dtype == torch.bfloat16 and dq.dtype == torch.bfloat16
+    assert result.loss.dtype == torch.float32  # the reported value is not rounded to bf16
+    assert dq.dtype == dk.dtype == dw.dtype == torch.bfloat16
     as64 = IndexerOutputs(*(x.detach().double().requires_grad_() for x in (indexer.q, indexer.k, indexer.w)))
     teachers64 = [TeacherInputs(t.query.double(), t.key.double(), t.scaling) for t in teachers]
     expected = reference_multi_layer_kl(as64, teachers64, mask)

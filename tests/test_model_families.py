@@ -48,13 +48,12 @@ def wrapped(model_type: str, pattern: str = "FFFF", mode: str = "sparse", **over
 
 @pytest.fixture
 def kl_calls(monkeypatch: pytest.MonkeyPatch) -> list[SimpleNamespace]:
-    """Records every multi_layer_kl call the wrapper makes (arguments and result); the real loss still runs."""
+    """Records the arguments of every multi_layer_kl call the wrapper makes; the real loss still runs."""
     calls = []
 
     def recording_kl(indexer, teachers, attention_mask, topk_indices=None, **kwargs):
         result = multi_layer_kl(indexer, teachers, attention_mask, topk_indices, **kwargs)
         calls.append(SimpleNamespace(indexer=indexer, teachers=teachers, mask=attention_mask, topk=topk_indices))
-        calls[-1].result = result
         return result
 
     monkeypatch.setattr(wrapper, "multi_layer_kl", recording_kl)
@@ -232,6 +231,32 @@ def test_right_padding_equals_the_unpadded_sequences(model_type: str, mode: str)
     combined_lm = (alone[0].lm_loss * (SEQ - 1) + alone[1].lm_loss * (PADDED_LEN - 1)) / (SEQ + PADDED_LEN - 2)
     torch.testing.assert_close(padded.lm_loss, combined_lm, rtol=1e-5, atol=1e-6)
     assert not padded.lm_loss.requires_grad  # reported only: with_lm_loss was not asked for
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_left_padding_rows_without_keys_stay_finite(mode: str):
+    # Left-padded query rows see no key at all; they must not turn into NaNs that leak into real rows' gradients.
+    model = wrapped("glm_moe_dsa", "FSSF", mode=mode)
+    input_ids, _ = batch()
+    attention_mask = torch.ones(2, SEQ, dtype=torch.long)
+    attention_mask[1, :5] = 0
+    out = model(input_ids, attention_mask, labels=input_ids, with_lm_loss=True)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.hf_model.parameters() if p.grad is not None)
+
+
+def test_attended_keys_ignore_missing_slots_and_never_leave_a_row_empty():
+    real = torch.tensor([[False, True, True, True]])  # left padding: row 0 sees no key
+    causal = (torch.ones(4, 4, dtype=torch.bool).tril() & real[:, None, :])[:, None]
+    topk = torch.tensor([[[-1, -1], [1, -1], [2, -1], [3, 1]]])
+    allowed = wrapper._allowed_keys(causal, topk)[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    assert torch.equal(allowed, expected)
+    before = causal.clone()
+    dense = wrapper._allowed_keys(causal, None)[0, 0]
+    assert torch.equal(causal, before)  # the shared stock mask is not edited
+    assert dense[0].tolist() == [True, False, False, False] and torch.equal(dense[1:], causal[0, 0, 1:])
 
 
 def test_glm_pattern_uses_stock_sharing_and_revives_f_layers_with_their_weights():

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,26 @@ def test_deepspeed_launcher_two_ranks(tmp_path, zero_stage):
     assert [line["step"] for line in metrics(run_dir)] == [1, 2, 3, 4]
     assert_only_f_indexers_changed(run_dir, "FFSF")
     assert json.loads((run_dir / "export" / "indexcache.json").read_text())["summary"]["world_size"] == 2
+
+
+def test_sigkill_at_an_arbitrary_moment_then_resume_matches(tmp_path):
+    """A real kill -9 (possibly mid-checkpoint): the resumed run ends where the uninterrupted one does."""
+    overrides = ["stage.warmup.steps=8", "train.checkpoint_every=1"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(tmp_path, full, *overrides)
+    cmd = [sys.executable, str(MAIN), "conf=tiny", f"run_dir={killed}", *overrides]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not list((killed / "checkpoints").glob("step_00000003")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (killed / "export").exists()
+    train(tmp_path, killed, *overrides)
+    assert [line["step"] for line in metrics(killed)] == list(range(1, 9))
+    a, b = tensors(full / "export"), tensors(killed / "export")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs after kill")

@@ -46,16 +46,16 @@ class FusedConfig:
     """Block shapes; bench/kernel_kl.py times variants. Row blocks are multiples of column blocks."""
 
     lse_rows: int = 128  # passes A and B
-    lse_cols: int = 64
+    lse_cols: int = 128
     lse_warps: int = 8
-    tile_rows: int = 64  # pass C
-    tile_cols: int = 64
-    tile_warps: int = 4
+    tile_rows: int = 128  # pass C
+    tile_cols: int = 128
+    tile_warps: int = 8
     tile_group: int = 8  # row blocks whose tiles run side by side, so their Q and K tiles are shared in L2
     grad_block: int = 64  # passes D and E
     grad_warps: int = 4
     stages: int = 2
-    scratch_bytes: int = 256 * 2**20  # one row chunk's dI
+    scratch_bytes: int = 512 * 2**20  # one row chunk's log2 q and dI
 
 
 CONFIG = FusedConfig()
@@ -226,7 +226,7 @@ def _student_lse_kernel(
 @triton.jit
 def _kl_tile_kernel(
     q_ptr, k_ptr, w_ptr, q_table, k_table, scale_table, teacher_lse_ptr, student_lse_ptr,
-    key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr, partial_ptr, d_logits_ptr,
+    key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr, partial_ptr, d_logits_ptr, log2_q_ptr,
     seq_len, chunk_start, num_idx_heads, num_layers, num_heads, heads_per_kv, head_dim,
     s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt,
     s_tqb, s_tqh, s_tqt, s_tkb, s_tkh, s_tkt,
@@ -242,19 +242,25 @@ def _kl_tile_kernel(
     row_in = rows < seq_len
     di = tl.arange(0, BLOCK_DI)
     d = tl.arange(0, BLOCK_D)
-    allowed = _allowed(
-        rows, cols, seq_len, key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb, s_bitt, True, MASK_KEYS, SPARSE
-    )
+    key_ok, bits = key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb
     row_ok = tl.load(row_ok_ptr + b * s_okb + rows, mask=row_in, other=0) != 0
+    # Only the head loop's accumulator stays in registers: log2 q and dI live in this tile's slice of the
+    # chunk scratch (L1/L2-resident, touched once per layer), which lets the tile be 128 x 128.
+    tile = b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :]
 
     k_t = tl.load(k_ptr + b * s_kb + cols[None, :] * s_kt + di[:, None], mask=cols[None, :] < seq_len, other=0.0)
     logits = _indexer_logits(
         q_ptr + b * s_qb, w_ptr + b * s_wb, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI
     )
     student_lse = tl.load(student_lse_ptr + b * seq_len + rows, mask=row_in, other=0.0)
+    allowed = _allowed(rows, cols, seq_len, key_ok, bits, s_bitt, True, MASK_KEYS, SPARSE)
     log2_q = tl.where(allowed, logits * 1.4426950408889634 - student_lse[:, None], 0.0)
+    tl.store(log2_q_ptr + tile, log2_q, mask=row_in[:, None])
+    if WRITE_GRAD:
+        # dI * N starts as q; each layer subtracts p_layer / G. The 1/N is applied to the float32
+        # accumulators of passes D and E (keeps fp16 off subnormals).
+        tl.store(d_logits_ptr + tile, tl.where(allowed & row_ok[:, None], tl.exp2(log2_q), 0.0), mask=row_in[:, None])
 
-    p_bar = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
     part = partial_ptr + (pid * tl.num_programs(1) + b) * num_layers * 2
     for layer in range(num_layers):
         q_base = tl.load(q_table + layer).to(tl.pointer_type(DTYPE)) + b * s_tqb
@@ -275,20 +281,19 @@ def _kl_tile_kernel(
                 mask=(cols[None, :] < seq_len) & (d[:, None] < head_dim),
                 other=0.0,
             )
-            lse = tl.load(lse_base + h * seq_len + rows, mask=row_in, other=0.0)
+            lse = tl.load(lse_base + h64 * seq_len + rows, mask=row_in, other=0.0)
             # Disallowed entries may overflow to inf here; they are replaced by 0 below (no inf - inf occurs).
             p_layer += tl.exp2(tl.dot(query, key_t) * scale2 - lse[:, None])
-        p_layer = tl.where(allowed, p_layer / num_heads, 0.0)
-        p_log2_p = p_layer * tl.log2(tl.where(p_layer > 0, p_layer, 1.0))
+        allowed = _allowed(rows, cols, seq_len, key_ok, bits, s_bitt, True, MASK_KEYS, SPARSE)
         valid = allowed & row_ok[:, None]
-        tl.store(part + 2 * layer, tl.sum(tl.sum(tl.where(valid, p_log2_p, 0.0), 1), 0))
-        tl.store(part + 2 * layer + 1, tl.sum(tl.sum(tl.where(valid, p_layer * log2_q, 0.0), 1), 0))
-        p_bar += p_layer
-    if WRITE_GRAD:
-        # dI * N; the 1/N is applied to the float32 accumulators of passes D and E (keeps fp16 off subnormals).
-        d_logits = tl.where(allowed & row_ok[:, None], tl.exp2(log2_q) - p_bar / num_layers, 0.0)
-        out = d_logits_ptr + b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :]
-        tl.store(out, d_logits, mask=row_in[:, None])
+        p_layer = tl.where(valid, p_layer / num_heads, 0.0)
+        p_log2_p = p_layer * tl.log2(tl.where(p_layer > 0, p_layer, 1.0))
+        log2_q = tl.load(log2_q_ptr + tile, mask=row_in[:, None], other=0.0)
+        tl.store(part + 2 * layer, tl.sum(tl.sum(p_log2_p, 1), 0))
+        tl.store(part + 2 * layer + 1, tl.sum(tl.sum(p_layer * log2_q, 1), 0))
+        if WRITE_GRAD:
+            d_logits = tl.load(d_logits_ptr + tile, mask=row_in[:, None], other=0.0)
+            tl.store(d_logits_ptr + tile, d_logits - p_layer / num_layers, mask=row_in[:, None])
 
 
 @triton.jit
@@ -432,8 +437,11 @@ def fused_sums(
     )  # fmt: skip
 
     padded = triton.cdiv(seq, cfg.tile_rows) * cfg.tile_rows
-    chunk = max(cfg.tile_rows, min(padded, cfg.scratch_bytes // (4 * batch * padded) // cfg.tile_rows * cfg.tile_rows))
-    scratch = torch.empty(batch, chunk, padded, dtype=torch.float32, device=device) if want_grad else bits
+    buffers = 2 if want_grad else 1  # log2 q, and dI when gradients are wanted
+    chunk_limit = cfg.scratch_bytes // (4 * buffers * batch * padded) // cfg.tile_rows * cfg.tile_rows
+    chunk = max(cfg.tile_rows, min(padded, chunk_limit))
+    log2_q_scratch = torch.empty(batch, chunk, padded, dtype=torch.float32, device=device)
+    scratch = torch.empty_like(log2_q_scratch) if want_grad else log2_q_scratch
     dq = torch.empty_like(q) if want_grad else None
     dw = torch.empty_like(w) if want_grad else None
     dk = torch.zeros(batch, seq, idx_dim, dtype=torch.float32, device=device) if want_grad else None
@@ -445,7 +453,7 @@ def fused_sums(
         partial = torch.empty(tiles.shape[0], batch, num_layers, 2, dtype=torch.float32, device=device)
         _kl_tile_kernel[(tiles.shape[0], batch)](
             q, k, w, q_table, k_table, scales, teacher_lse, student_lse,
-            key_ok, row_ok, bits, tiles, partial, scratch,
+            key_ok, row_ok, bits, tiles, partial, scratch, log2_q_scratch,
             seq, chunk_start, num_idx_heads, num_layers, num_heads, num_heads // num_kv_heads, head_dim,
             *index_strides, *teacher_strides, *mask_strides, scratch.stride(0), scratch.stride(1),
             DTYPE=dtype, BLOCK_T=cfg.tile_rows, BLOCK_S=cfg.tile_cols, BLOCK_DI=idx_dim, BLOCK_D=block_d,

@@ -8,7 +8,8 @@ because relu(c * x) = c * relu(x) for c > 0: the scores, and so the top-k, are t
 The trainable indexers subclass the stock HF modules, so their parameters keep the real checkpoint names
 (`wq_b`, `wk`, `k_norm`, `weights_proj`) and the stock attention code calls them unchanged. They return an
 `IndexerSelection` instead of a bare index tensor; under the `indexcache` attention backend (see `wrapper.py`) the
-stock attention hands that object to the backend as `indices=` without looking inside it.
+stock attention hands that object to the backend as `indices=` without looking inside it. (Under eager/sdpa the
+stock attention would scatter the return value into a mask, so trainable indexers run only under `indexcache`.)
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ class IndexerSelection:
 
 
 def index_scores(q_BTHD: Tensor, k_BSD: Tensor, w_BTH: Tensor) -> Tensor:
-    """[B, T, S] float32 indexer scores I[t, s] = sum_j w[t, j] * relu(q[t, j] . k[s]), unmasked.
+    """[B, T, S] indexer scores I[t, s] = sum_j w[t, j] * relu(q[t, j] . k[s]), unmasked.
 
-    Heads are accumulated one at a time so the extra memory is one [B, T, S] buffer, not [B, T, H_I, S].
+    Accumulated in float32 like the stock scorer (float64 inputs stay float64, for references). Heads are added one
+    at a time, so the memory is a few [B, T, S] buffers, never [B, T, H_I, S].
     """
-    q, k, w = q_BTHD.float(), k_BSD.float(), w_BTH.float()
+    dtype = torch.float64 if q_BTHD.dtype == torch.float64 else torch.float32
+    q, k, w = q_BTHD.to(dtype), k_BSD.to(dtype), w_BTH.to(dtype)
     k_BDS = k.transpose(1, 2)
     scores_BTS = q.new_zeros(q.shape[0], q.shape[1], k.shape[1])
     for head in range(q.shape[2]):
@@ -83,7 +86,7 @@ def select_topk(
         attention_mask: [B, T] with 1 for real tokens, 0 for padding (keys that are padding are never chosen), or
             None for no padding.
         topk: how many keys each row keeps.
-        chunk_size: query rows scored at once; peak extra memory is about 2 * B * chunk_size * T floats.
+        chunk_size: query rows scored at once; peak extra memory is a few [B, chunk_size, T] float32 buffers.
 
     Returns:
         [B, T, K] int64 key positions, K = min(topk, T), each row ordered by decreasing score. A row that sees
@@ -237,13 +240,19 @@ class TrainableDeepseekV32Indexer(DeepseekV32Indexer):
 
 
 def to_trainable(stock: nn.Module, trainable_class: type[IndexerT]) -> IndexerT:
-    """A `trainable_class` indexer holding `stock`'s very tensors (same names, dtypes, devices; no copy).
+    """A `trainable_class` indexer made of `stock`'s own submodules (same Parameter objects, names, dtypes).
 
     `stock` must carry `config` and `layer_idx`, as the HF indexers do. The new module is built on the meta device
-    and then given the stock tensors, so swapping costs no memory even for GLM-5.
+    and then given the stock submodules, so swapping allocates nothing (even for GLM-5) and keeps whatever is
+    attached to the Parameter objects (e.g. DeepSpeed ZeRO-3 partitioning).
     """
     with torch.device("meta"):
         trainable = trainable_class(stock.config, stock.layer_idx)
-    trainable.load_state_dict(stock.state_dict(), strict=True, assign=True)
+    for name, child in stock.named_children():
+        setattr(trainable, name, child)
+    if list(stock.named_parameters(recurse=False)) or list(stock.named_buffers(recurse=False)):
+        raise ValueError(f"{type(stock).__name__} holds tensors outside its submodules: to_trainable cannot move them")
+    if trainable.state_dict().keys() != stock.state_dict().keys():
+        raise ValueError(f"{trainable_class.__name__} and {type(stock).__name__} have different parameters")
     trainable.train(stock.training)
     return trainable

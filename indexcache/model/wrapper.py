@@ -15,6 +15,9 @@ group's teachers are alive at a time.
 
 Losses (DESIGN.md section 1): each group's loss is the mean over valid (non-padding) query rows of
 (1/G) sum_j KL(p_j || q_f); `kl_loss` is the sum over F layers of their group's loss.
+
+Known cost: sparse mode (and any padded batch) builds a [B, 1, T, T] boolean mask per layer for sdpa, as the stock
+eager path does; a kernel that gathers the K selected keys instead would avoid it.
 """
 
 from __future__ import annotations
@@ -147,8 +150,10 @@ class SharedIndexer(nn.Module):
 def _allowed_keys(causal_mask: Tensor, topk_indices: Tensor | None) -> Tensor:
     """[B, 1, T, S] bool keys each row attends to: the causal+padding mask, restricted to the top-k set if given.
 
-    A row left with no key at all (a padding row under left padding) gets its own position, so the softmax stays
-    finite; stock eager would average all keys there, and no loss reads such rows.
+    A row left with no key at all (a query under left padding) is given its own position: some CUDA sdpa kernels
+    return NaN for fully masked rows (pytorch/pytorch#110213), and 0 * NaN would reach real rows through the
+    values. Stock eager averages all keys there instead; no loss reads such rows. Applied unconditionally, so
+    no host sync; the caller only builds this mask when there is padding or a top-k.
     """
     allowed = causal_mask.bool()
     if topk_indices is not None:
@@ -158,10 +163,10 @@ def _allowed_keys(causal_mask: Tensor, topk_indices: Tensor | None) -> Tensor:
         selected = torch.zeros(*topk_indices.shape[:2], num_keys + 1, dtype=torch.bool, device=allowed.device)
         selected.scatter_(-1, slots, True)
         allowed = allowed & selected[:, None, :, :num_keys]
-    empty_rows = ~allowed.any(dim=-1, keepdim=True)
-    if empty_rows.any():
-        diagonal = torch.eye(allowed.shape[-2], allowed.shape[-1], dtype=torch.bool, device=allowed.device)
-        allowed = allowed | (empty_rows & diagonal)
+    else:
+        allowed = allowed.clone()  # the stock mask is shared by every layer: never edit it in place
+    empty_rows = ~allowed.any(dim=-1)
+    allowed.diagonal(dim1=-2, dim2=-1).logical_or_(empty_rows)
     return allowed
 
 
