@@ -173,6 +173,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.source={cfg.model.source} is not 'smollm2', 'tiny' or an existing model folder: fix the path"
         )
+    if cfg.data.saved_dataset and cfg.data.sources:
+        raise ConfigError("data.saved_dataset and data.sources are both set: use data=saved (or add data.sources=[])")
     if not cfg.data.saved_dataset and not cfg.data.sources:
         raise ConfigError("data.sources is empty: give files/folders of text (or 'stdlib'), or data.saved_dataset")
     if cfg.train.resume not in ("auto", "none") and not Path(cfg.train.resume).is_dir():
