@@ -76,10 +76,21 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> Run:
     barrier()
     checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last, dist)
     resume = find_resume(cfg, checkpoints)
-    logger = MetricsLogger(cfg.logger, run_dir, to_container(cfg), rank=dist.rank,
-                           resume_step=resume[1].global_step if resume else None)
-    return Run(cfg=cfg, dist=dist, run_dir=run_dir, model=model, pattern=pattern, source_dir=source_dir, data=data,
-               logger=logger, checkpoints=checkpoints, hf_ds_config=hf_ds_config)
+    logger = MetricsLogger(
+        cfg.logger, run_dir, to_container(cfg), rank=dist.rank, resume_step=resume[1].global_step if resume else None
+    )
+    return Run(
+        cfg=cfg,
+        dist=dist,
+        run_dir=run_dir,
+        model=model,
+        pattern=pattern,
+        source_dir=source_dir,
+        data=data,
+        logger=logger,
+        checkpoints=checkpoints,
+        hf_ds_config=hf_ds_config,
+    )
 
 
 def _gathered_indexer_tensors(run: Run) -> dict[str, torch.Tensor]:
@@ -135,4 +146,3 @@ def _same_run(target: Path, summary: dict[str, Any]) -> bool:
     with open(meta) as fh:
         recorded = json.load(fh).get("summary", {})
     return recorded.get("run_dir") == summary["run_dir"] and recorded.get("stages") == summary["stages"]
-

@@ -90,6 +90,7 @@ def build_engine(run: Run, stage: StageConfig) -> Any:
     for group in groups:
         for param in group["params"]:
             param.requires_grad_(True)
+
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         warmup = min(stage.warmup_steps, stage.steps)
         return torch.optim.lr_scheduler.LambdaLR(

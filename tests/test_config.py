@@ -60,14 +60,15 @@ def test_launcher_local_rank_is_removed():
     assert strip_launcher_args(["a=b"]) == ["a=b"]
 
 
-@pytest.mark.parametrize(
-    "override", ["train.no_such_key=1", "conf=no_such_preset", "data.sources=[/no/such/corpus]"]
-)
+@pytest.mark.parametrize("override", ["train.no_such_key=1", "conf=no_such_preset", "data.sources=[/no/such/corpus]"])
 def test_cli_config_error_exits_nonzero_and_writes_nothing(tmp_path, override):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(REPO / "train" / "main.py"), "conf=tiny", f"run_dir={run_dir}", override],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode != 0
     error_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("indexcache:")]

@@ -23,6 +23,7 @@ from transformers import (
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from indexcache.export import export_checkpoint
 from indexcache.model.glm4_moe_lite import convert_glm4_moe_lite_to_dsa, interleave_permutation
 from indexcache.model.llama_dsa import (
     DsaIndexConfig,
@@ -182,6 +183,31 @@ def test_llama_checkpoint_with_shared_layers_reuses_the_f_layers_topk():
     real = attention_mask.bool()
     torch.testing.assert_close(stock[real], expected[real], rtol=1e-5, atol=1e-5)
     assert shared._topk_relay == {}  # nothing outlives the forward
+
+
+def test_llama_indexcache_export_reloads_with_its_pattern(tmp_path: Path):
+    """convert -> IndexCacheModel (FSFS, indexers changed as training would) -> export -> load_llama_dsa: the
+    reloaded stock model attends exactly like the wrapper did."""
+    source = convert_llama_to_dsa(tiny_dense_llama(), tmp_path / "dsa", DsaIndexConfig(SPARSE_TOPK, 4, 32, 8))
+    wrapped = IndexCacheModel(load_llama_dsa(source), IndexCachePattern("FSFS"), mode="sparse")
+    with torch.no_grad():
+        for _, param in wrapped.indexer_parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    input_ids, attention_mask = token_batch()
+    with torch.no_grad():
+        expected = wrapped(input_ids, attention_mask=attention_mask).logits
+    exported = export_checkpoint(source, tmp_path / "export", "FSFS", "llama", wrapped.indexer_state_dict(), {})
+
+    reloaded = load_llama_dsa(exported)
+    assert reloaded.config.indexer_types == ["full", "shared", "full", "shared"]
+    assert {name.split(".self_attn.")[0] for name, _ in reloaded.named_parameters() if ".indexer." in name} == {
+        "model.layers.0",
+        "model.layers.2",
+    }
+    with torch.no_grad():
+        got = reloaded(input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
 def test_llama_kv_cache_decoding_matches_full_forward():

@@ -1,7 +1,7 @@
 """indexcache training entry point: compose config -> build run -> train -> export.
 
-    python train/main.py [conf=<preset>] [key=value ...]
-    deepspeed [--num_gpus N] train/main.py conf=<preset> [key=value ...]
+python train/main.py [conf=<preset>] [key=value ...]
+deepspeed [--num_gpus N] train/main.py conf=<preset> [key=value ...]
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from indexcache.config import ConfigError, load_config  # noqa: E402
-from indexcache.distributed import init_distributed, shutdown, strip_launcher_args  # noqa: E402
+from indexcache.config import ConfigError, load_config
+from indexcache.distributed import init_distributed, shutdown, strip_launcher_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         finished = train(run)
         if not finished:
-            print(f"indexcache: stopped at train.stop_after_steps={cfg.train.stop_after_steps}; the same command resumes")
+            print(f"indexcache: stopped after step {cfg.train.stop_after_steps}; the same command resumes")
         elif cfg.export.enabled:
             export_run(run)
         run.logger.close()

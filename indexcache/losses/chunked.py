@@ -154,7 +154,8 @@ class PrecomputedGradKL(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, w: Tensor, compute: Callable[[], Sums]):  # type: ignore[override]
         sums = compute()
         scale = 1.0 / max(sums.num_rows, 1)
-        kl_per_layer, entropy = sums.kl * scale, sums.entropy * scale
+        dtype = compute_dtype(q.dtype)  # the fused path sums in float64; report in the accumulation dtype
+        kl_per_layer, entropy = (sums.kl * scale).to(dtype), (sums.entropy * scale).to(dtype)
         ctx.has_grads = sums.dq is not None
         if ctx.has_grads:
             ctx.save_for_backward(sums.dq.to(q.dtype), sums.dk.to(k.dtype), sums.dw.to(w.dtype))

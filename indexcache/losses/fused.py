@@ -48,8 +48,8 @@ class FusedConfig:
     lse_rows: int = 128  # passes A and B
     lse_cols: int = 128
     lse_warps: int = 8
-    tile_rows: int = 128  # pass C
-    tile_cols: int = 128
+    tile_rows: int = 128  # pass C (128 x 128 is 3x slower on H100: see bench/NOTES.md)
+    tile_cols: int = 64
     tile_warps: int = 8
     tile_group: int = 8  # row blocks whose tiles run side by side, so their Q and K tiles are shared in L2
     grad_block: int = 64  # passes D and E
@@ -245,7 +245,7 @@ def _kl_tile_kernel(
     key_ok, bits = key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb
     row_ok = tl.load(row_ok_ptr + b * s_okb + rows, mask=row_in, other=0) != 0
     # Only the head loop's accumulator stays in registers: log2 q and dI live in this tile's slice of the
-    # chunk scratch (L1/L2-resident, touched once per layer), which lets the tile be 128 x 128.
+    # chunk scratch (L1/L2-resident, touched once per layer), which frees registers for the head loop.
     tile = b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :]
 
     k_t = tl.load(k_ptr + b * s_kb + cols[None, :] * s_kt + di[:, None], mask=cols[None, :] < seq_len, other=0.0)

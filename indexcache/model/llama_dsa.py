@@ -367,6 +367,8 @@ class LlamaDsaAttention(LlamaAttention):
         self.rope_stride = (self.head_dim // 2) // (indexer_config.qk_rope_head_dim // 2)
         self.topk_relay: dict[int, object] = {} if topk_relay is None else topk_relay
         types = getattr(config, "indexer_types", None) or ["full"] * config.num_hidden_layers
+        if len(types) != config.num_hidden_layers:
+            raise ValueError(f"indexer_types has {len(types)} entries for {config.num_hidden_layers} layers")
         pattern = IndexCachePattern.from_indexer_types(types)
         self.indexer: nn.Module
         if pattern.is_full(layer_idx):

@@ -7,6 +7,7 @@ are cached (written to a temporary sibling, then renamed) so later runs start fa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, ByT5Tokenizer
 
 from indexcache.config import ModelConfig, default_cache_dir
+from indexcache.model.llama_dsa import DsaIndexConfig
 from indexcache.model.tiny import tiny_model
 
 DENSE_CONVERTIBLE = ("llama", "glm4_moe_lite")
@@ -55,12 +57,10 @@ def resolve_source(cfg: ModelConfig) -> Path:
     """The local DSA checkpoint folder this run trains from (converting a dense model once, cached)."""
     if cfg.source == "tiny":
         return tiny_source(cfg)
-    from indexcache.model.conversion import convert_cached
-
     if cfg.source == "smollm2":
-        from indexcache.model.smollm2 import smollm2_path
+        from indexcache.model.smollm2 import smollm2_dsa_path
 
-        return convert_cached(smollm2_path(cfg.cache_dir), cfg)
+        return smollm2_dsa_path(cfg.cache_dir, index_config(cfg))
     folder = Path(cfg.source).expanduser().resolve()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model.source={folder} has no config.json: point it at a HF checkpoint folder")
@@ -71,6 +71,31 @@ def resolve_source(cfg: ModelConfig) -> Path:
     if config["model_type"] in DENSE_CONVERTIBLE and "index_topk" not in config:
         return convert_cached(folder, cfg)
     return folder
+
+
+def index_config(cfg: ModelConfig) -> DsaIndexConfig:
+    return DsaIndexConfig(
+        index_topk=cfg.index_topk, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, seed=cfg.seed
+    )
+
+
+def convert_cached(folder: Path, cfg: ModelConfig) -> Path:
+    """Dense llama / glm4_moe_lite folder -> DSA folder (fresh indexers), converted once per (source, shape)."""
+    from indexcache.model.glm4_moe_lite import convert_glm4_moe_lite_to_dsa
+    from indexcache.model.llama_dsa import convert_llama_to_dsa
+
+    index_cfg = index_config(cfg)
+    key = hashlib.sha256(f"{folder}|{index_cfg}".encode()).hexdigest()[:16]
+    final = default_cache_dir(cfg) / f"converted-{folder.name}-{key}"
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent)) / "out"
+    convert = convert_llama_to_dsa if read_config(folder)["model_type"] == "llama" else convert_glm4_moe_lite_to_dsa
+    convert(folder, tmp, index_cfg)
+    published = _publish(tmp, final)
+    shutil.rmtree(tmp.parent, ignore_errors=True)
+    return published
 
 
 def load_tokenizer(folder: Path):
