@@ -457,7 +457,8 @@ class LlamaDsaForCausalLM(LlamaForCausalLM):
 
     Differs from the stock class only in the attention modules (swapped in before the weights are initialised or
     loaded, so `from_pretrained` fills the indexers from the checkpoint), in keeping `weights_proj` in float32 like
-    transformers' DSA models, and in clearing the per-forward top-k relay after every forward.
+    transformers' DSA models, and in clearing the per-forward top-k relay after every forward (nothing a forward
+    computed outlives it).
     """
 
     _keep_in_fp32_modules: ClassVar[list[str]] = ["indexer.weights_proj"]
@@ -469,12 +470,12 @@ class LlamaDsaForCausalLM(LlamaForCausalLM):
             layer.self_attn = LlamaDsaAttention(config, layer_idx, self._topk_relay)
         # Initialises only the new modules (transformers skips modules it has initialised already).
         self.post_init()
+        # A hook rather than a forward override keeps forward's signature, which `generate` inspects; always_call
+        # clears the relay even when the forward raises.
+        self.register_forward_hook(self._clear_topk_relay, always_call=True)
 
-    def forward(self, *args: object, **kwargs: object) -> object:
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            self._topk_relay.clear()
+    def _clear_topk_relay(self, *_: object) -> None:
+        self._topk_relay.clear()
 
 
 def convert_llama_to_dsa(
