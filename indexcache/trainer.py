@@ -244,23 +244,22 @@ def train(run: Run) -> bool:
     """Run every stage in order, resuming from the newest complete checkpoint. Returns True when finished."""
     resume = find_resume(run.cfg, run.checkpoints)
     global_step = 0
+    if resume is not None:
+        run.history, global_step = list(resume[1].history), resume[1].global_step
+    last_index = len(run.cfg.stage) - 1
     for index, (name, stage) in enumerate(run.cfg.stage.items()):
         stage_resume = None
         if resume is not None:
             path, state = resume
-            run.history = list(state.history)
-            if index < state.stage_index or (
-                index == state.stage_index and state.stage_complete and index < len(run.cfg.stage) - 1
-            ):
-                # Finished stage: its trained indexers come back through the next stage's checkpoint, or
-                # through loading this checkpoint into the next stage's engine below.
-                if index == state.stage_index:
-                    restore_weights(run, stage, path)
-                    resume = None
-                global_step = state.global_step
+            if index < state.stage_index:
+                # Finished before the checkpoint; what it trained is in the checkpointed stage's weights.
+                # (A later stage's F layer that the checkpointed stage did not train restarts from the source.)
                 continue
-            stage_resume = resume
             resume = None
+            if state.stage_complete and index < last_index:
+                restore_weights(run, stage, path)  # the next stage starts from this stage's trained indexers
+                continue
+            stage_resume = (path, state)
         global_step, stopped = train_stage(run, index, name, stage, stage_resume, global_step)
         if stopped:
             return False

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     Glm4MoeLiteConfig,
@@ -332,6 +333,37 @@ def test_glm4_moe_lite_converts_to_stock_glm_moe_dsa(tmp_path: Path, rope_interl
     real = attention_mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
     assert (sparse[real] - expected[real]).abs().max() > 1e-3  # control: index_topk < T does restrict attention
+
+
+def test_glm4_moe_lite_mtp_layer_is_copied_and_permuted_without_an_indexer(tmp_path: Path):
+    """GLM-4.7-Flash stores an MTP layer as model.layers.{num_hidden_layers}.*: kept, RoPE rows converted too."""
+    source = tiny_glm4_moe_lite(rope_interleave=False)
+    tensors = source_tensors(source, tmp_path / "src")
+    mtp = {
+        "model.layers.4.self_attn.q_b_proj.weight": torch.randn_like(
+            tensors["model.layers.0.self_attn.q_b_proj.weight"]
+        ),
+        "model.layers.4.eh_proj.weight": torch.randn(64, 128),
+    }
+    save_file({**tensors, **mtp}, tmp_path / "src" / "model.safetensors", {"format": "pt"})
+    out = convert_glm4_moe_lite_to_dsa(tmp_path / "src", tmp_path / "dsa", DsaIndexConfig(8, 4, 32))
+
+    stored = stored_tensors(out)
+    assert torch.equal(stored["model.layers.4.eh_proj.weight"], mtp["model.layers.4.eh_proj.weight"])
+    # The MTP attention gets exactly the permutation layer 0 got.
+    layer0_perm = _row_order(
+        tensors["model.layers.0.self_attn.q_b_proj.weight"], stored["model.layers.0.self_attn.q_b_proj.weight"]
+    )
+    mtp_perm = _row_order(
+        mtp["model.layers.4.self_attn.q_b_proj.weight"], stored["model.layers.4.self_attn.q_b_proj.weight"]
+    )
+    assert mtp_perm == layer0_perm != list(range(len(layer0_perm)))
+    assert not any(name.startswith("model.layers.4.self_attn.indexer") for name in stored)
+
+
+def _row_order(before: torch.Tensor, after: torch.Tensor) -> list[int]:
+    """Which row of `before` each row of `after` is (rows are distinct random vectors)."""
+    return [int((before == row).all(dim=1).nonzero()[0]) for row in after]
 
 
 def test_glm_rope_layout_matters_for_a_half_split_source():

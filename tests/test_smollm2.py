@@ -1,6 +1,6 @@
 """The real SmolLM2-135M on CPU: the cached asset, its DSA conversion, and an indexer warm-up that learns.
 
-Slow (minutes): the GGUF dequantisation takes ~25 s and the warm-up a few dozen real training steps.
+Marked slow (about 80 s on 2 idle cores): each GGUF dequantisation takes ~25 s and the warm-up is 24 real steps.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from indexcache.model.indexer import indexer_outputs, select_topk
 from indexcache.model.llama_dsa import load_llama_dsa
 from indexcache.model.smollm2 import (
+    CACHE_ENV,
     MODEL_DIRNAME,
     PROVENANCE_FILE,
+    cache_root,
     gguf_location,
     load_smollm2,
     smollm2_dsa_path,
 )
 from indexcache.model.wrapper import IndexCacheModel
-
-pytestmark = pytest.mark.slow
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SEQ, RECALL_K = 256, 32
@@ -81,6 +81,16 @@ def topk_attention_recall(model: PreTrainedModel, input_ids: torch.Tensor, k: in
     return torch.stack(recalls).mean().item()
 
 
+def test_cache_location_argument_beats_environment_beats_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert cache_root() == Path("~/.cache/indexcache").expanduser()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    assert cache_root() == tmp_path / "env"
+    assert cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert not (tmp_path / "env").exists()  # resolving the location creates nothing
+
+
+@pytest.mark.slow
 def test_cached_folder_is_the_gguf_model_with_sane_perplexity():
     start = time.perf_counter()
     model, tokenizer = load_smollm2()  # converts on first use only
@@ -108,6 +118,7 @@ def test_cached_folder_is_the_gguf_model_with_sane_perplexity():
     assert cached_load_s < 15.0
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_converts_once_and_atomically(tmp_path: Path):
     """Two processes ask for the asset in an empty cache: one converts, the other waits and reuses it."""
     script = "import sys; from indexcache.model.smollm2 import smollm2_path; print(smollm2_path(sys.argv[1]))"
@@ -127,6 +138,7 @@ def test_concurrent_first_use_converts_once_and_atomically(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [MODEL_DIRNAME]
 
 
+@pytest.mark.slow
 def test_warmed_up_indexers_recall_more_teacher_attention_than_random_ones():
     """The dense warm-up (single-layer KL, all-F pattern, base frozen) on a few windows of stdlib code lifts the
     indexers' top-32 recall of SmolLM2's own attention well above that of their random initialisation."""
