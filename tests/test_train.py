@@ -159,3 +159,22 @@ def test_sigkill_at_an_arbitrary_moment_then_resume_matches(tmp_path):
     a, b = tensors(full / "export"), tensors(killed / "export")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs after kill")
+
+
+def test_explicit_pattern_run_exports_that_pattern(tmp_path):
+    run_dir = tmp_path / "run"
+    train(tmp_path, run_dir, "pattern=explicit", "pattern.value=FSFS", "stage.warmup.steps=2")
+    assert_only_f_indexers_changed(run_dir, "FSFS")
+    config = json.loads((run_dir / "export" / "config.json").read_text())
+    assert config["index_topk_pattern"] == "FSFS" and config["use_index_cache"] is True
+
+
+@pytest.mark.parametrize(("value", "needle"), [("FSF", "3 characters"), ("SFFF", "position 0"), ("FXFF", "'X'")])
+def test_bad_explicit_pattern_fails_before_anything_is_written(tmp_path, value, needle):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(MAIN), "conf=tiny", f"run_dir={run_dir}", "pattern=explicit", f"pattern.value={value}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(tmp_path))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("indexcache:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+    assert not run_dir.exists()

@@ -1,0 +1,46 @@
+"""The wrapped model on a GPU in bf16: the fused loss inside the real forward agrees with the chunked one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from indexcache.model import IndexCacheModel
+from indexcache.model.tiny import tiny_model
+from indexcache.pattern import IndexCachePattern
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "deepseek_v32"])
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_fused_loss_in_the_bf16_model_matches_chunked(model_type, mode):
+    torch.manual_seed(1)
+    hf = tiny_model(model_type, seed=3, index_topk=16).to("cuda", torch.bfloat16)
+    model = IndexCacheModel(hf, pattern=IndexCachePattern("FFSF"), mode=mode)
+    input_ids = torch.randint(0, hf.config.vocab_size, (2, 96), device="cuda")
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 80:] = 0  # right padding in one row
+
+    results = {}
+    for impl in ("chunked", "fused"):
+        model.loss_impl = impl
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids, attention_mask=attention_mask)
+        out.kl_loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.indexer_parameters()}
+        results[impl] = (out.kl_loss.detach(), grads, out.metrics)
+    (loss_c, grads_c, metrics_c), (loss_f, grads_f, metrics_f) = results["chunked"], results["fused"]
+    assert torch.isfinite(loss_f)
+    assert _rel(loss_f, loss_c) < 1e-2
+    for name in grads_c:
+        assert _rel(grads_f[name], grads_c[name]) < 5e-2, name
+    for key in metrics_c:
+        assert metrics_f[key] == pytest.approx(metrics_c[key], rel=2e-2, abs=1e-3), key
