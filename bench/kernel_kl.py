@@ -5,13 +5,16 @@
 Prints one table (dense and sparse k=2048): median time, peak extra memory, floor (FLOPs over this GPU's
 measured 8192^3 bf16 matmul rate, timed in the same run), ratio to floor, and the chunked path's time where it
 fits. `--tune` first times a few block configurations at 8K and keeps the fastest. `--check` compares fused with
-chunked at 4K (loss and gradients) before timing. Writes the table and raw numbers to --out (default $OUT).
+chunked at 4K (loss and gradients) before timing. `--lse-lengths` adds dense rows where the teachers carry their
+log-sum-exp (as the model's attention kernel returns it), so pass A is skipped. `--baseline FILE` times a saved
+copy of fused.py (an earlier version) in the same run. Writes the table and raw numbers to --out (default $OUT).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -85,18 +88,38 @@ def make_inputs(seq: int, shape: dict, sparse_k: int | None, seed: int = 0):
     return indexer, teachers, topk
 
 
-def step_fn(indexer, teachers, topk, impl: str, chunk_size: int = 1024):
+def step_fn(indexer, teachers, topk, impl: str, chunk_size: int = 1024, loss_fn=None):
     def step() -> None:
         for x in (indexer.q, indexer.k, indexer.w):
             x.grad = None
-        multi_layer_kl(indexer, teachers, None, topk, impl=impl, chunk_size=chunk_size).loss.backward()
+        if loss_fn is not None:
+            loss_fn(indexer, teachers, None, topk).loss.backward()
+        else:
+            multi_layer_kl(indexer, teachers, None, topk, impl=impl, chunk_size=chunk_size).loss.backward()
 
     return step
 
 
-def measure(seq: int, sparse_k: int | None, impl: str, rate: float, max_seconds: float = 5.0) -> dict:
+def with_teacher_lse(teachers: list[TeacherInputs]) -> list[TeacherInputs]:
+    """The teachers with their natural-log LSE attached (computed by pass A, standing in for the attention's)."""
+    from indexcache.losses import fused
+
+    seq = teachers[0].query.shape[2]
+    real = torch.ones(1, seq, dtype=torch.int8, device="cuda")
+    bits = torch.zeros(1, 1, 1, dtype=torch.int32, device="cuda")
+    teachers, *tables = fused._teacher_tables(teachers)
+    flags = {"MASK_KEYS": False, "SPARSE": False}
+    lse = fused._teacher_lse(teachers, tuple(tables), real, bits, flags, fused.CONFIG) / fused.LOG2E
+    return [dataclasses.replace(t, logsumexp=lse[i]) for i, t in enumerate(teachers)]
+
+
+def measure(
+    seq: int, sparse_k: int | None, impl: str, rate: float, max_seconds: float = 5.0, loss_fn=None, lse: bool = False
+) -> dict:
     indexer, teachers, topk = make_inputs(seq, GLM5, sparse_k)
-    step = step_fn(indexer, teachers, topk, impl)
+    if lse:
+        teachers = with_teacher_lse(teachers)
+    step = step_fn(indexer, teachers, topk, impl, loss_fn=loss_fn)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -124,21 +147,23 @@ def check_against_chunked(seq: int, sparse_k: int | None) -> dict:
 
 
 def tune(rate: float) -> dict:
-    """Time pass-C tile shapes at 8K, keep the fastest, then pass-A/B block shapes on top of it."""
+    """Time pass-C1 tile shapes at 8K, keep the fastest, then pass-A/B and pass-D/E block shapes on top of it."""
     from indexcache.losses import fused
 
     stages = {
         "tile": {
-            "t128x128w8": dict(tile_rows=128, tile_cols=128, tile_warps=8),
-            "t128x64w8": dict(tile_rows=128, tile_cols=64, tile_warps=8),
-            "t128x128w4": dict(tile_rows=128, tile_cols=128, tile_warps=4),
-            "t128x128w8g16": dict(tile_rows=128, tile_cols=128, tile_warps=8, tile_group=16),
-            "t128x128w8s3": dict(tile_rows=128, tile_cols=128, tile_warps=8, stages=3),
+            "t128x128d64s3": dict(tile_cols=128, tile_depth=64, tile_stages=3),
+            "t128x128d64s4": dict(tile_cols=128, tile_depth=64, tile_stages=4),
+            "t128x64d256s2": dict(tile_cols=64, tile_depth=256, tile_stages=2),
+            "t128x128d64s3h16": dict(tile_cols=128, tile_depth=64, tile_stages=3, heads_per_launch=16),
         },
         "lse": {
-            "l128x128w8": dict(lse_rows=128, lse_cols=128, lse_warps=8),
-            "l128x64w8": dict(lse_rows=128, lse_cols=64, lse_warps=8),
-            "l128x128w8s3": dict(lse_rows=128, lse_cols=128, lse_warps=8, stages=3),
+            "l128x128s2": dict(lse_cols=128, lse_stages=2),
+            "l128x64s3": dict(lse_cols=64, lse_stages=3),
+        },
+        "grad": {
+            "g64w4": dict(grad_block=64, grad_warps=4),
+            "g64w8": dict(grad_block=64, grad_warps=8),
         },
     }
     timings: dict[str, float | str] = {}
@@ -148,7 +173,7 @@ def tune(rate: float) -> dict:
         for name, change in variants.items():
             fused.CONFIG = dataclasses.replace(best, **change)
             try:
-                timings[name] = measure(8192, None, "fused", rate, max_seconds=2.0)["seconds"]
+                timings[name] = measure(8192, None, "fused", rate, max_seconds=1.0)["seconds"]
             except Exception as error:  # a variant that does not fit (shared memory, registers) is reported
                 timings[name] = f"failed: {type(error).__name__}: {str(error)[:120]}"
             print(f"tune {name}: {timings[name]}", flush=True)
@@ -156,7 +181,17 @@ def tune(rate: float) -> dict:
                 stage_best, stage_time = fused.CONFIG, timings[name]
         best = stage_best
     fused.CONFIG = best
+    print("tune chose", dataclasses.asdict(best), flush=True)
     return dict(timings=timings, chosen=dataclasses.asdict(best))
+
+
+def load_baseline(path: str):
+    """A saved copy of fused.py as its own module, so two versions can be timed in one run."""
+    spec = importlib.util.spec_from_file_location("fused_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def profile_passes(seq: int, sparse_k: int | None) -> dict[str, float]:
@@ -184,6 +219,11 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--profile", type=int, default=0, help="T at which to split time by kernel (0: skip)")
     parser.add_argument("--no-sparse", action="store_true")
+    parser.add_argument("--sparse-lengths", type=int, nargs="+", default=None, help="default: --lengths")
+    parser.add_argument("--lse-lengths", type=int, nargs="*", default=[], help="dense with teacher LSE given")
+    parser.add_argument("--baseline", default=None, help="a saved fused.py to time at --baseline-lengths")
+    parser.add_argument("--baseline-lengths", type=int, nargs="*", default=[8192, 32768])
+    parser.add_argument("--seconds", type=float, default=5.0, help="time budget of one table row")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 
@@ -196,34 +236,40 @@ def main() -> None:
         print("fused vs chunked at 4K:", report["check"], flush=True)
     if args.tune:
         report["tune"] = tune(rate)
-    if args.profile:
-        report["profile_ms"] = profile_passes(args.profile, None)
-        print(f"per-kernel ms at T={args.profile}:", report["profile_ms"], flush=True)
 
     lines = [
         f"GPU {gpu}; bf16 matmul {rate / 1e12:.0f} TFLOP/s; GLM-5 group G=4 H=64 D=256 H_I=32 D_I=128, B=1",
-        f"{'variant':<8}{'T':>8}{'fused ms':>11}{'floor ms':>10}{'ratio':>7}{'extra GiB':>11}{'chunked ms':>12}",
+        f"{'variant':<10}{'T':>8}{'fused ms':>11}{'floor ms':>10}{'ratio':>7}{'extra GiB':>11}{'chunked ms':>12}",
     ]
-    for sparse_k in [None] if args.no_sparse else [None, SPARSE_K]:
-        for seq in args.lengths:
-            try:
-                row = measure(seq, sparse_k, "fused", rate)
-            except torch.OutOfMemoryError as error:
-                row = dict(seq=seq, sparse_k=sparse_k, error=f"OOM: {str(error)[:80]}")
-            if "error" not in row and seq <= args.chunked_max:
-                row["chunked_seconds"] = measure(seq, sparse_k, "chunked", rate, max_seconds=5.0)["seconds"]
-            torch.cuda.empty_cache()
-            report["rows"].append(row)
-            name = "dense" if sparse_k is None else f"k={sparse_k}"
-            if "error" in row:
-                lines.append(f"{name:<8}{seq:>8}  {row['error']}")
-            else:
-                chunked = f"{row['chunked_seconds'] * 1e3:>12.0f}" if "chunked_seconds" in row else f"{'-':>12}"
-                lines.append(
-                    f"{name:<8}{seq:>8}{row['seconds'] * 1e3:>11.1f}{row['floor'] * 1e3:>10.1f}"
-                    f"{row['seconds'] / row['floor']:>7.2f}{row['peak_extra_gib']:>11.2f}{chunked}"
-                )
-            print(lines[-1], flush=True)
+    runs = [("dense", None, seq, {}) for seq in args.lengths]
+    runs += [("dense+lse", None, seq, dict(lse=True)) for seq in args.lse_lengths]
+    if not args.no_sparse:
+        runs += [(f"k={SPARSE_K}", SPARSE_K, seq, {}) for seq in args.sparse_lengths or args.lengths]
+    if args.baseline:
+        baseline = load_baseline(args.baseline).fused_multi_layer_kl
+        runs += [("baseline", None, seq, dict(loss_fn=baseline)) for seq in args.baseline_lengths]
+    for name, sparse_k, seq, options in runs:
+        try:
+            row = measure(seq, sparse_k, "fused", rate, max_seconds=args.seconds, **options)
+        except torch.OutOfMemoryError as error:
+            row = dict(seq=seq, sparse_k=sparse_k, error=f"OOM: {str(error)[:80]}")
+        if "error" not in row and not options and seq <= args.chunked_max:
+            row["chunked_seconds"] = measure(seq, sparse_k, "chunked", rate, max_seconds=5.0)["seconds"]
+        torch.cuda.empty_cache()
+        row["variant"] = name
+        report["rows"].append(row)
+        if "error" in row:
+            lines.append(f"{name:<10}{seq:>8}  {row['error']}")
+        else:
+            chunked = f"{row['chunked_seconds'] * 1e3:>12.0f}" if "chunked_seconds" in row else f"{'-':>12}"
+            lines.append(
+                f"{name:<10}{seq:>8}{row['seconds'] * 1e3:>11.1f}{row['floor'] * 1e3:>10.1f}"
+                f"{row['seconds'] / row['floor']:>7.2f}{row['peak_extra_gib']:>11.2f}{chunked}"
+            )
+        print(lines[-1], flush=True)
+    if args.profile:
+        report["profile_ms"] = profile_passes(args.profile, None)
+        print(f"per-kernel ms at T={args.profile}:", report["profile_ms"], flush=True)
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)

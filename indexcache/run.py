@@ -133,7 +133,6 @@ def export_run(run: Run) -> Path | None:
                 summary=summary,
                 overwrite=cfg.export.overwrite,
             )
-            print(f"indexcache: exported {run.model.pattern} to {exported}")
     barrier()
     return exported
 

@@ -9,11 +9,14 @@ in the values, so the value bound is the sharp one.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from indexcache.losses import IndexerOutputs, TeacherInputs, multi_layer_kl
-from indexcache.losses.reference import reference_multi_layer_kl
+from indexcache.losses.interface import key_mask
+from indexcache.losses.reference import allowed_keys, reference_multi_layer_kl
 
 pytestmark = [
     pytest.mark.gpu,
@@ -122,10 +125,52 @@ def test_fused_sparse_matches_reference(name: str, num_selected: int) -> None:
     check_against_reference(indexer, teachers, mask, random_topk(batch, seq, num_selected, seed=num_selected))
 
 
-def test_fused_many_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A small dI scratch splits the rows into several chunks; dk must accumulate across them."""
-    monkeypatch.setattr(fused, "CONFIG", fused.FusedConfig(scratch_bytes=4 * 2 * 128 * 384))
+@pytest.mark.parametrize("heads_per_launch", [0, 3])
+def test_fused_many_row_chunks(monkeypatch: pytest.MonkeyPatch, heads_per_launch: int) -> None:
+    """A small dI scratch splits the rows into several chunks; dk must accumulate across them.
+
+    With heads_per_launch=3 each layer's 4 heads take two launches, the partial head sum going through memory.
+    """
+    config = fused.FusedConfig(scratch_bytes=4 * 2 * 128 * 384, heads_per_launch=heads_per_launch)
+    monkeypatch.setattr(fused, "CONFIG", config)
     check_against_reference(*make_inputs(seq=350, padding="both", seed=3))
+
+
+def teacher_logsumexp(teacher: TeacherInputs, mask, topk) -> torch.Tensor:
+    """[B, H, T] float32 natural-log LSE over each row's keys, as an attention kernel returns it (-inf: none)."""
+    batch, seq = mask.shape
+    allowed = allowed_keys(key_mask(mask, batch, seq, mask.device), topk)
+    key = teacher.key.float().repeat_interleave(teacher.query.shape[1] // teacher.key.shape[1], dim=1)
+    scores = torch.einsum("bhtd,bhsd->bhts", teacher.query.float(), key) * teacher.scaling
+    return scores.masked_fill(~allowed[:, None], float("-inf")).logsumexp(dim=-1)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_with_teacher_logsumexp_gives_same_result(sparse: bool) -> None:
+    """Given LSEs skip pass A; padding rows get -inf there, which must not leak NaN into the loss."""
+    indexer, teachers, mask = make_inputs(padding="both", seed=11)
+    topk = random_topk(*mask.shape, 32, seed=11) if sparse else None
+    given = [dataclasses.replace(t, logsumexp=teacher_logsumexp(t, mask, topk)) for t in teachers]
+    computed = multi_layer_kl(indexer, teachers, mask, topk, impl="fused")
+    from_lse = multi_layer_kl(indexer, given, mask, topk, impl="fused")
+    assert rel_err(from_lse.kl_per_layer, computed.kl_per_layer) < VALUE_BOUND
+    assert rel_err(from_lse.teacher_entropy, computed.teacher_entropy) < VALUE_BOUND
+    grads = [torch.autograd.grad(r.loss, (indexer.q, indexer.k, indexer.w)) for r in (from_lse, computed)]
+    for g, w in zip(*grads, strict=True):
+        assert rel_err(g, w) < GRAD_BOUND
+    check_against_reference(indexer, given, mask, topk)
+
+
+def test_fused_misaligned_teachers() -> None:
+    """Teacher views that start off a 16-byte boundary are copied before the kernels' 16-byte loads."""
+    indexer, teachers, mask = make_inputs(seed=13)
+    shifted = []
+    for t in teachers:
+        flat = torch.empty(t.query.numel() + 1, dtype=t.query.dtype, device="cuda")
+        query = flat[1:].view_as(t.query).copy_(t.query)
+        assert query.data_ptr() % 16 != 0
+        shifted.append(TeacherInputs(query, t.key, t.scaling))
+    check_against_reference(indexer, shifted, mask)
 
 
 @pytest.mark.parametrize(

@@ -33,14 +33,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"indexcache: {error}", file=sys.stderr)
             return 2
         finished = train(run)
-        if not finished:
-            print(f"indexcache: stopped after step {cfg.train.stop_after_steps}; the same command resumes")
-        elif cfg.export.enabled:
-            export_run(run)
+        exported = export_run(run) if finished and cfg.export.enabled else None
         run.logger.close()
+        if dist.is_main:
+            print(summary_line(run, finished, exported))
         return 0
     finally:
         shutdown()
+
+
+def summary_line(run, finished: bool, exported: Path | None) -> str:
+    if not finished:
+        return f"indexcache: stopped after step {run.cfg.train.stop_after_steps}; the same command resumes"
+    final = run.history[-1]["metrics"] if run.history else {}
+    parts = [f"pattern {run.model.pattern} ({len(run.model.pattern.full_layers)}/{run.model.pattern.num_layers} F)"]
+    if final:
+        parts.append(
+            f"eval LM loss dense {final['eval/lm_loss_dense']:.4f}, sparse {final['eval/lm_loss_sparse']:.4f}"
+            f" (gap {final['eval/lm_loss_gap']:+.4f}), KL {final['eval/kl_loss']:.4f}"
+        )
+    if exported:
+        parts.append(f"export {exported}")
+    return "indexcache: done: " + "; ".join(parts)
 
 
 if __name__ == "__main__":

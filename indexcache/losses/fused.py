@@ -1,23 +1,28 @@
 """Fused Triton multi-layer KL (forward and backward) for CUDA; imported lazily, only where triton exists.
 
 Passes (all accumulate in float32; inputs bf16/fp16):
-  A. teacher log-sum-exp per (layer, head, row)      grid (row blocks, B*H, G), flash-style: Q stays on chip
+  A. teacher log-sum-exp per (layer, head, row)      grid (row blocks, B*H, G), flash-style: Q stays on chip.
+     Skipped when every TeacherInputs carries the attention kernel's `logsumexp`.
   B. student log-sum-exp per row                       grid (row blocks, B)
-  then, for each chunk of R query rows:
-  C. one program per causal (row block, key block) tile: indexer logits I, every layer's head-averaged p
-     (summed over heads on chip), the KL/entropy partial sums, and dI = q - p_bar, written with log2 q to
-     two [R, T] fp32 scratch buffers
+  then, for each chunk of R query rows, one program per causal (row block, key block) tile:
+  C0. indexer logits, log2 q and dI = q, written to two [R, T] fp32 scratch buffers
+  C1. one launch per served layer (or per slab of its heads): the layer's head-averaged p summed over heads on
+      chip, the KL/entropy partial sums, and dI -= p / G. Launching layer by layer keeps the programs in
+      flight on the same few heads, so their Q and K tiles are shared in L2 instead of re-read from memory.
   D. dq, dw: one program per (row block, indexer head), looping over key blocks
   E. dk:     one program per key block, looping over the chunk's row blocks and indexer heads
-No [T, T] tensor is allocated. dI for one row chunk ([R, T], with R chosen so that both buffers stay within
-FusedConfig.scratch_bytes) does go through global memory. The dq accumulators of every indexer head for a row
-block (BLOCK x H_I x D_I fp32, 1 MiB at 64 rows and H_I=32) cannot stay on chip, so D and E compute dq and dk
-from the stored dI instead of C computing them. The gradients are computed in the forward pass (see
+No [T, T] tensor is allocated. dI for one row chunk ([R, T], with R chosen so that the scratch buffers stay
+within FusedConfig.scratch_bytes) does go through global memory. The dq accumulators of every indexer head for a
+row block (BLOCK x H_I x D_I fp32, 1 MiB at 64 rows and H_I=32) cannot stay on chip, so D and E compute dq and
+dk from the stored dI instead of C computing them. The gradients are computed in the forward pass (see
 chunked.py): the teacher scores, the dominant cost, are then computed once per tile, not again in backward.
 
+Teacher tensors are read through a per-layer pointer table; `tl.multiple_of` restores the 16-byte alignment the
+table loses (the host guarantees it), without which Triton issues 2-byte loads that it cannot pipeline.
+
 Sparse variant: the top-k sets become a packed bitmap [B, T, ceil(T/32)] int32 and the same kernels mask with
-it. The sparse loss therefore costs the dense one plus the bit test, 1.7x dense at 32K on an H100. bench/NOTES.md
-says why gathering the selected keys would be slower here.
+it, so the sparse loss costs the dense one plus the bit test. bench/NOTES.md says why gathering the selected
+keys would be slower here.
 """
 
 from __future__ import annotations
@@ -40,24 +45,29 @@ from indexcache.losses.interface import (
 )
 
 LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @dataclass
 class FusedConfig:
-    """Block shapes; bench/kernel_kl.py times variants. Row blocks are multiples of column blocks."""
+    """Block shapes; bench/kernel_kl.py times variants (bench/NOTES.md has the measurements)."""
 
     lse_rows: int = 128  # passes A and B
     lse_cols: int = 128
     lse_warps: int = 8
-    tile_rows: int = 128  # pass C (128 x 128 is 3x slower on H100: see bench/NOTES.md)
-    tile_cols: int = 64
+    lse_stages: int = 2  # pass A: Q [128, 256] + 2 K stages of [128, 256] bf16 = 192 KiB of shared memory
+    tile_rows: int = 128  # passes C0 and C1
+    tile_cols: int = 128
+    tile_depth: int = 64  # C1 multiplies Q K^T in chunks of this many channels, so 3 stages fit in shared memory
     tile_warps: int = 8
+    tile_stages: int = 3
     tile_group: int = 8  # row blocks whose tiles run side by side, so their Q and K tiles are shared in L2
+    heads_per_launch: int = 0  # C1 launches per layer split its heads into slabs of this many; 0: all heads
     grad_block: int = 64  # passes D and E
     grad_warps: int = 4
-    stages: int = 2
-    scratch_bytes: int = 512 * 2**20  # one row chunk's log2 q and dI
+    stages: int = 2  # passes B, C0, D, E
+    scratch_bytes: int = 512 * 2**20  # one row chunk's log2 q, dI and (with head slabs) partial p
 
 
 CONFIG = FusedConfig()
@@ -147,33 +157,43 @@ def _indexer_logits(q_ptr, w_ptr, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, 
 
 
 @triton.jit
+def _table_pointer(table, layer, DTYPE: tl.constexpr):
+    # The host checks 16-byte alignment (_teacher_tables); the hint lets Triton issue 16-byte pipelined loads.
+    return tl.multiple_of(tl.load(table + layer).to(tl.pointer_type(DTYPE)), 16)
+
+
+@triton.jit
 def _teacher_lse_kernel(
     q_table, k_table, scale_table, lse_ptr, key_ok_ptr, bits_ptr,
-    seq_len, num_heads, heads_per_kv, head_dim,
+    seq_len, num_heads, heads_per_kv,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_okb, s_bitb, s_bitt,
     DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    pid_t, pid_bh, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    # int64 offsets: one teacher tensor can exceed 2^31 elements at long T.
+    # Last row blocks first: they see the most keys, so the launch does not end on a few long programs.
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh, layer = tl.program_id(1), tl.program_id(2)
+    # int64 base offsets: one teacher tensor can exceed 2^31 elements at long T (a block's own cannot).
     b, h = (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
     first_row = pid_t * BLOCK_T
     rows = first_row + tl.arange(0, BLOCK_T)
-    rows64 = rows.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    q_base = tl.load(q_table + layer).to(tl.pointer_type(DTYPE)) + b * s_qb + h * s_qh
-    k_base = tl.load(k_table + layer).to(tl.pointer_type(DTYPE)) + b * s_kb + (h // heads_per_kv) * s_kh
+    q_base = _table_pointer(q_table, layer, DTYPE) + b * s_qb + h * s_qh
+    k_base = _table_pointer(k_table, layer, DTYPE) + b * s_kb + (h // heads_per_kv) * s_kh
     scale2 = tl.load(scale_table + layer) * 1.4426950408889634
-    d_in = d < head_dim
-    q_mask = (rows[:, None] < seq_len) & d_in[None, :]
-    query = tl.load(q_base + rows64[:, None] * s_qt + d[None, :], mask=q_mask, other=0.0)
+    d_in = d < HEAD_DIM
+    # Row offsets inside a block stay int32; the block's first row goes into the int64 base.
+    row_offs = tl.arange(0, BLOCK_T)[:, None] * s_qt + d[None, :]
+    q_block = q_base + first_row.to(tl.int64) * s_qt
+    query = tl.load(q_block + row_offs, mask=(rows[:, None] < seq_len) & d_in[None, :], other=0.0)
+    key_offs = tl.arange(0, BLOCK_S)[None, :] * s_kt + d[:, None]
     running_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_T], tl.float32)
     key_ok, bits = key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb
     # Keys before the block are visible to every row of it: no causal test there.
     for start in range(0, first_row, BLOCK_S):
         cols = start + tl.arange(0, BLOCK_S)
-        key_t = tl.load(k_base + cols[None, :].to(tl.int64) * s_kt + d[:, None], mask=d_in[:, None], other=0.0)
+        key_t = tl.load(k_base + tl.cast(start, tl.int64) * s_kt + key_offs, mask=d_in[:, None], other=0.0)
         scores = tl.dot(query, key_t) * scale2
         if MASK_KEYS or SPARSE:
             allowed = _allowed(rows, cols, seq_len, key_ok, bits, s_bitt, False, MASK_KEYS, SPARSE)
@@ -182,11 +202,11 @@ def _teacher_lse_kernel(
     for start in range(first_row, first_row + BLOCK_T, BLOCK_S):
         cols = start + tl.arange(0, BLOCK_S)
         k_mask = (cols[None, :] < seq_len) & d_in[:, None]
-        key_t = tl.load(k_base + cols[None, :].to(tl.int64) * s_kt + d[:, None], mask=k_mask, other=0.0)
+        key_t = tl.load(k_base + tl.cast(start, tl.int64) * s_kt + key_offs, mask=k_mask, other=0.0)
         scores = tl.dot(query, key_t) * scale2
         allowed = _allowed(rows, cols, seq_len, key_ok, bits, s_bitt, True, MASK_KEYS, SPARSE)
         running_max, running_sum = _lse_update(tl.where(allowed, scores, float("-inf")), running_max, running_sum)
-    lse_row = lse_ptr + (layer * tl.num_programs(1) + pid_bh) * seq_len
+    lse_row = lse_ptr + (layer * tl.num_programs(1) + pid_bh).to(tl.int64) * seq_len
     tl.store(lse_row + rows, _finish_lse(running_max, running_sum), mask=rows < seq_len)
 
 
@@ -226,30 +246,22 @@ def _student_lse_kernel(
 
 
 @triton.jit
-def _kl_tile_kernel(
-    q_ptr, k_ptr, w_ptr, q_table, k_table, scale_table, teacher_lse_ptr, student_lse_ptr,
-    key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr, partial_ptr, d_logits_ptr, log2_q_ptr,
-    seq_len, chunk_start, num_idx_heads, num_layers, num_heads, heads_per_kv, head_dim,
-    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt,
-    s_tqb, s_tqh, s_tqt, s_tkb, s_tkh, s_tkt,
-    s_okb, s_bitb, s_bitt, s_gb, s_gt,
-    DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
-    BLOCK_D: tl.constexpr, MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+def _student_tile_kernel(
+    q_ptr, k_ptr, w_ptr, student_lse_ptr, key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr, d_logits_ptr, log2_q_ptr,
+    seq_len, chunk_start, num_idx_heads,
+    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_okb, s_bitb, s_bitt, s_gb, s_gt,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
+    MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):  # fmt: skip
+    """Pass C0: log2 q of one tile, and dI * N = q where gradients are wanted."""
     pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     row_block, col_block = tl.load(tiles_ptr + 2 * pid), tl.load(tiles_ptr + 2 * pid + 1)
     rows = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = col_block * BLOCK_S + tl.arange(0, BLOCK_S)
-    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)  # teacher offsets can exceed 2^31 at long T
     row_in = rows < seq_len
     di = tl.arange(0, BLOCK_DI)
-    d = tl.arange(0, BLOCK_D)
     key_ok, bits = key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb
-    row_ok = tl.load(row_ok_ptr + b * s_okb + rows, mask=row_in, other=0) != 0
-    # Only the head loop's accumulator stays in registers: log2 q and dI live in this tile's slice of the
-    # chunk scratch (L1/L2-resident, touched once per layer), which frees registers for the head loop.
     tile = b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :]
-
     k_t = tl.load(k_ptr + b * s_kb + cols[None, :] * s_kt + di[:, None], mask=cols[None, :] < seq_len, other=0.0)
     logits = _indexer_logits(
         q_ptr + b * s_qb, w_ptr + b * s_wb, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI
@@ -259,43 +271,75 @@ def _kl_tile_kernel(
     log2_q = tl.where(allowed, logits * 1.4426950408889634 - student_lse[:, None], 0.0)
     tl.store(log2_q_ptr + tile, log2_q, mask=row_in[:, None])
     if WRITE_GRAD:
-        # dI * N starts as q; each layer subtracts p_layer / G. The 1/N is applied to the float32
+        # dI * N starts as q; each layer subtracts p_layer / G in pass C1. The 1/N is applied to the float32
         # accumulators of passes D and E (keeps fp16 off subnormals).
+        row_ok = tl.load(row_ok_ptr + b * s_okb + rows, mask=row_in, other=0) != 0
         tl.store(d_logits_ptr + tile, tl.where(allowed & row_ok[:, None], tl.exp2(log2_q), 0.0), mask=row_in[:, None])
 
-    part = partial_ptr + (pid * tl.num_programs(1) + b) * num_layers * 2
-    for layer in range(num_layers):
-        q_base = tl.load(q_table + layer).to(tl.pointer_type(DTYPE)) + b * s_tqb
-        k_base = tl.load(k_table + layer).to(tl.pointer_type(DTYPE)) + b * s_tkb
-        scale2 = tl.load(scale_table + layer) * 1.4426950408889634
-        lse_base = teacher_lse_ptr + (layer * tl.num_programs(1) + b) * num_heads * seq_len
+
+@triton.jit
+def _teacher_tile_kernel(
+    q_table, k_table, scale_table, teacher_lse_ptr, key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr,
+    partial_ptr, p_ptr, d_logits_ptr, log2_q_ptr,
+    seq_len, chunk_start, layer, first_head, num_slab_heads, num_layers, num_heads, heads_per_kv,
+    s_tqb, s_tqh, s_tqt, s_tkb, s_tkh, s_tkt, s_okb, s_bitb, s_bitt, s_gb, s_gt,
+    DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_D_CHUNKS: tl.constexpr, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr,
+    MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):  # fmt: skip
+    """Pass C1: sum over heads [first_head, first_head + num_slab_heads) of one layer's softmax on one tile.
+
+    The head sum must happen on chip, per tile: p_bar is a mean of per-head softmaxes. With head slabs
+    (FIRST/LAST false) the running sum goes through p_ptr between launches.
+    """
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    row_block, col_block = tl.load(tiles_ptr + 2 * pid), tl.load(tiles_ptr + 2 * pid + 1)
+    rows = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = col_block * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_in, col_in = rows < seq_len, cols < seq_len
+    tile = b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :]
+    # int64 bases (a teacher tensor can exceed 2^31 elements at long T); offsets inside a tile stay int32.
+    q_base = _table_pointer(q_table, layer, DTYPE) + b * s_tqb + (row_block * BLOCK_T).to(tl.int64) * s_tqt
+    k_base = _table_pointer(k_table, layer, DTYPE) + b * s_tkb + (col_block * BLOCK_S).to(tl.int64) * s_tkt
+    tile_rows, tile_cols = tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_S)
+    scale2 = tl.load(scale_table + layer) * 1.4426950408889634
+    lse_base = teacher_lse_ptr + ((layer * tl.num_programs(1) + b) * num_heads).to(tl.int64) * seq_len
+    if FIRST:
         p_layer = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
-        # The head sum must happen on chip, per tile: p_bar is a mean of per-head softmaxes.
-        for h in range(num_heads):
-            h64 = tl.cast(h, tl.int64)
-            query = tl.load(
-                q_base + h64 * s_tqh + rows64[:, None] * s_tqt + d[None, :],
-                mask=row_in[:, None] & (d[None, :] < head_dim),
-                other=0.0,
-            )
-            key_t = tl.load(
-                k_base + (h64 // heads_per_kv) * s_tkh + cols64[None, :] * s_tkt + d[:, None],
-                mask=(cols[None, :] < seq_len) & (d[:, None] < head_dim),
-                other=0.0,
-            )
-            lse = tl.load(lse_base + h64 * seq_len + rows, mask=row_in, other=0.0)
-            # Disallowed entries may overflow to inf here; they are replaced by 0 below (no inf - inf occurs).
-            p_layer += tl.exp2(tl.dot(query, key_t) * scale2 - lse[:, None])
+    else:
+        p_layer = tl.load(p_ptr + tile, mask=row_in[:, None], other=0.0)
+    # One flattened loop over (head, channel chunk): the pipeline runs across head boundaries.
+    for h in tl.range(first_head, first_head + num_slab_heads, num_stages=STAGES, flatten=True):
+        h64 = tl.cast(h, tl.int64)
+        q_head = q_base + h64 * s_tqh
+        k_head = k_base + (h64 // heads_per_kv) * s_tkh
+        scores = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
+        for chunk in range(NUM_D_CHUNKS):
+            d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+            q_mask = row_in[:, None] & (d[None, :] < HEAD_DIM)
+            query = tl.load(q_head + tile_rows[:, None] * s_tqt + d[None, :], mask=q_mask, other=0.0)
+            k_mask = col_in[None, :] & (d[:, None] < HEAD_DIM)
+            key_t = tl.load(k_head + tile_cols[None, :] * s_tkt + d[:, None], mask=k_mask, other=0.0)
+            scores = tl.dot(query, key_t, scores)
+        lse = tl.load(lse_base + h64 * seq_len + rows, mask=row_in, other=0.0)
+        # Disallowed entries may overflow to inf here; they are replaced by 0 below (no inf - inf occurs).
+        p_layer += tl.exp2(scores * scale2 - lse[:, None])
+    if LAST:
+        key_ok, bits = key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb
+        row_ok = tl.load(row_ok_ptr + b * s_okb + rows, mask=row_in, other=0) != 0
         allowed = _allowed(rows, cols, seq_len, key_ok, bits, s_bitt, True, MASK_KEYS, SPARSE)
-        valid = allowed & row_ok[:, None]
-        p_layer = tl.where(valid, p_layer / num_heads, 0.0)
+        p_layer = tl.where(allowed & row_ok[:, None], p_layer / num_heads, 0.0)
         p_log2_p = p_layer * tl.log2(tl.where(p_layer > 0, p_layer, 1.0))
         log2_q = tl.load(log2_q_ptr + tile, mask=row_in[:, None], other=0.0)
-        tl.store(part + 2 * layer, tl.sum(tl.sum(p_log2_p, 1), 0))
-        tl.store(part + 2 * layer + 1, tl.sum(tl.sum(p_layer * log2_q, 1), 0))
+        part = partial_ptr + ((pid * tl.num_programs(1) + b) * num_layers + layer) * 2
+        tl.store(part, tl.sum(tl.sum(p_log2_p, 1), 0))
+        tl.store(part + 1, tl.sum(tl.sum(p_layer * log2_q, 1), 0))
         if WRITE_GRAD:
             d_logits = tl.load(d_logits_ptr + tile, mask=row_in[:, None], other=0.0)
             tl.store(d_logits_ptr + tile, d_logits - p_layer / num_layers, mask=row_in[:, None])
+    else:
+        tl.store(p_ptr + tile, p_layer, mask=row_in[:, None])
 
 
 @triton.jit
@@ -366,12 +410,30 @@ def _dk_kernel(
     tl.store(out, tl.load(out, mask=col_in[:, None]) + dk * inv_rows, mask=col_in[:, None])
 
 
+def _aligned(x: Tensor) -> bool:
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+
+
 def _teacher_tables(teachers: list[TeacherInputs]) -> tuple[list[TeacherInputs], Tensor, Tensor, Tensor]:
-    """Pointer tables so one launch reads every served layer without stacking them (stacking copies GiBs)."""
+    """Pointer tables so one launch reads every served layer without stacking them (stacking copies GiBs).
+
+    The kernels read teachers with 16-byte loads from the table's addresses, so those must be 16-byte aligned,
+    with unit stride in D and the same strides in every layer; otherwise each tensor is copied once.
+    """
     first = teachers[0]
     strides = (first.query.stride(), first.key.stride())
-    if any((t.query.stride(), t.key.stride()) != strides or t.query.stride(-1) != 1 for t in teachers):
-        teachers = [TeacherInputs(t.query.contiguous(), t.key.contiguous(), t.scaling) for t in teachers]
+    if any(
+        (t.query.stride(), t.key.stride()) != strides or not (_aligned(t.query) and _aligned(t.key)) for t in teachers
+    ):
+        teachers = [
+            TeacherInputs(
+                torch.empty_like(t.query, memory_format=torch.contiguous_format).copy_(t.query),
+                torch.empty_like(t.key, memory_format=torch.contiguous_format).copy_(t.key),
+                t.scaling,
+                t.logsumexp,
+            )
+            for t in teachers
+        ]
     device = first.query.device
     q_table = torch.tensor([t.query.data_ptr() for t in teachers], dtype=torch.int64, device=device)
     k_table = torch.tensor([t.key.data_ptr() for t in teachers], dtype=torch.int64, device=device)
@@ -395,6 +457,29 @@ def _tile_order(first_block: int, stop_row: int, cfg: FusedConfig, device: torch
     return torch.stack([tile_rows[order], tile_cols[order]], dim=1).int().contiguous()
 
 
+def _teacher_lse(
+    teachers: list[TeacherInputs], tables: tuple[Tensor, Tensor, Tensor], key_ok: Tensor, bits: Tensor,
+    flags: dict, cfg: FusedConfig,
+) -> Tensor:  # fmt: skip
+    """[G, B, H, T] float32 log2-sum-exp2 of each head's scaled scores: the teachers' own, or pass A's."""
+    query, key = teachers[0].query, teachers[0].key
+    batch, num_heads, seq, head_dim = query.shape
+    if all(t.logsumexp is not None for t in teachers):
+        # The attention kernel's natural-log LSE; log2 units are what the kernels' exp2 takes.
+        return torch.stack([t.logsumexp.float() for t in teachers]) * LOG2E
+    q_table, k_table, scales = tables
+    lse = torch.empty(len(teachers), batch, num_heads, seq, dtype=torch.float32, device=query.device)
+    _teacher_lse_kernel[(triton.cdiv(seq, cfg.lse_rows), batch * num_heads, len(teachers))](
+        q_table, k_table, scales, lse, key_ok, bits,
+        seq, num_heads, num_heads // key.shape[1], *query.stride()[:3], *key.stride()[:3],
+        key_ok.stride(0), bits.stride(0), bits.stride(1),
+        DTYPE=_TL_DTYPES[query.dtype], BLOCK_T=cfg.lse_rows, BLOCK_S=cfg.lse_cols,
+        BLOCK_D=triton.next_power_of_2(head_dim), HEAD_DIM=head_dim, **flags,
+        num_warps=cfg.lse_warps, num_stages=cfg.lse_stages,
+    )  # fmt: skip
+    return lse
+
+
 def fused_sums(
     indexer: IndexerOutputs,
     teachers: list[TeacherInputs],
@@ -411,8 +496,6 @@ def fused_sums(
     teachers, q_table, k_table, scales = _teacher_tables(teachers)
     query, key = teachers[0].query, teachers[0].key
     num_layers, num_heads, num_kv_heads, head_dim = len(teachers), query.shape[1], key.shape[1], query.shape[3]
-    dtype = _TL_DTYPES[query.dtype]
-    block_d = triton.next_power_of_2(head_dim)
     device = q.device
     sparse = topk_indices is not None
     mask_keys = not bool(real.all())
@@ -421,16 +504,10 @@ def fused_sums(
     bits = selection_bitmap(topk_indices, real) if sparse else torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
     flags = {"MASK_KEYS": mask_keys, "SPARSE": sparse}
     index_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1))
-    teacher_strides = (query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2))
+    teacher_strides = (*query.stride()[:3], *key.stride()[:3])
     mask_strides = (key_ok.stride(0), bits.stride(0), bits.stride(1))
 
-    teacher_lse = torch.empty(num_layers, batch, num_heads, seq, dtype=torch.float32, device=device)
-    _teacher_lse_kernel[(triton.cdiv(seq, cfg.lse_rows), batch * num_heads, num_layers)](
-        q_table, k_table, scales, teacher_lse, key_ok, bits,
-        seq, num_heads, num_heads // num_kv_heads, head_dim, *teacher_strides, *mask_strides,
-        DTYPE=dtype, BLOCK_T=cfg.lse_rows, BLOCK_S=cfg.lse_cols, BLOCK_D=block_d, **flags,
-        num_warps=cfg.lse_warps, num_stages=cfg.stages,
-    )  # fmt: skip
+    teacher_lse = _teacher_lse(teachers, (q_table, k_table, scales), key_ok, bits, flags, cfg)
     student_lse = torch.empty(batch, seq, dtype=torch.float32, device=device)
     _student_lse_kernel[(triton.cdiv(seq, cfg.lse_rows), batch)](
         q, k, w, student_lse, key_ok, bits, seq, num_idx_heads, *index_strides, *mask_strides,
@@ -438,33 +515,47 @@ def fused_sums(
         num_warps=cfg.lse_warps, num_stages=cfg.stages,
     )  # fmt: skip
 
+    slab = cfg.heads_per_launch if 0 < cfg.heads_per_launch < num_heads else num_heads
+    depth = min(cfg.tile_depth, triton.next_power_of_2(head_dim))
     padded = triton.cdiv(seq, cfg.tile_rows) * cfg.tile_rows
-    buffers = 2 if want_grad else 1  # log2 q, and dI when gradients are wanted
+    buffers = 1 + want_grad + (slab < num_heads)  # log2 q; dI when gradients are wanted; p between head slabs
     chunk_limit = cfg.scratch_bytes // (4 * buffers * batch * padded) // cfg.tile_rows * cfg.tile_rows
     chunk = max(cfg.tile_rows, min(padded, chunk_limit))
     log2_q_scratch = torch.empty(batch, chunk, padded, dtype=torch.float32, device=device)
     scratch = torch.empty_like(log2_q_scratch) if want_grad else log2_q_scratch
+    p_scratch = torch.empty_like(log2_q_scratch) if slab < num_heads else log2_q_scratch
     dq = torch.empty_like(q) if want_grad else None
     dw = torch.empty_like(w) if want_grad else None
     dk = torch.zeros(batch, seq, idx_dim, dtype=torch.float32, device=device) if want_grad else None
     inv_rows = 1.0 / max(num_rows, 1)
+    grad_strides = (scratch.stride(0), scratch.stride(1))
     partial_sums = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
     for chunk_start in range(0, seq, chunk):
         chunk_stop = min(chunk_start + chunk, seq)
         tiles = _tile_order(chunk_start // cfg.tile_rows, chunk_stop, cfg, device)
-        partial = torch.empty(tiles.shape[0], batch, num_layers, 2, dtype=torch.float32, device=device)
-        _kl_tile_kernel[(tiles.shape[0], batch)](
-            q, k, w, q_table, k_table, scales, teacher_lse, student_lse,
-            key_ok, row_ok, bits, tiles, partial, scratch, log2_q_scratch,
-            seq, chunk_start, num_idx_heads, num_layers, num_heads, num_heads // num_kv_heads, head_dim,
-            *index_strides, *teacher_strides, *mask_strides, scratch.stride(0), scratch.stride(1),
-            DTYPE=dtype, BLOCK_T=cfg.tile_rows, BLOCK_S=cfg.tile_cols, BLOCK_DI=idx_dim, BLOCK_D=block_d,
-            WRITE_GRAD=want_grad, **flags, num_warps=cfg.tile_warps, num_stages=cfg.stages,
+        grid = (tiles.shape[0], batch)
+        _student_tile_kernel[grid](
+            q, k, w, student_lse, key_ok, row_ok, bits, tiles, scratch, log2_q_scratch,
+            seq, chunk_start, num_idx_heads, *index_strides, *mask_strides, *grad_strides,
+            BLOCK_T=cfg.tile_rows, BLOCK_S=cfg.tile_cols, BLOCK_DI=idx_dim, WRITE_GRAD=want_grad, **flags,
+            num_warps=cfg.tile_warps, num_stages=cfg.stages,
         )  # fmt: skip
+        partial = torch.empty(tiles.shape[0], batch, num_layers, 2, dtype=torch.float32, device=device)
+        for layer in range(num_layers):
+            for first_head in range(0, num_heads, slab):
+                _teacher_tile_kernel[grid](
+                    q_table, k_table, scales, teacher_lse, key_ok, row_ok, bits, tiles,
+                    partial, p_scratch, scratch, log2_q_scratch,
+                    seq, chunk_start, layer, first_head, min(slab, num_heads - first_head), num_layers, num_heads,
+                    num_heads // num_kv_heads, *teacher_strides, *mask_strides, *grad_strides,
+                    DTYPE=_TL_DTYPES[query.dtype], BLOCK_T=cfg.tile_rows, BLOCK_S=cfg.tile_cols, BLOCK_D=depth,
+                    NUM_D_CHUNKS=triton.cdiv(head_dim, depth), HEAD_DIM=head_dim, STAGES=cfg.tile_stages,
+                    FIRST=first_head == 0, LAST=first_head + slab >= num_heads, WRITE_GRAD=want_grad, **flags,
+                    num_warps=cfg.tile_warps, num_stages=cfg.tile_stages,
+                )  # fmt: skip
         partial_sums += partial.double().sum(dim=(0, 1))
         if not want_grad:
             continue
-        grad_strides = (scratch.stride(0), scratch.stride(1))
         _dq_dw_kernel[(triton.cdiv(chunk_stop - chunk_start, cfg.grad_block), num_idx_heads, batch)](
             q, k, w, scratch, dq, dw, seq, chunk_start, inv_rows, *index_strides, *grad_strides,
             BLOCK_T=cfg.grad_block, BLOCK_DI=idx_dim, num_warps=cfg.grad_warps, num_stages=cfg.stages,
@@ -498,7 +589,7 @@ def fused_multi_layer_kl(
     rows = valid_rows(real, topk_indices)
     # Normalisation: all per-row sums are divided by the number of valid rows (computed once, here).
     num_rows = int(rows.sum())
-    detached = [TeacherInputs(t.query.detach(), t.key.detach(), t.scaling) for t in teachers]
+    detached = [TeacherInputs(t.query.detach(), t.key.detach(), t.scaling, t.logsumexp) for t in teachers]
     want_grad = wants_grad(indexer)
     plain = IndexerOutputs(indexer.q.detach(), indexer.k.detach(), indexer.w.detach())
 

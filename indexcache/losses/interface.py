@@ -28,6 +28,10 @@ class TeacherInputs:
     query: Tensor  # [B, H, T, D] after RoPE, as the attention kernel sees it
     key: Tensor  # [B, H_kv, T, D]
     scaling: float  # the attention's softmax scale
+    # Optional [B, H, T] float32: natural-log log-sum-exp of scaling * q.k over the keys each row sees in this
+    # loss (causal and real; in the sparse variant the row's selected set), as attention kernels return it
+    # (flash-attn's softmax_lse). When every teacher has it, the fused path skips recomputing it (its pass A).
+    logsumexp: Tensor | None = None
 
 
 @dataclass
@@ -66,6 +70,11 @@ def validate_inputs(
         if num_heads % key.shape[1] != 0:
             raise ValueError(
                 f"teachers[{pos}]: H={num_heads} query heads is not a multiple of H_kv={key.shape[1]} key heads"
+            )
+        lse = teacher.logsumexp
+        if lse is not None and tuple(lse.shape) != (batch, num_heads, seq):
+            raise ValueError(
+                f"teachers[{pos}].logsumexp must be [B={batch}, H={num_heads}, T={seq}], got {tuple(lse.shape)}"
             )
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
         raise ValueError(f"attention_mask must be [B, T]={(batch, seq)}, got {tuple(attention_mask.shape)}")
