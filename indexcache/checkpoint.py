@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from indexcache.distributed import DistInfo, barrier
+from indexcache.fsutil import fsync_dir
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step_"
@@ -52,14 +53,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointManager:
@@ -96,11 +89,11 @@ class CheckpointManager:
                 json.dump(asdict(state), fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(self.root / tmp_tag)
+            fsync_dir(self.root / tmp_tag)
             if final.exists():  # a re-run of the same step after a resume: replace it
                 shutil.rmtree(final)
             os.rename(self.root / tmp_tag, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._prune()
         barrier()
         return final

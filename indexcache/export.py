@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from indexcache.fsutil import fsync_dir
 from indexcache.pattern import IndexCachePattern
 from indexcache.safetensors_io import NewTensor, ShardHeader, TensorInfo, write_safetensors
 from indexcache.validate_export import (
@@ -113,7 +114,7 @@ def export_checkpoint(
         _write_text(staging / "README.md", _model_card(source, pattern, model_type, keep_shared, summary))
         _copy_side_files(source_dir, staging)
         validate_export(staging, source_dir)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         _move_into_place(staging, target_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -358,14 +359,6 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move_into_place(staging: Path, target_dir: Path, overwrite: bool) -> None:
     if not (target_dir.exists() or target_dir.is_symlink()):
         os.rename(staging, target_dir)
@@ -385,4 +378,4 @@ def _move_into_place(staging: Path, target_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(aside)
         except OSError as err:  # the new export is in place; only the old copy's space is lost
             logger.warning("replaced %s but could not delete its old copy %s: %s", target_dir, aside, err)
-    _fsync_dir(target_dir.parent)
+    fsync_dir(target_dir.parent)

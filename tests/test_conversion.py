@@ -25,16 +25,15 @@ from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_po
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from indexcache.export import export_checkpoint
+from indexcache.model.convert import DsaIndexConfig, convert_dense_to_dsa, write_dsa_folder
 from indexcache.model.glm4_moe_lite import convert_glm4_moe_lite_to_dsa, interleave_permutation
 from indexcache.model.llama_dsa import (
-    DsaIndexConfig,
     LlamaDsaAttention,
     LlamaDsaForCausalLM,
     SharedTopk,
     convert_llama_to_dsa,
     load_llama_dsa,
     tiny_llama_dsa_config,
-    write_dsa_folder,
 )
 from indexcache.model.registry import get_family
 from indexcache.model.tiny import TINY_DSA_DIMS
@@ -389,3 +388,35 @@ def test_glm4_moe_lite_conversion_keeps_dtype_and_refuses_what_it_cannot_convert
     with pytest.raises(ValueError, match="index_rope_head_dim=8"):
         convert_glm4_moe_lite_to_dsa(tiny_glm4_moe_lite(True), tmp_path / "rope", DsaIndexConfig(8, 4, 32, 8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16"]
+
+
+# ---- dispatch on the source model_type ------------------------------------------------------------------------------
+def test_convert_dense_to_dsa_dispatches_on_the_source_model_type(tmp_path: Path):
+    llama = _saved(tiny_dense_llama(), tmp_path / "llama")
+    glm = _saved(tiny_glm4_moe_lite(rope_interleave=False), tmp_path / "glm")
+    glm_index = DsaIndexConfig(64, 4, 32)
+    pairs = [
+        (
+            convert_dense_to_dsa(llama, tmp_path / "a", DENSE_INDEX),
+            convert_llama_to_dsa(llama, tmp_path / "b", DENSE_INDEX),
+        ),
+        (
+            convert_dense_to_dsa(glm, tmp_path / "c", glm_index),
+            convert_glm4_moe_lite_to_dsa(glm, tmp_path / "d", glm_index),
+        ),
+    ]
+    for dispatched, direct in pairs:  # the same folder as the family's own converter writes
+        assert json.loads((dispatched / "config.json").read_text()) == json.loads((direct / "config.json").read_text())
+        expected = stored_tensors(direct)
+        got = stored_tensors(dispatched)
+        assert got.keys() == expected.keys() and all(torch.equal(got[name], expected[name]) for name in expected)
+
+    (tmp_path / "dsa").mkdir()
+    (tmp_path / "dsa" / "config.json").write_text(json.dumps({"model_type": "glm_moe_dsa"}))
+    with pytest.raises(
+        ValueError, match=r"model_type='glm_moe_dsa': dense-to-DSA conversion supports glm4_moe_lite, llama$"
+    ):
+        convert_dense_to_dsa(tmp_path / "dsa", tmp_path / "never", DENSE_INDEX)
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        convert_dense_to_dsa(tmp_path / "missing", tmp_path / "never", DENSE_INDEX)
+    assert not (tmp_path / "never").exists()

@@ -17,8 +17,13 @@ from indexcache.model.indexer import (
 )
 from indexcache.model.tiny import tiny_model
 
-TRAINABLE = {"glm_moe_dsa": TrainableGlmMoeDsaIndexer, "deepseek_v32": TrainableDeepseekV32Indexer}
-OTHER_FAMILY = {"glm_moe_dsa": "deepseek_v32", "deepseek_v32": "glm_moe_dsa"}
+# llama's indexer is transformers' DeepseekV32Indexer (see llama_dsa.py), so it trains as one.
+TRAINABLE = {
+    "glm_moe_dsa": TrainableGlmMoeDsaIndexer,
+    "deepseek_v32": TrainableDeepseekV32Indexer,
+    "llama": TrainableDeepseekV32Indexer,
+}
+OTHER_FAMILY = {"glm_moe_dsa": "deepseek_v32", "deepseek_v32": "glm_moe_dsa", "llama": "glm_moe_dsa"}
 
 
 def random_indexer_inputs(batch: int = 2, seq: int = 19, heads: int = 3, dim: int = 8, seed: int = 0):
@@ -128,7 +133,7 @@ def assert_same_sets_up_to_ties(ours, stock, scores, visible, tol: float = 1e-4)
             assert abs(scores[b, t, s].item() - kth) <= tol * max(1.0, abs(kth)), (b, t, s)
 
 
-@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "deepseek_v32"])
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "deepseek_v32", "llama"])
 def test_trainable_indexer_selects_the_stock_topk(model_type: str):
     model = tiny_model(model_type, seed=1)
     model.set_attn_implementation("eager")

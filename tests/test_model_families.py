@@ -1,4 +1,7 @@
-"""IndexCacheModel on the tiny DSA families: parity with stock transformers, gradient isolation, losses, padding."""
+"""IndexCacheModel on every family's tiny model: parity with the stock model, gradient isolation, losses, padding.
+
+llama is our DSA llama (`llama_dsa.LlamaDsaForCausalLM`), its "stock" model the one the family builds and loads.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from indexcache.pattern import IndexCachePattern
 
 SEQ, PADDED_LEN = 24, 17  # SEQ > index_topk = 8, so sparse attention differs from dense
 INDEXER_PARAMS = ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"]
-FAMILIES = ["glm_moe_dsa", "deepseek_v32"]
+FAMILIES = ["glm_moe_dsa", "deepseek_v32", "llama"]
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +32,7 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def stock_model(model_type: str, pattern: str | None = None, **overrides) -> nn.Module:
-    """The tiny stock model (eager attention); for GLM with `pattern`, built by transformers with that pattern."""
+    """The tiny stock model (eager attention); with `pattern` (GLM, llama), built from a config with that pattern."""
     all_full = tiny_model(model_type, **overrides)
     all_full.set_attn_implementation("eager")
     if pattern is None:
@@ -61,14 +64,15 @@ def kl_calls(monkeypatch: pytest.MonkeyPatch) -> list[SimpleNamespace]:
 
 
 def test_unknown_model_type_names_the_known_families():
-    with pytest.raises(ValueError, match="deepseek_v32, glm_moe_dsa"):
+    with pytest.raises(ValueError, match="deepseek_v32, glm_moe_dsa, llama"):
         get_family("llama_moe_dsa_v9")
     with pytest.raises(ValueError, match="already registered"):
         register_family(get_family("glm_moe_dsa"))
 
 
 @pytest.mark.parametrize(
-    ("model_type", "pattern"), [("glm_moe_dsa", "FFFF"), ("glm_moe_dsa", "FSSF"), ("deepseek_v32", "FFFF")]
+    ("model_type", "pattern"),
+    [("glm_moe_dsa", "FFFF"), ("glm_moe_dsa", "FSSF"), ("deepseek_v32", "FFFF"), ("llama", "FFFF"), ("llama", "FSSF")],
 )
 def test_sparse_logits_equal_stock_eager(model_type: str, pattern: str):
     input_ids, attention_mask = batch()
@@ -130,7 +134,8 @@ def test_dense_logits_and_teachers_equal_stock_dense(model_type: str, kl_calls: 
     assert len(teachers) == 4 and all(call.topk is None for call in kl_calls)
     visible = torch.ones(SEQ, SEQ, dtype=torch.bool).tril() & attention_mask.bool()[:, None, None, :]
     for teacher, stock_probs in zip(teachers, expected.attentions, strict=True):
-        scores = teacher.query @ teacher.key.transpose(-1, -2) * teacher.scaling
+        key = teacher.key.repeat_interleave(teacher.query.shape[1] // teacher.key.shape[1], dim=1)  # GQA (llama)
+        scores = teacher.query @ key.transpose(-1, -2) * teacher.scaling
         probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
         torch.testing.assert_close(probs, stock_probs, rtol=1e-5, atol=1e-6)
     # Dense attention never reads the top-k, so the indexers skip it.
@@ -138,7 +143,8 @@ def test_dense_logits_and_teachers_equal_stock_dense(model_type: str, kl_calls: 
 
 
 @pytest.mark.parametrize(
-    ("model_type", "mode"), [("glm_moe_dsa", "dense"), ("glm_moe_dsa", "sparse"), ("deepseek_v32", "sparse")]
+    ("model_type", "mode"),
+    [("glm_moe_dsa", "dense"), ("glm_moe_dsa", "sparse"), ("deepseek_v32", "sparse"), ("llama", "sparse")],
 )
 def test_kl_gradients_reach_only_f_layer_indexers(model_type: str, mode: str, kl_calls: list[SimpleNamespace]):
     model = wrapped(model_type, "FSSF", mode=mode)
@@ -158,8 +164,9 @@ def test_kl_gradients_reach_only_f_layer_indexers(model_type: str, mode: str, kl
         assert all(not t.query.requires_grad and not t.key.requires_grad for t in call.teachers)
 
 
-def test_sparse_lm_loss_trains_the_base_and_kl_trains_the_indexers():
-    model = wrapped("glm_moe_dsa", "FSSF", mode="sparse")
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_sparse_lm_loss_trains_the_base_and_kl_trains_the_indexers(model_type: str):
+    model = wrapped(model_type, "FSSF", mode="sparse")
     model.lm_weight = 0.5
     input_ids, attention_mask = batch()
     out = model(input_ids, attention_mask, labels=input_ids, with_lm_loss=True)
@@ -182,7 +189,8 @@ def test_sparse_lm_loss_trains_the_base_and_kl_trains_the_indexers():
 
 
 @pytest.mark.parametrize(
-    ("model_type", "mode"), [("glm_moe_dsa", "dense"), ("glm_moe_dsa", "sparse"), ("deepseek_v32", "sparse")]
+    ("model_type", "mode"),
+    [("glm_moe_dsa", "dense"), ("glm_moe_dsa", "sparse"), ("deepseek_v32", "sparse"), ("llama", "sparse")],
 )
 def test_group_losses_equal_reference_on_captured_tensors(model_type: str, mode: str, kl_calls: list[SimpleNamespace]):
     pattern = IndexCachePattern("FSSF")
@@ -213,7 +221,9 @@ def test_group_losses_equal_reference_on_captured_tensors(model_type: str, mode:
     assert len(out.metrics) == len(pattern.full_layers) + 2 * pattern.num_layers
 
 
-@pytest.mark.parametrize(("model_type", "mode"), [("glm_moe_dsa", "sparse"), ("deepseek_v32", "dense")])
+@pytest.mark.parametrize(
+    ("model_type", "mode"), [("glm_moe_dsa", "sparse"), ("deepseek_v32", "dense"), ("llama", "sparse")]
+)
 def test_right_padding_equals_the_unpadded_sequences(model_type: str, mode: str):
     model = wrapped(model_type, "FSSF", mode=mode)
     input_ids, attention_mask = batch()
@@ -233,10 +243,12 @@ def test_right_padding_equals_the_unpadded_sequences(model_type: str, mode: str)
     assert not padded.lm_loss.requires_grad  # reported only: with_lm_loss was not asked for
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_left_padding_rows_without_keys_stay_finite(mode: str):
+@pytest.mark.parametrize(
+    ("model_type", "mode"), [("glm_moe_dsa", "dense"), ("glm_moe_dsa", "sparse"), ("llama", "sparse")]
+)
+def test_left_padding_rows_without_keys_stay_finite(model_type: str, mode: str):
     # Left-padded query rows see no key at all; they must not turn into NaNs that leak into real rows' gradients.
-    model = wrapped("glm_moe_dsa", "FSSF", mode=mode)
+    model = wrapped(model_type, "FSSF", mode=mode)
     input_ids, _ = batch()
     attention_mask = torch.ones(2, SEQ, dtype=torch.long)
     attention_mask[1, :5] = 0
@@ -277,14 +289,26 @@ def test_glm_pattern_uses_stock_sharing_and_revives_f_layers_with_their_weights(
     assert all(revived[name] is original[name] for name in original)
 
 
-def test_deepseek_v32_pattern_puts_parameter_free_stand_ins_on_s_layers():
-    model = wrapped("deepseek_v32", "FSSF")
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "llama"])
+def test_pattern_puts_parameter_free_stand_ins_on_s_layers(model_type: str):
+    model = wrapped(model_type, "FFFF")
+    original = dict(model.indexer_parameters())
+    model.apply_pattern(IndexCachePattern("FSSF"))
     indexers = [layer.self_attn.indexer for layer in model.hf_model.model.layers]
     assert [isinstance(ix, SharedIndexer) for ix in indexers] == [False, True, True, False]
     assert [ix.owner_idx for ix in indexers[1:3]] == [0, 0]
     assert not any(".layers.1.self_attn.indexer" in name for name, _ in model.hf_model.named_parameters())
+
+    model.apply_pattern(IndexCachePattern("FFFF"))  # S layers become F again with their own weights
+    revived = dict(model.indexer_parameters())
+    assert revived.keys() == original.keys()
+    assert all(revived[name] is original[name] for name in original)
+
+
+def test_only_deepseek_v32_exports_keep_shared_indexer_tensors():
     assert get_family("deepseek_v32").keeps_shared_indexer_tensors
     assert not get_family("glm_moe_dsa").keeps_shared_indexer_tensors
+    assert not get_family("llama").keeps_shared_indexer_tensors
 
 
 def test_pattern_errors_are_user_errors():
@@ -293,13 +317,20 @@ def test_pattern_errors_are_user_errors():
         model.apply_pattern(IndexCachePattern("FSS"))
     with pytest.raises(ValueError, match="mode='banana' is unknown"):
         model.mode = "banana"
-    # A GLM checkpoint exported with S layers has no indexer weights there to start F layers from.
-    exported = tiny_model("glm_moe_dsa", indexer_types=["full", "shared", "full", "shared"])
+
+
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "llama"])
+def test_f_layers_need_indexer_weights_in_the_checkpoint(model_type: str):
+    # A checkpoint exported with S layers has no indexer weights there to start F layers from.
+    exported = tiny_model(model_type, indexer_types=["full", "shared", "full", "shared"])
     with pytest.raises(ValueError, match=r"makes layers \[1, 3\] F"):
         IndexCacheModel(exported, IndexCachePattern("FFFF"))
+    model = IndexCacheModel(exported, IndexCachePattern("FSFS"))
+    assert model.hf_model.config.indexer_types == ["full", "shared", "full", "shared"]
 
 
-def test_backend_refuses_to_run_outside_the_wrapper():
-    model = wrapped("glm_moe_dsa", "FFFF")
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_backend_refuses_to_run_outside_the_wrapper(model_type: str):
+    model = wrapped(model_type, "FFFF")
     with pytest.raises(RuntimeError, match=r"only inside IndexCacheModel\.forward"):
         model.hf_model(batch()[0], use_cache=False)

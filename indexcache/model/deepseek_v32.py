@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer
 
-from indexcache.model.indexer import TrainableDeepseekV32Indexer, to_trainable
-from indexcache.model.registry import ModelFamily, SharedIndexerFactory, register_family
+from indexcache.model.families_common import decoder_attentions, indexer_installer, swap_in_stand_ins
+from indexcache.model.indexer import TrainableDeepseekV32Indexer
+from indexcache.model.registry import ModelFamily, register_family
 from indexcache.model.tiny import TINY_DSA_DIMS
-from indexcache.pattern import IndexCachePattern
 
 
 def tiny_deepseek_v32_config(**overrides: object) -> DeepseekV32Config:
@@ -36,40 +36,15 @@ def _load(path: str | os.PathLike[str], dtype: torch.dtype) -> PreTrainedModel:
     return DeepseekV32ForCausalLM.from_pretrained(path, dtype=dtype)
 
 
-def dsa_attentions(model: PreTrainedModel) -> list[nn.Module]:
-    return [layer.self_attn for layer in model.model.layers[: model.config.num_hidden_layers]]
-
-
-def _install_indexers(model: PreTrainedModel) -> dict[int, nn.Module]:
-    pool: dict[int, nn.Module] = {}
-    for layer_idx, attention in enumerate(dsa_attentions(model)):
-        attention.indexer = to_trainable(attention.indexer, TrainableDeepseekV32Indexer)
-        pool[layer_idx] = attention.indexer
-    return pool
-
-
-def _apply_pattern(
-    model: PreTrainedModel,
-    pattern: IndexCachePattern,
-    indexers: dict[int, nn.Module],
-    shared_indexer: SharedIndexerFactory,
-) -> None:
-    for layer_idx, attention in enumerate(dsa_attentions(model)):
-        if pattern.is_full(layer_idx):
-            attention.indexer = indexers[layer_idx]
-        else:
-            attention.indexer = shared_indexer(layer_idx, pattern.owner(layer_idx))
-
-
 DEEPSEEK_V32 = register_family(
     ModelFamily(
         model_type="deepseek_v32",
         build=_build,
         load=_load,
         tiny_config=tiny_deepseek_v32_config,
-        dsa_attentions=dsa_attentions,
-        install_indexers=_install_indexers,
-        apply_pattern=_apply_pattern,
+        dsa_attentions=decoder_attentions,
+        install_indexers=indexer_installer(DeepseekV32Indexer, TrainableDeepseekV32Indexer),
+        apply_pattern=swap_in_stand_ins,
         keeps_shared_indexer_tensors=True,
     )
 )

@@ -43,7 +43,9 @@ def indexer_installer(
     return install
 
 
-def record_pattern_in_config(model: PreTrainedModel, pattern: IndexCachePattern, indexers: dict[int, nn.Module]) -> None:
+def record_pattern_in_config(
+    model: PreTrainedModel, pattern: IndexCachePattern, indexers: dict[int, nn.Module]
+) -> None:
     """For families whose config lists `indexer_types`: check every F layer has indexer weights, then record it.
 
     The config then describes the live model (a `save_pretrained` of it rebuilds the same sharing).

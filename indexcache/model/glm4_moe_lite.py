@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor
 from transformers import Glm4MoeLiteConfig, GlmMoeDsaConfig, PreTrainedModel
 
-from indexcache.model.llama_dsa import DsaIndexConfig, base_dtype, init_indexer_tensors, write_dsa_folder
+from indexcache.model.convert import DsaIndexConfig, base_dtype, init_indexer_tensors, source_folder, write_dsa_folder
 
 __all__ = [
     "GLM4_MOE_LITE_INDEX",
@@ -139,12 +138,7 @@ def convert_glm4_moe_lite_to_dsa(
     Streams shard by shard (GLM-4.7-Flash needs no RAM beyond one shard, and none at all when rope_interleave is
     true); indexers are freshly initialised in the base weights' dtype. Atomic; `out_dir` must not exist.
     """
-    with tempfile.TemporaryDirectory(prefix="indexcache-glm-src-") as scratch:
-        if isinstance(model_or_path, PreTrainedModel):
-            model_or_path.save_pretrained(scratch)
-            source_dir = Path(scratch)
-        else:
-            source_dir = Path(model_or_path)
+    with source_folder(model_or_path) as source_dir:
         source = Glm4MoeLiteConfig.from_pretrained(source_dir)
         config = glm_moe_dsa_config(source, index_cfg)
         std = index_cfg.init_std or source.initializer_range

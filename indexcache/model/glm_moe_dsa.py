@@ -18,8 +18,10 @@ import os
 import torch
 from torch import nn
 from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaIndexer
 
-from indexcache.model.indexer import TrainableGlmMoeDsaIndexer, to_trainable
+from indexcache.model.families_common import decoder_attentions, indexer_installer, record_pattern_in_config
+from indexcache.model.indexer import TrainableGlmMoeDsaIndexer
 from indexcache.model.registry import ModelFamily, SharedIndexerFactory, register_family
 from indexcache.model.tiny import TINY_DSA_DIMS
 from indexcache.pattern import IndexCachePattern
@@ -40,34 +42,14 @@ def _load(path: str | os.PathLike[str], dtype: torch.dtype) -> PreTrainedModel:
     return GlmMoeDsaForCausalLM.from_pretrained(path, dtype=dtype)
 
 
-def dsa_attentions(model: PreTrainedModel) -> list[nn.Module]:
-    return [layer.self_attn for layer in model.model.layers[: model.config.num_hidden_layers]]
-
-
-def _install_indexers(model: PreTrainedModel) -> dict[int, nn.Module]:
-    pool: dict[int, nn.Module] = {}
-    for layer_idx, attention in enumerate(dsa_attentions(model)):
-        # An IndexCache export has no indexer on its S layers: nothing to train there.
-        if attention.indexer is not None:
-            attention.indexer = to_trainable(attention.indexer, TrainableGlmMoeDsaIndexer)
-            pool[layer_idx] = attention.indexer
-    return pool
-
-
 def _apply_pattern(
     model: PreTrainedModel,
     pattern: IndexCachePattern,
     indexers: dict[int, nn.Module],
     shared_indexer: SharedIndexerFactory,
 ) -> None:
-    missing = [layer for layer in pattern.full_layers if layer not in indexers]
-    if missing:
-        raise ValueError(
-            f"pattern {pattern} makes layers {missing} F, but the checkpoint has no indexer weights for them: "
-            "use a pattern whose F layers are F in the checkpoint's config.indexer_types"
-        )
-    model.config.indexer_types = pattern.to_indexer_types()
-    for layer_idx, attention in enumerate(dsa_attentions(model)):
+    record_pattern_in_config(model, pattern, indexers)
+    for layer_idx, attention in enumerate(decoder_attentions(model)):
         full = pattern.is_full(layer_idx)
         attention.skip_topk = not full
         attention.indexer = indexers[layer_idx] if full else None
@@ -79,8 +61,8 @@ GLM_MOE_DSA = register_family(
         build=_build,
         load=_load,
         tiny_config=tiny_glm_moe_dsa_config,
-        dsa_attentions=dsa_attentions,
-        install_indexers=_install_indexers,
+        dsa_attentions=decoder_attentions,
+        install_indexers=indexer_installer(GlmMoeDsaIndexer, TrainableGlmMoeDsaIndexer),
         apply_pattern=_apply_pattern,
         keeps_shared_indexer_tensors=False,
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ __all__ = [
     "IndexerSelection",
     "TrainableDeepseekV32Indexer",
     "TrainableGlmMoeDsaIndexer",
+    "TrainableIndexer",
     "index_scores",
     "indexer_outputs",
     "key_padding_mask",
@@ -160,38 +161,20 @@ def indexer_outputs(
     return IndexerOutputs(q=q, k=k, w=w)
 
 
-def _select(
-    indexer: GlmMoeDsaIndexer | DeepseekV32Indexer,
-    hidden_states: Tensor,
-    q_resid: Tensor,
-    position_embeddings: tuple[Tensor, Tensor],
-    attention_mask: Tensor | None,
-    past_key_values: object | None,
-    rope: RopeFn,
-) -> IndexerSelection:
-    if past_key_values is not None:
-        raise ValueError("trainable indexers run on whole sequences only: call the model with use_cache=False")
-    outputs = indexer_outputs(indexer, hidden_states, q_resid, position_embeddings, rope)
-    topk_indices = None
-    if indexer.compute_topk:
-        topk_indices = select_topk(
-            outputs.q, outputs.k, outputs.w, key_padding_mask(attention_mask), indexer.index_topk, indexer.chunk_size
-        )
-    return IndexerSelection(layer_idx=indexer.layer_idx, outputs=outputs, topk_indices=topk_indices)
-
-
-class TrainableGlmMoeDsaIndexer(GlmMoeDsaIndexer):
-    """GLM-MoE-DSA indexer that can be trained; parameters and their names are the stock ones.
+class TrainableIndexer:
+    """What makes a stock HF indexer trainable; mixed in before the stock class, whose parameters and names it keeps.
 
     Differs from the stock forward, and why:
     - differentiable (the stock one runs under no_grad): it is what IndexCache trains;
     - its inputs are detached, so the KL reaches only the indexer and the LM loss never reaches it;
-    - returns an `IndexerSelection`: the `IndexerOutputs` (q after interleaved RoPE [B, T, H_I, D_I], k [B, T, D_I],
+    - returns an `IndexerSelection`: the `IndexerOutputs` (q after RoPE [B, T, H_I, D_I], k [B, T, D_I],
       w [B, T, H_I] with softmax_scale * H_I^-0.5 folded in) the loss needs, plus the top-k indices computed from
       the same scores (int64, -1 for missing keys; skipped when `compute_topk` is False, e.g. in dense warm-up);
     - no KV cache: training and evaluation run whole sequences.
+    A subclass names only its family's RoPE function (`rope`, the stock indexer's layout).
     """
 
+    rope: ClassVar[RopeFn]
     compute_topk: bool = True
     chunk_size: int = 1024  # query rows per top-k chunk
 
@@ -204,39 +187,27 @@ class TrainableGlmMoeDsaIndexer(GlmMoeDsaIndexer):
         position_ids: Tensor | None = None,
         past_key_values: object | None = None,
     ) -> IndexerSelection:
-        return _select(
-            self,
-            hidden_states,
-            q_resid,
-            position_embeddings,
-            attention_mask,
-            past_key_values,
-            apply_rotary_pos_emb_interleave,
-        )
+        if past_key_values is not None:
+            raise ValueError("trainable indexers run on whole sequences only: call the model with use_cache=False")
+        outputs = indexer_outputs(self, hidden_states, q_resid, position_embeddings, self.rope)
+        topk_indices = None
+        if self.compute_topk:
+            topk_indices = select_topk(
+                outputs.q, outputs.k, outputs.w, key_padding_mask(attention_mask), self.index_topk, self.chunk_size
+            )
+        return IndexerSelection(layer_idx=self.layer_idx, outputs=outputs, topk_indices=topk_indices)
 
 
-class TrainableDeepseekV32Indexer(DeepseekV32Indexer):
-    """DeepSeek-V3.2 indexer that can be trained; parameters and their names are the stock ones.
+class TrainableGlmMoeDsaIndexer(TrainableIndexer, GlmMoeDsaIndexer):
+    """GLM-MoE-DSA indexer that can be trained (see `TrainableIndexer`); interleaved RoPE, as its stock forward."""
 
-    Identical to `TrainableGlmMoeDsaIndexer` except for the RoPE layout: DeepSeek-V3.2's indexer uses the
-    half-split (non-interleaved) RoPE, as its stock forward does.
-    """
+    rope = staticmethod(apply_rotary_pos_emb_interleave)
 
-    compute_topk: bool = True
-    chunk_size: int = 1024  # query rows per top-k chunk
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        q_resid: Tensor,
-        position_embeddings: tuple[Tensor, Tensor],
-        attention_mask: Tensor | None,
-        position_ids: Tensor | None = None,
-        past_key_values: object | None = None,
-    ) -> IndexerSelection:
-        return _select(
-            self, hidden_states, q_resid, position_embeddings, attention_mask, past_key_values, apply_rotary_pos_emb
-        )
+class TrainableDeepseekV32Indexer(TrainableIndexer, DeepseekV32Indexer):
+    """DeepSeek-V3.2 indexer that can be trained (see `TrainableIndexer`); half-split RoPE, as its stock forward."""
+
+    rope = staticmethod(apply_rotary_pos_emb)
 
 
 def to_trainable(stock: nn.Module, trainable_class: type[IndexerT]) -> IndexerT:

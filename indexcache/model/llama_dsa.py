@@ -24,25 +24,18 @@ makes transformers' cache keep the indexer keys during generation). Base tensors
 indexer tensors sit in their own shard. Stock `LlamaForCausalLM` still loads the folder (it ignores the indexer);
 `load_llama_dsa` rebuilds the DSA model.
 
-The conversion helpers `DsaIndexConfig`, `init_indexer_tensors` and `write_dsa_folder` are shared with
-`glm4_moe_lite.py`.
+The conversion machinery (`DsaIndexConfig`, `init_indexer_tensors`, `write_dsa_folder`) lives in `convert.py`,
+shared with `glm4_moe_lite.py`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import struct
-import tempfile
-from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import (
     LlamaConfig,
@@ -54,205 +47,31 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, eager_attention_forward
 
-from indexcache.model.indexer import TrainableDeepseekV32Indexer, to_trainable
+from indexcache.model.convert import DsaIndexConfig, base_dtype, init_indexer_tensors, source_folder, write_dsa_folder
+from indexcache.model.families_common import (
+    decoder_attentions,
+    indexer_installer,
+    record_pattern_in_config,
+    swap_in_stand_ins,
+)
+from indexcache.model.indexer import TrainableDeepseekV32Indexer
 from indexcache.model.registry import ModelFamily, SharedIndexerFactory, register_family
 from indexcache.pattern import IndexCachePattern
 
 __all__ = [
     "SMOLLM2_INDEX",
-    "DsaIndexConfig",
     "LlamaDsaAttention",
     "LlamaDsaForCausalLM",
     "LlamaIndexerConfig",
-    "base_dtype",
+    "SharedTopk",
     "convert_llama_to_dsa",
-    "init_indexer_tensors",
     "llama_dsa_config",
     "load_llama_dsa",
-    "make_shareable",
     "tiny_llama_dsa_config",
-    "write_dsa_folder",
 ]
 
 INDEX_KEYS = ("index_topk", "index_n_heads", "index_head_dim", "index_rope_head_dim")
-INDEXER_SHARD = "model-indexer.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-CONVERSION_RECORD = "indexcache_conversion.json"
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-# ---- conversion helpers shared by the dense-to-DSA families ---------------------------------------------------------
-@dataclass(frozen=True)
-class DsaIndexConfig:
-    """Shape and initialisation of the lightning indexers a dense-to-DSA conversion adds.
-
-    index_rope_head_dim: roped indexer dims. None = the family's default (llama: index_head_dim // 2; glm4_moe_lite:
-        the model's qk_rope_head_dim, the only value transformers' glm_moe_dsa supports).
-    init_std: std of the normal init of wq_b / wk / weights_proj (k_norm starts at the identity). None = the
-        source config's initializer_range, what transformers would use.
-    seed: the indexers' init is a function of (seed, shapes) only, so a conversion is reproducible.
-    """
-
-    index_topk: int
-    index_n_heads: int
-    index_head_dim: int
-    index_rope_head_dim: int | None = None
-    init_std: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("index_topk", "index_n_heads", "index_head_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} is invalid: use a positive integer")
-        rope = self.index_rope_head_dim
-        if rope is not None and (rope < 2 or rope % 2 or rope > self.index_head_dim):
-            raise ValueError(
-                f"index_rope_head_dim={rope} is invalid: use an even number in [2, {self.index_head_dim}] "
-                "(the indexer's width)"
-            )
-        if self.init_std is not None and self.init_std <= 0:
-            raise ValueError(f"init_std={self.init_std} is invalid: use a positive std (or None)")
-
-
 SMOLLM2_INDEX = DsaIndexConfig(index_topk=256, index_n_heads=4, index_head_dim=64, index_rope_head_dim=32)
-
-
-def init_indexer_tensors(
-    num_layers: int,
-    hidden_size: int,
-    q_input_size: int,
-    index_cfg: DsaIndexConfig,
-    std: float,
-    dtype: torch.dtype,
-) -> dict[str, Tensor]:
-    """Freshly initialised indexer tensors of every layer, under their checkpoint names.
-
-    Linear weights ~ N(0, std) (transformers' own Linear init), k_norm = identity LayerNorm. Drawn in float32 from
-    one seeded generator in a fixed order, then cast, so the same (seed, shapes) give the same tensors in any dtype.
-    """
-    generator = torch.Generator().manual_seed(index_cfg.seed)
-    heads, width = index_cfg.index_n_heads, index_cfg.index_head_dim
-
-    def normal(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=generator).mul_(std).to(dtype)
-
-    tensors: dict[str, Tensor] = {}
-    for layer in range(num_layers):
-        prefix = f"model.layers.{layer}.self_attn.indexer"
-        tensors[f"{prefix}.wq_b.weight"] = normal(heads * width, q_input_size)
-        tensors[f"{prefix}.wk.weight"] = normal(width, hidden_size)
-        tensors[f"{prefix}.k_norm.weight"] = torch.ones(width, dtype=dtype)
-        tensors[f"{prefix}.k_norm.bias"] = torch.zeros(width, dtype=dtype)
-        tensors[f"{prefix}.weights_proj.weight"] = normal(heads, hidden_size)
-    return tensors
-
-
-# (tensor name) -> a function rewriting that tensor, or None to copy it unchanged.
-TensorRewrite = Callable[[str], Callable[[Tensor], Tensor] | None]
-
-
-def write_dsa_folder(
-    source_dir: Path,
-    out_dir: Path,
-    config: PretrainedConfig,
-    indexer_tensors: Mapping[str, Tensor],
-    record: dict,
-    rewrite: TensorRewrite | None = None,
-) -> Path:
-    """Write a converted checkpoint atomically: source shards + an indexer shard + `config` + index + `record`.
-
-    Shards in which `rewrite` changes nothing are copied byte for byte (streamed: a 60 GB checkpoint needs no RAM);
-    the others are rewritten one at a time. Every other top-level file of the source (tokenizer, generation config,
-    chat template) is copied. A source saved as one `model.safetensors` is copied as `model-base.safetensors`, since
-    transformers would read a lone `model.safetensors` and never see the index that lists the indexer shard.
-    """
-    source_dir, out_dir = Path(source_dir), Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists: choose a new output folder (conversions never overwrite)")
-    shards = _source_shards(source_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Same filesystem as the target, so the final rename is atomic: readers never see a half-written folder.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        weight_map: dict[str, str] = {}
-        total_size = 0
-        for shard in shards:
-            target_name = "model-base.safetensors" if shard.name == "model.safetensors" else shard.name
-            sizes = _tensor_nbytes(shard)
-            overlap = sorted(set(sizes) & set(indexer_tensors))
-            if overlap:
-                raise ValueError(f"{source_dir} already holds indexer tensors (e.g. {overlap[0]}): it is not dense")
-            _copy_shard(shard, staging / target_name, rewrite)
-            weight_map.update(dict.fromkeys(sizes, target_name))
-            total_size += sum(sizes.values())
-        save_file(
-            {name: t.contiguous() for name, t in indexer_tensors.items()}, staging / INDEXER_SHARD, {"format": "pt"}
-        )
-        weight_map.update(dict.fromkeys(indexer_tensors, INDEXER_SHARD))
-        total_size += sum(t.numel() * t.element_size() for t in indexer_tensors.values())
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        skip = {"config.json", WEIGHTS_INDEX, *(s.name for s in shards)}
-        for path in source_dir.iterdir():
-            if path.is_file() and path.name not in skip and not path.name.endswith((".bin", ".pt", ".pth")):
-                shutil.copy2(path, staging / path.name)
-        config.save_pretrained(staging)
-        (staging / CONVERSION_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        make_shareable(staging)
-        os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def make_shareable(folder: Path) -> None:
-    """Give a finished folder the permissions the umask allows.
-
-    mkdtemp creates 0700 folders and safetensors writes 0600 files; a shared cache must be readable by others.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
-def _source_shards(source_dir: Path) -> list[Path]:
-    index_path = source_dir / WEIGHTS_INDEX
-    if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        return [source_dir / name for name in sorted(set(weight_map.values()))]
-    single = source_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"{source_dir} has no safetensors weights (model.safetensors or {WEIGHTS_INDEX})")
-
-
-def _read_header(shard: Path) -> dict[str, dict]:
-    # The safetensors header (8-byte little-endian length, then JSON) is all we need: no tensor is read.
-    with open(shard, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_len))
-    header.pop("__metadata__", None)
-    return header
-
-
-def _tensor_nbytes(shard: Path) -> dict[str, int]:
-    return {name: entry["data_offsets"][1] - entry["data_offsets"][0] for name, entry in _read_header(shard).items()}
-
-
-def _copy_shard(shard: Path, target: Path, rewrite: TensorRewrite | None) -> None:
-    rewrites = {name: fn for name in _tensor_nbytes(shard) if rewrite and (fn := rewrite(name)) is not None}
-    if not rewrites:
-        shutil.copyfile(shard, target)
-        return
-    with safe_open(shard, framework="pt") as handle:
-        metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    for name, fn in rewrites.items():
-        tensors[name] = fn(tensors[name]).contiguous()
-    save_file(tensors, target, metadata)
 
 
 # ---- the llama DSA model -------------------------------------------------------------------------------------------
@@ -489,8 +308,7 @@ def convert_llama_to_dsa(
     are freshly initialised (`init_indexer_tensors`) in the dtype of the base weights; the source's tokenizer files
     come along. Written atomically; `out_dir` must not exist.
     """
-    with tempfile.TemporaryDirectory(prefix="indexcache-llama-src-") as scratch:
-        source_dir = _as_folder(model_or_path, Path(scratch))
+    with source_folder(model_or_path) as source_dir:
         config = LlamaConfig.from_pretrained(source_dir)
         if any(getattr(config, key, None) is not None for key in INDEX_KEYS):
             raise ValueError(f"{source_dir} is already a DSA llama (its config has index keys)")
@@ -519,26 +337,6 @@ def load_llama_dsa(
     if info["missing_keys"]:
         raise ValueError(f"{path} lacks tensors the DSA model needs: {sorted(info['missing_keys'])[:8]}")
     return model.eval()
-
-
-def _as_folder(model_or_path: PreTrainedModel | str | os.PathLike[str], scratch: Path) -> Path:
-    """The source as a checkpoint folder: an in-memory model is saved into `scratch` first."""
-    if isinstance(model_or_path, PreTrainedModel):
-        model_or_path.save_pretrained(scratch)
-        return scratch
-    folder = Path(model_or_path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json)")
-    return folder
-
-
-def base_dtype(source_dir: Path) -> torch.dtype:
-    """dtype of the source's token embedding: the converted indexers are stored in the base weights' dtype."""
-    for shard in _source_shards(Path(source_dir)):
-        header = _read_header(shard)
-        if "model.embed_tokens.weight" in header:
-            return _SAFETENSORS_DTYPES[header["model.embed_tokens.weight"]["dtype"]]
-    raise ValueError(f"{source_dir} has no model.embed_tokens.weight")
 
 
 # ---- the registry entry --------------------------------------------------------------------------------------------
@@ -581,38 +379,16 @@ def _load(path: str | os.PathLike[str], dtype: torch.dtype) -> PreTrainedModel:
     return load_llama_dsa(path, dtype=dtype)
 
 
-def dsa_attentions(model: PreTrainedModel) -> list[nn.Module]:
-    return [layer.self_attn for layer in model.model.layers[: model.config.num_hidden_layers]]
-
-
-def _install_indexers(model: PreTrainedModel) -> dict[int, nn.Module]:
-    pool: dict[int, nn.Module] = {}
-    for layer_idx, attention in enumerate(dsa_attentions(model)):
-        # S layers of an IndexCache checkpoint have no indexer weights: nothing to train there.
-        if isinstance(attention.indexer, DeepseekV32Indexer):
-            attention.indexer = to_trainable(attention.indexer, TrainableDeepseekV32Indexer)
-            pool[layer_idx] = attention.indexer
-    return pool
-
-
 def _apply_pattern(
     model: PreTrainedModel,
     pattern: IndexCachePattern,
     indexers: dict[int, nn.Module],
     shared_indexer: SharedIndexerFactory,
 ) -> None:
-    missing = [layer for layer in pattern.full_layers if layer not in indexers]
-    if missing:
-        raise ValueError(
-            f"pattern {pattern} makes layers {missing} F, but the checkpoint has no indexer weights for them: "
-            "use a pattern whose F layers are F in the checkpoint's config.indexer_types"
-        )
-    model.config.indexer_types = pattern.to_indexer_types()
-    for layer_idx, attention in enumerate(dsa_attentions(model)):
-        if pattern.is_full(layer_idx):
-            attention.indexer = indexers[layer_idx]
-        else:
-            attention.indexer = shared_indexer(layer_idx, pattern.owner(layer_idx))
+    # Like glm_moe_dsa, the config lists indexer_types (our loader builds S layers from it); like deepseek_v32, S
+    # layers get the wrapper's stand-in (it also replaces the SharedTopk of a checkpoint loaded with S layers).
+    record_pattern_in_config(model, pattern, indexers)
+    swap_in_stand_ins(model, pattern, indexers, shared_indexer)
 
 
 LLAMA_DSA = register_family(
@@ -621,8 +397,8 @@ LLAMA_DSA = register_family(
         build=_build,
         load=_load,
         tiny_config=tiny_llama_dsa_config,
-        dsa_attentions=dsa_attentions,
-        install_indexers=_install_indexers,
+        dsa_attentions=decoder_attentions,
+        install_indexers=indexer_installer(DeepseekV32Indexer, TrainableDeepseekV32Indexer),
         apply_pattern=_apply_pattern,
         # Our loader builds no indexer on S layers (like glm_moe_dsa), so exports need none there.
         keeps_shared_indexer_tensors=False,

