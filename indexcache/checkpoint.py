@@ -38,6 +38,7 @@ class TrainerState:
     stage_complete: bool
     data_state: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # finished stages: name, steps, final metrics
+    stage_start_metrics: dict[str, float] = field(default_factory=dict)  # evaluation before the stage's first step
 
 
 def _rng_state() -> dict[str, Any]:

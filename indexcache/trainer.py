@@ -167,6 +167,15 @@ def train_stage(
         state = run.checkpoints.load(engine, path)
         batches.load_state_dict(state.data_state)
         stage_step, global_step = state.stage_step, state.global_step
+    start_metrics: dict[str, float] = {}
+    if resume is None:
+        # Where the stage starts from (e.g. the training-free pattern on warmed-up indexers), to compare with its end.
+        start_metrics = {
+            f"eval/stage_start/{k.removeprefix('eval/')}": v for k, v in evaluate(run, engine, stage).items()
+        }
+    else:
+        start_metrics = dict(state.stage_start_metrics)
+    pending_start = dict(start_metrics) if resume is None else {}
     iterator = iter(batches)
     accum = cfg.deepspeed.gradient_accumulation_steps
     tokens_per_step = cfg.train.seq_len * cfg.deepspeed.micro_batch_size * accum * dist.world_size
@@ -198,8 +207,10 @@ def train_stage(
             )
         last = stage_step == stage.steps
         logged: dict[str, float] = {}
-        if stage_step % cfg.train.log_every == 0 or last:
+        if stage_step % cfg.train.log_every == 0 or last or pending_start:
             logged = {k: all_reduce_mean(v, dist.device) for k, v in step_metrics.items()}
+            logged.update(pending_start)  # the stage-start evaluation joins the stage's first line
+            pending_start = {}
             logged.update(
                 {
                     "train/stage": float(index),
@@ -220,13 +231,21 @@ def train_stage(
                         "pattern": str(stage_pattern(run, stage)),
                         "steps": stage.steps,
                         "metrics": evaluated,
+                        "start_metrics": start_metrics,
                     }
                 )
         if logged:
             run.logger.log(global_step, logged)
         if last or stage_step % cfg.train.checkpoint_every == 0:
             state = TrainerState(
-                index, name, stage_step, global_step, last, batches.state_dict(), history=list(run.history)
+                index,
+                name,
+                stage_step,
+                global_step,
+                last,
+                batches.state_dict(),
+                history=list(run.history),
+                stage_start_metrics=start_metrics,
             )
             run.checkpoints.save(engine, state)
         if cfg.train.stop_after_steps is not None and global_step >= cfg.train.stop_after_steps and not last:

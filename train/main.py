@@ -46,11 +46,18 @@ def summary_line(run, finished: bool, exported: Path | None) -> str:
     if not finished:
         return f"indexcache: stopped after step {run.cfg.train.stop_after_steps}; the same command resumes"
     final = run.history[-1]["metrics"] if run.history else {}
+    start = run.history[-1].get("start_metrics", {}) if run.history else {}
     parts = [f"pattern {run.model.pattern} ({len(run.model.pattern.full_layers)}/{run.model.pattern.num_layers} F)"]
     if final:
         parts.append(
             f"eval LM loss dense {final['eval/lm_loss_dense']:.4f}, sparse {final['eval/lm_loss_sparse']:.4f}"
             f" (gap {final['eval/lm_loss_gap']:+.4f}), KL {final['eval/kl_loss']:.4f}"
+        )
+    if "eval/stage_start/lm_loss_sparse" in start:
+        parts.append(
+            f"last stage: sparse LM loss {start['eval/stage_start/lm_loss_sparse']:.4f} -> "
+            f"{final['eval/lm_loss_sparse']:.4f}, KL {start['eval/stage_start/kl_loss']:.4f} -> "
+            f"{final['eval/kl_loss']:.4f}"
         )
     if exported:
         parts.append(f"export {exported}")
