@@ -161,21 +161,17 @@ def train_stage(
         rank=dist.rank,
         world_size=dist.world_size,
     )
-    stage_step = 0
     if resume is not None:
-        path, state = resume
-        state = run.checkpoints.load(engine, path)
+        state = run.checkpoints.load(engine, resume[0])
         batches.load_state_dict(state.data_state)
-        stage_step, global_step = state.stage_step, state.global_step
-    start_metrics: dict[str, float] = {}
-    if resume is None:
-        # Where the stage starts from (e.g. the training-free pattern on warmed-up indexers), to compare with its end.
-        start_metrics = {
-            f"eval/stage_start/{k.removeprefix('eval/')}": v for k, v in evaluate(run, engine, stage).items()
-        }
+        stage_step, global_step, start_metrics = state.stage_step, state.global_step, state.stage_start_metrics
+        pending_start: dict[str, float] = {}
     else:
-        start_metrics = dict(state.stage_start_metrics)
-    pending_start = dict(start_metrics) if resume is None else {}
+        # Where the stage starts from (e.g. the training-free pattern on warmed-up indexers), to compare with its end.
+        stage_step = 0
+        before = evaluate(run, engine, stage)
+        start_metrics = {f"eval/stage_start/{k.removeprefix('eval/')}": v for k, v in before.items()}
+        pending_start = dict(start_metrics)  # logged with the stage's first step
     iterator = iter(batches)
     accum = cfg.deepspeed.gradient_accumulation_steps
     tokens_per_step = cfg.train.seq_len * cfg.deepspeed.micro_batch_size * accum * dist.world_size
