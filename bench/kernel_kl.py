@@ -7,7 +7,9 @@ measured 8192^3 bf16 matmul rate, timed in the same run), ratio to floor, and th
 fits. `--tune` first times a few block configurations at 8K and keeps the fastest. `--check` compares fused with
 chunked at 4K (loss and gradients) before timing. `--lse-lengths` adds dense rows where the teachers carry their
 log-sum-exp (as the model's attention kernel returns it), so pass A is skipped. `--baseline FILE` times a saved
-copy of fused.py (an earlier version) in the same run. Writes the table and raw numbers to --out (default $OUT).
+copy of fused.py (an earlier version) in the same run. `--v32-lengths` adds DeepSeek-V3.2 rows (H=128, D=192,
+H_I=64), with and without the LSE. `--profile T` splits one step into kernels and idle gaps. Writes the table
+and raw numbers to --out (default $OUT).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from indexcache.losses import IndexerOutputs, TeacherInputs, multi_layer_kl
 
 GLM5 = dict(layers=4, heads=64, kv_heads=64, head_dim=256, idx_heads=32, idx_dim=128)
+DSV32 = dict(layers=4, heads=128, kv_heads=128, head_dim=192, idx_heads=64, idx_dim=128)  # DeepSeek-V3.2, G=4
 SPARSE_K = 2048
 
 
@@ -114,9 +118,16 @@ def with_teacher_lse(teachers: list[TeacherInputs]) -> list[TeacherInputs]:
 
 
 def measure(
-    seq: int, sparse_k: int | None, impl: str, rate: float, max_seconds: float = 5.0, loss_fn=None, lse: bool = False
+    seq: int,
+    sparse_k: int | None,
+    impl: str,
+    rate: float,
+    max_seconds: float = 5.0,
+    loss_fn=None,
+    lse: bool = False,
+    shape: dict = GLM5,
 ) -> dict:
-    indexer, teachers, topk = make_inputs(seq, GLM5, sparse_k)
+    indexer, teachers, topk = make_inputs(seq, shape, sparse_k)
     if lse:
         teachers = with_teacher_lse(teachers)
     step = step_fn(indexer, teachers, topk, impl, loss_fn=loss_fn)
@@ -128,7 +139,7 @@ def measure(
     peak = torch.cuda.max_memory_allocated() - base
     reps = max(1, min(10, int(max_seconds / max(first, 1e-4)) - 1))
     seconds = median_seconds(step, reps=reps, warmup=0) if reps > 1 else first
-    floor = floor_flops(seq, sparse_k, GLM5) / rate
+    floor = floor_flops(seq, sparse_k, shape) / rate
     return dict(seq=seq, sparse_k=sparse_k, impl=impl, seconds=seconds, peak_extra_gib=peak / 2**30, floor=floor)
 
 
@@ -194,21 +205,45 @@ def load_baseline(path: str):
     return module
 
 
-def profile_passes(seq: int, sparse_k: int | None) -> dict[str, float]:
-    """Device time per kernel name for one fwd+bwd (milliseconds)."""
-    indexer, teachers, topk = make_inputs(seq, GLM5, sparse_k)
+def profile_passes(seq: int, sparse_k: int | None, lse: bool = False, shape: dict = GLM5) -> dict:
+    """Device time per kernel for one fwd+bwd (ms), and how long the GPU sat idle between kernels.
+
+    Idle time is the step's span minus the union of its kernels' intervals, read from the profiler's trace, with
+    the longest gaps named by the kernels around them (host syncs and launch stalls show up there).
+    """
+    indexer, teachers, topk = make_inputs(seq, shape, sparse_k)
+    if lse:
+        teachers = with_teacher_lse(teachers)
     step = step_fn(indexer, teachers, topk, "fused")
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        trace = json.loads(Path(f"{tmp}/trace.json").read_text())
+    kernels = sorted(
+        (e["ts"], e["ts"] + e["dur"], e["name"])
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    )
     totals: dict[str, float] = {}
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-        if device_us:
-            totals[event.key[:40]] = totals.get(event.key[:40], 0.0) + device_us / 1e3
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:8])
+    for start, stop, name in kernels:
+        totals[name[:40]] = totals.get(name[:40], 0.0) + (stop - start) / 1e3
+    gaps, busy_until = [], kernels[0][0]
+    for (start, stop, name), previous in zip(kernels, [("", "", "start"), *kernels[:-1]], strict=True):
+        if start > busy_until:
+            gaps.append((start - busy_until, previous[2][:30], name[:30]))
+        busy_until = max(busy_until, stop)
+    idle = sum(gap for gap, _, _ in gaps) / 1e3
+    return dict(
+        kernels_ms=dict(sorted(totals.items(), key=lambda kv: -kv[1])[:10]),
+        span_ms=(busy_until - kernels[0][0]) / 1e3,
+        idle_ms=idle,
+        launches=len(kernels),
+        longest_gaps_ms=[(round(g / 1e3, 3), a, b) for g, a, b in sorted(gaps, reverse=True)[:5]],
+    )
 
 
 def main() -> None:
@@ -221,6 +256,9 @@ def main() -> None:
     parser.add_argument("--no-sparse", action="store_true")
     parser.add_argument("--sparse-lengths", type=int, nargs="+", default=None, help="default: --lengths")
     parser.add_argument("--lse-lengths", type=int, nargs="*", default=[], help="dense with teacher LSE given")
+    parser.add_argument("--v32-lengths", type=int, nargs="*", default=[], help="DeepSeek-V3.2 shapes, dense")
+    parser.add_argument("--profile-lse", action="store_true", help="also profile with the teacher LSE given")
+    parser.add_argument("--profile-sparse", type=int, default=0, help="T at which to profile the sparse path")
     parser.add_argument("--baseline", default=None, help="a saved fused.py to time at --baseline-lengths")
     parser.add_argument("--baseline-lengths", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--seconds", type=float, default=5.0, help="time budget of one table row")
@@ -243,6 +281,8 @@ def main() -> None:
     ]
     runs = [("dense", None, seq, {}) for seq in args.lengths]
     runs += [("dense+lse", None, seq, dict(lse=True)) for seq in args.lse_lengths]
+    runs += [("v32", None, seq, dict(shape=DSV32)) for seq in args.v32_lengths]
+    runs += [("v32+lse", None, seq, dict(shape=DSV32, lse=True)) for seq in args.v32_lengths]
     if not args.no_sparse:
         runs += [(f"k={SPARSE_K}", SPARSE_K, seq, {}) for seq in args.sparse_lengths or args.lengths]
     if args.baseline:
@@ -253,7 +293,7 @@ def main() -> None:
             row = measure(seq, sparse_k, "fused", rate, max_seconds=args.seconds, **options)
         except torch.OutOfMemoryError as error:
             row = dict(seq=seq, sparse_k=sparse_k, error=f"OOM: {str(error)[:80]}")
-        if "error" not in row and not options and seq <= args.chunked_max:
+        if "error" not in row and not options and seq <= args.chunked_max:  # GLM-5 shapes, no LSE
             row["chunked_seconds"] = measure(seq, sparse_k, "chunked", rate, max_seconds=5.0)["seconds"]
         torch.cuda.empty_cache()
         row["variant"] = name
@@ -267,9 +307,18 @@ def main() -> None:
                 f"{row['seconds'] / row['floor']:>7.2f}{row['peak_extra_gib']:>11.2f}{chunked}"
             )
         print(lines[-1], flush=True)
+    profiles = []
     if args.profile:
-        report["profile_ms"] = profile_passes(args.profile, None)
-        print(f"per-kernel ms at T={args.profile}:", report["profile_ms"], flush=True)
+        profiles.append(("dense", args.profile, None, False))
+        if args.profile_lse:
+            profiles.append(("dense+lse", args.profile, None, True))
+    if args.profile_sparse:
+        profiles.append((f"k={SPARSE_K}", args.profile_sparse, SPARSE_K, False))
+    report["profiles"] = {}
+    for name, seq, sparse_k, lse in profiles:
+        report["profiles"][f"{name} T={seq}"] = profile = profile_passes(seq, sparse_k, lse)
+        print(f"profile {name} T={seq}:", json.dumps(profile), flush=True)
+        torch.cuda.empty_cache()
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)

@@ -218,7 +218,8 @@ def test_group_losses_equal_reference_on_captured_tensors(model_type: str, mode:
         torch.testing.assert_close(torch.tensor(entropies), reference.teacher_entropy.float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.kl_loss, total, rtol=1e-4, atol=1e-6)
     assert out.kl_loss > 0
-    assert len(out.metrics) == len(pattern.full_layers) + 2 * pattern.num_layers
+    assert len(out.metrics) == len(pattern.full_layers) + 2 * pattern.num_layers + 1
+    assert out.metrics["indexcache/teacher_lse_from_attention"] == 0.0  # CPU: sdpa, no LSE handed over
 
 
 @pytest.mark.parametrize(

@@ -44,3 +44,49 @@ def test_fused_loss_in_the_bf16_model_matches_chunked(model_type, mode):
         assert _rel(grads_f[name], grads_c[name]) < 5e-2, name
     for key in metrics_c:
         assert metrics_f[key] == pytest.approx(metrics_c[key], rel=2e-2, abs=1e-3), key
+
+
+def test_flash_attention_returns_the_teachers_logsumexp():
+    """The dense GPU path's attention equals sdpa and its LSE equals logsumexp of the causal scaled scores."""
+    from indexcache.model.wrapper import _causal_attention_with_lse
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    batch, heads, seq, dim, value_dim, scaling = 2, 4, 200, 64, 48, 0.11
+    query, key = (torch.randn(batch, heads, seq, dim, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in "qk")
+    value = torch.randn(batch, heads, seq, value_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
+    query.requires_grad_()
+    output, lse = _causal_attention_with_lse(query, key, value, scaling, 0.0)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    assert output.shape == expected.shape
+    assert _rel(output, expected) < 1e-2
+    scores = scaling * (query.detach().float() @ key.float().transpose(-1, -2))
+    causal = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()
+    expected_lse = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
+    assert lse.dtype == torch.float32 and not lse.requires_grad
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=1e-3)
+    (grad,) = torch.autograd.grad(output.float().square().sum(), query)
+    (grad_expected,) = torch.autograd.grad(expected.float().square().sum(), query)
+    assert _rel(grad, grad_expected) < 2e-2
+
+
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "deepseek_v32"])
+def test_unpadded_dense_model_hands_attention_lse_to_the_fused_loss(model_type):
+    """Without padding every teacher carries its attention's LSE, and the loss still equals the chunked one."""
+    torch.manual_seed(2)
+    hf = tiny_model(model_type, seed=4, index_topk=16).to("cuda", torch.bfloat16)
+    model = IndexCacheModel(hf, pattern=IndexCachePattern("FFSF"), mode="dense")
+    input_ids = torch.randint(0, hf.config.vocab_size, (2, 128), device="cuda")
+    results = {}
+    for impl in ("chunked", "fused"):
+        model.loss_impl = impl
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids)
+        out.kl_loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.indexer_parameters()}
+        results[impl] = (out.kl_loss.detach(), grads, out.metrics)
+    (loss_c, grads_c, metrics_c), (loss_f, grads_f, metrics_f) = results["chunked"], results["fused"]
+    assert metrics_c["indexcache/teacher_lse_from_attention"] == 0.0
+    assert metrics_f["indexcache/teacher_lse_from_attention"] == 1.0
+    assert _rel(loss_f, loss_c) < 1e-2
+    for name in grads_c:
+        assert _rel(grads_f[name], grads_c[name]) < 5e-2, name

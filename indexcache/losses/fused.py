@@ -171,7 +171,7 @@ def _teacher_lse_kernel(
     HEAD_DIM: tl.constexpr, MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
     # Last row blocks first: they see the most keys, so the launch does not end on a few long programs.
-    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_t = tl.cdiv(seq_len, BLOCK_T) - 1 - tl.program_id(0)
     pid_bh, layer = tl.program_id(1), tl.program_id(2)
     # int64 base offsets: one teacher tensor can exceed 2^31 elements at long T (a block's own cannot).
     b, h = (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
@@ -218,7 +218,8 @@ def _student_lse_kernel(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
     MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    pid_t, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    # Last row blocks first, as in pass A: the launch must not end on the few programs that see the most keys.
+    pid_t, b = tl.cdiv(seq_len, BLOCK_T) - 1 - tl.program_id(0), tl.program_id(1).to(tl.int64)
     first_row = pid_t * BLOCK_T
     rows = first_row + tl.arange(0, BLOCK_T)
     row_in = rows < seq_len
@@ -349,7 +350,9 @@ def _dq_dw_kernel(
     s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_gb, s_gt,
     BLOCK_T: tl.constexpr, BLOCK_DI: tl.constexpr,
 ):  # fmt: skip
-    pid_t, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    # Indexer heads vary fastest across programs: the H_I programs of one row block run together and read its dI
+    # rows from L2 (with row blocks fastest, every head re-read the whole [R, T] chunk from memory).
+    j, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = chunk_start + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_in = rows < seq_len
     di = tl.arange(0, BLOCK_DI)
@@ -435,26 +438,33 @@ def _teacher_tables(teachers: list[TeacherInputs]) -> tuple[list[TeacherInputs],
             for t in teachers
         ]
     device = first.query.device
-    q_table = torch.tensor([t.query.data_ptr() for t in teachers], dtype=torch.int64, device=device)
-    k_table = torch.tensor([t.key.data_ptr() for t in teachers], dtype=torch.int64, device=device)
-    scales = torch.tensor([float(t.scaling) for t in teachers], dtype=torch.float32, device=device)
+    q_table = _to_device(torch.tensor([t.query.data_ptr() for t in teachers], dtype=torch.int64), device)
+    k_table = _to_device(torch.tensor([t.key.data_ptr() for t in teachers], dtype=torch.int64), device)
+    scales = _to_device(torch.tensor([float(t.scaling) for t in teachers], dtype=torch.float32), device)
     return teachers, q_table, k_table, scales
 
 
-def _tile_order(first_block: int, stop_row: int, cfg: FusedConfig, device: torch.device) -> Tensor:
-    """[n, 2] int32 (row block, col block) causal tiles of rows [first_block*rows, stop_row), L2-grouped.
+def _tile_order(first_block: int, stop_row: int, cfg: FusedConfig) -> Tensor:
+    """[n, 2] int32 (row block, col block) causal tiles of rows [first_block*rows, stop_row), L2-grouped (CPU).
 
     Tiles of `tile_group` row blocks are issued column by column, so the programs in flight share a few
     row blocks' queries and a few key blocks' keys, head after head, instead of streaming keys from memory.
+    Built on the host: the caller copies every chunk's order to the GPU at once, without waiting for it.
     """
-    row_blocks = torch.arange(first_block, triton.cdiv(stop_row, cfg.tile_rows), device=device)
-    last_col = ((row_blocks + 1) * cfg.tile_rows - 1) // cfg.tile_cols
-    tile_rows = row_blocks.repeat_interleave(last_col + 1)
-    starts = torch.cumsum(last_col + 1, 0) - (last_col + 1)
-    tile_cols = torch.arange(tile_rows.numel(), device=device) - starts.repeat_interleave(last_col + 1)
+    row_blocks = torch.arange(first_block, triton.cdiv(stop_row, cfg.tile_rows))
+    counts = ((row_blocks + 1) * cfg.tile_rows - 1) // cfg.tile_cols + 1  # key blocks each row block sees
+    tile_rows = row_blocks.repeat_interleave(counts)
+    tile_cols = torch.arange(tile_rows.numel()) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
     group = (tile_rows - first_block) // cfg.tile_group
-    order = torch.argsort((group * (int(last_col.max()) + 1) + tile_cols) * row_blocks.numel() + tile_rows)
-    return torch.stack([tile_rows[order], tile_cols[order]], dim=1).int().contiguous()
+    order = torch.argsort((group * int(counts.max()) + tile_cols) * row_blocks.numel() + tile_rows)
+    return torch.stack([tile_rows[order], tile_cols[order]], dim=1).int()
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor without stalling the stream (a pageable copy would wait for queued kernels)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _teacher_lse(
@@ -488,8 +498,10 @@ def fused_sums(
     num_rows: int,
     topk_indices: Tensor | None,
     want_grad: bool,
+    padded: bool,
     cfg: FusedConfig | None = None,
 ) -> Sums:
+    """The loss's row sums and gradients; `padded`: some key in `real` is padding (the kernels then test it)."""
     cfg = cfg or CONFIG
     q, k, w = (x.contiguous() for x in (indexer.q, indexer.k, indexer.w))
     batch, seq, num_idx_heads, idx_dim = q.shape
@@ -498,7 +510,7 @@ def fused_sums(
     num_layers, num_heads, num_kv_heads, head_dim = len(teachers), query.shape[1], key.shape[1], query.shape[3]
     device = q.device
     sparse = topk_indices is not None
-    mask_keys = not bool(real.all())
+    mask_keys = padded
     key_ok = real.to(torch.int8).contiguous()
     row_ok = rows_ok.to(torch.int8).contiguous()
     bits = selection_bitmap(topk_indices, real) if sparse else torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
@@ -530,9 +542,10 @@ def fused_sums(
     inv_rows = 1.0 / max(num_rows, 1)
     grad_strides = (scratch.stride(0), scratch.stride(1))
     partial_sums = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
-    for chunk_start in range(0, seq, chunk):
-        chunk_stop = min(chunk_start + chunk, seq)
-        tiles = _tile_order(chunk_start // cfg.tile_rows, chunk_stop, cfg, device)
+    chunks = [(start, min(start + chunk, seq)) for start in range(0, seq, chunk)]
+    orders = [_tile_order(start // cfg.tile_rows, stop, cfg) for start, stop in chunks]
+    all_tiles = _to_device(torch.cat(orders), device).split([len(order) for order in orders])
+    for (chunk_start, chunk_stop), tiles in zip(chunks, all_tiles, strict=True):
         grid = (tiles.shape[0], batch)
         _student_tile_kernel[grid](
             q, k, w, student_lse, key_ok, row_ok, bits, tiles, scratch, log2_q_scratch,
@@ -556,7 +569,7 @@ def fused_sums(
         partial_sums += partial.double().sum(dim=(0, 1))
         if not want_grad:
             continue
-        _dq_dw_kernel[(triton.cdiv(chunk_stop - chunk_start, cfg.grad_block), num_idx_heads, batch)](
+        _dq_dw_kernel[(num_idx_heads, triton.cdiv(chunk_stop - chunk_start, cfg.grad_block), batch)](
             q, k, w, scratch, dq, dw, seq, chunk_start, inv_rows, *index_strides, *grad_strides,
             BLOCK_T=cfg.grad_block, BLOCK_DI=idx_dim, num_warps=cfg.grad_warps, num_stages=cfg.stages,
         )  # fmt: skip
@@ -587,14 +600,16 @@ def fused_multi_layer_kl(
     batch, seq = indexer.q.shape[:2]
     real = key_mask(attention_mask, batch, seq, indexer.q.device)
     rows = valid_rows(real, topk_indices)
-    # Normalisation: all per-row sums are divided by the number of valid rows (computed once, here).
-    num_rows = int(rows.sum())
+    # Normalisation: all per-row sums are divided by the number of valid rows (computed once, here). Without
+    # padding or top-k every row counts: known on the host, so the training step does not wait on the GPU here.
+    num_rows = batch * seq if attention_mask is None and topk_indices is None else int(rows.sum())
+    padded = attention_mask is not None and not bool(real.all())
     detached = [TeacherInputs(t.query.detach(), t.key.detach(), t.scaling, t.logsumexp) for t in teachers]
     want_grad = wants_grad(indexer)
     plain = IndexerOutputs(indexer.q.detach(), indexer.k.detach(), indexer.w.detach())
 
     def compute() -> Sums:
-        return fused_sums(plain, detached, real, rows, num_rows, topk_indices, want_grad)
+        return fused_sums(plain, detached, real, rows, num_rows, topk_indices, want_grad, padded)
 
     loss, kl_per_layer, entropy = PrecomputedGradKL.apply(indexer.q, indexer.k, indexer.w, compute)
     return KLResult(loss=loss, kl_per_layer=kl_per_layer, teacher_entropy=entropy, num_rows=num_rows)

@@ -6,7 +6,8 @@ the model's attention implementation to it. For any implementation other than ea
 passes its indexer's result as `indices=` and the plain causal mask to the backend, plus the model's `**kwargs`,
 through which `forward` hands the backend this forward's `ForwardContext`. The backend then
 
-- dense mode (warm-up): runs dense causal attention, ignoring the indices;
+- dense mode (warm-up): runs dense causal attention, ignoring the indices (on a GPU, without padding, through
+  the flash kernel, whose per-head log-sum-exp then goes to the fused loss with the teacher);
 - sparse mode: attends only to the layer's top-k set (a row with fewer visible keys than K attends to all of them);
 
 and in both records the layer's detached query/key (after RoPE) as its teacher. Once the last layer a group
@@ -76,6 +77,8 @@ class ForwardContext:
         self._selections: dict[int, IndexerSelection] = {}
         self._teachers: dict[int, list[TeacherInputs]] = {}
         self._results: dict[int, KLResult] = {}
+        self._teacher_layers = self._lse_layers = 0
+        self.last_lse_share = 0.0
 
     def reset(
         self,
@@ -89,10 +92,13 @@ class ForwardContext:
         self.mode, self.pattern, self.attention_mask = mode, pattern, attention_mask
         self.loss_impl, self.loss_chunk_size = loss_impl, loss_chunk_size
         self._selections, self._teachers, self._results = {}, {}, {}
+        self._teacher_layers = self._lse_layers = 0
 
     def finish(self) -> dict[int, KLResult]:
         """End the forward: return the group losses and drop every captured tensor."""
         results = self._results
+        # Share of teachers that came with their attention kernel's LSE (the fused loss then skips its own).
+        self.last_lse_share = self._lse_layers / max(self._teacher_layers, 1)
         self.reset(self.mode, self.pattern, None, self.loss_impl, self.loss_chunk_size)
         self.active = False
         return results
@@ -113,6 +119,8 @@ class ForwardContext:
         served = self.pattern.groups[owner]
         teachers = self._teachers.setdefault(owner, [])
         teachers.append(teacher)
+        self._teacher_layers += 1
+        self._lse_layers += teacher.logsumexp is not None
         if layer_idx != served[-1]:
             return
         if len(teachers) != len(served):
@@ -196,7 +204,10 @@ def indexcache_attention(
     if sparse and indices.topk_indices is None:
         raise AssertionError(f"sparse mode, but F layer {indices.layer_idx} computed no top-k")
     enable_gqa = query.shape[1] != key.shape[1]
-    if not sparse and context.attention_mask is None:
+    logsumexp = None
+    if not sparse and context.attention_mask is None and _flash_lse_usable(query, key, value, context.loss_impl):
+        output, logsumexp = _causal_attention_with_lse(query, key, value, scaling, dropout)
+    elif not sparse and context.attention_mask is None:
         # No padding and no top-k: the plain causal kernel (flash on GPU) needs no [T, S] mask at all.
         output = F.scaled_dot_product_attention(
             query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=enable_gqa
@@ -208,8 +219,43 @@ def indexcache_attention(
         output = F.scaled_dot_product_attention(
             query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=enable_gqa
         )
-    context.record(module.layer_idx, indices, TeacherInputs(query=query.detach(), key=key.detach(), scaling=scaling))
+    teacher = TeacherInputs(query=query.detach(), key=key.detach(), scaling=scaling, logsumexp=logsumexp)
+    context.record(module.layer_idx, indices, teacher)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _flash_lse_usable(query: Tensor, key: Tensor, value: Tensor, loss_impl: str) -> bool:
+    """Whether torch's flash kernel can run this layer's causal attention and hand its LSE to the fused loss.
+
+    CUDA sm80+, bf16/fp16, one key head per query head (GLM-5 and DeepSeek-V3.2 after the MLA up-projection),
+    q/k width <= 256 and a value width no wider (narrower values are zero-padded). Only for a loss that can use
+    the LSE (the chunked path computes its own): anything else takes the plain sdpa path.
+    """
+    if loss_impl == "chunked" or not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if torch.cuda.get_device_capability(query.device)[0] < 8:
+        return False
+    same_heads = query.shape[1] == key.shape[1] == value.shape[1]
+    return same_heads and query.shape[-1] <= 256 and value.shape[-1] <= query.shape[-1]
+
+
+def _causal_attention_with_lse(
+    query: Tensor, key: Tensor, value: Tensor, scaling: float, dropout: float
+) -> tuple[Tensor, Tensor]:
+    """Causal attention [B, H, T, D_v] and each head's natural-log LSE [B, H, T] (float32), detached.
+
+    The teacher's log-sum-exp is a by-product of the flash kernel that computes the attention anyway; given to
+    the fused loss it removes that loss's own LSE pass (about a third of its time at 32K, bench/NOTES.md).
+    torch's public sdpa does not return it, so this calls the aten op sdpa itself dispatches to (differentiable,
+    stable schema since torch 2.0). Flash needs equal q/k/v widths: narrower values are zero-padded and the
+    padding's (zero) output columns are dropped.
+    """
+    value_dim = value.shape[-1]
+    padded_value = F.pad(value, (0, query.shape[-1] - value_dim)) if value_dim < query.shape[-1] else value
+    output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention(
+        query, key, padded_value, dropout, True, False, scale=scaling
+    )[:2]
+    return output[..., :value_dim], logsumexp.detach()
 
 
 def register_backend() -> None:
@@ -359,4 +405,6 @@ class IndexCacheModel(nn.Module):
             values.append(result.teacher_entropy.reshape(-1))
         # One device-to-host copy for all metrics instead of one sync per number.
         flat = torch.cat([value.float() for value in values]).tolist()
-        return dict(zip(names, flat, strict=True))
+        metrics = dict(zip(names, flat, strict=True))
+        metrics["indexcache/teacher_lse_from_attention"] = self._context.last_lse_share
+        return metrics
