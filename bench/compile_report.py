@@ -90,31 +90,34 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=fused.CONFIG.tile_depth)
     parser.add_argument("--warps", type=int, default=fused.CONFIG.tile_warps)
     parser.add_argument("--stages", type=int, default=fused.CONFIG.tile_stages)
-    parser.add_argument("--grad-block", type=int, default=fused.CONFIG.grad_block)
-    parser.add_argument("--grad-warps", type=int, default=fused.CONFIG.grad_warps)
+    parser.add_argument("--dq", type=int, nargs=3, default=None, help="pass D rows, cols, warps")
+    parser.add_argument("--dk", type=int, nargs=3, default=None, help="pass E rows, cols, warps")
     parser.add_argument("--kernels", nargs="*", default=["C1", "C0", "A", "B", "D", "E"])
     parser.add_argument("--sparse", action="store_true")
+    parser.add_argument("--head-dim", type=int, default=256, help="teacher q.k width (GLM-5 256, DeepSeek-V3.2 192)")
     args = parser.parse_args()
     cfg = fused.CONFIG
     masks = {"MASK_KEYS": False, "SPARSE": args.sparse}
     tile = dict(BLOCK_T=args.rows, BLOCK_S=args.cols)
     bf16 = triton.language.bfloat16
-    c1 = dict(DTYPE=bf16, **tile, BLOCK_D=args.depth, NUM_D_CHUNKS=256 // args.depth, HEAD_DIM=256)
+    c1 = dict(DTYPE=bf16, **tile, BLOCK_D=args.depth, NUM_D_CHUNKS=-(-args.head_dim // args.depth))
+    c1.update(HEAD_DIM=args.head_dim)
     c1.update(STAGES=args.stages, FIRST=True, LAST=True, WRITE_GRAD=True, **masks)
     lse = dict(BLOCK_T=cfg.lse_rows, BLOCK_S=cfg.lse_cols)
-    grad = dict(BLOCK_T=args.grad_block, BLOCK_DI=128)
+    dq = args.dq or (cfg.dq_rows, cfg.dq_cols, cfg.dq_warps)
+    dk = args.dk or (cfg.dk_rows, cfg.dk_cols, cfg.dk_warps)
     plans = {  # name: (kernel, constexprs, warps, stages)
         "C1": (fused._teacher_tile_kernel, c1, args.warps, args.stages),
         "C0": (fused._student_tile_kernel, dict(**tile, BLOCK_DI=128, WRITE_GRAD=True, **masks), args.warps, 2),
         "A": (
             fused._teacher_lse_kernel,
-            dict(DTYPE=bf16, **lse, BLOCK_D=256, HEAD_DIM=256, **masks),
+            dict(DTYPE=bf16, **lse, BLOCK_D=triton.next_power_of_2(args.head_dim), HEAD_DIM=args.head_dim, **masks),
             cfg.lse_warps,
             cfg.lse_stages,
         ),
         "B": (fused._student_lse_kernel, dict(**lse, BLOCK_DI=128, **masks), cfg.lse_warps, cfg.stages),
-        "D": (fused._dq_dw_kernel, grad, args.grad_warps, cfg.stages),
-        "E": (fused._dk_kernel, grad, args.grad_warps, cfg.stages),
+        "D": (fused._dq_dw_kernel, dict(BLOCK_T=dq[0], BLOCK_S=dq[1], BLOCK_DI=128), dq[2], cfg.stages),
+        "E": (fused._dk_kernel, dict(BLOCK_T=dk[0], BLOCK_S=dk[1], BLOCK_DI=128), dk[2], cfg.stages),
     }
     for name in args.kernels:
         kernel, constexprs, warps, stages = plans[name]

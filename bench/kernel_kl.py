@@ -172,9 +172,15 @@ def tune(rate: float) -> dict:
             "l128x128s2": dict(lse_cols=128, lse_stages=2),
             "l128x64s3": dict(lse_cols=64, lse_stages=3),
         },
-        "grad": {
-            "g64w4": dict(grad_block=64, grad_warps=4),
-            "g64w8": dict(grad_block=64, grad_warps=8),
+        "dq": {
+            "dq64x64w4": dict(dq_rows=64, dq_cols=64, dq_warps=4),
+            "dq128x64w8": dict(dq_rows=128, dq_cols=64, dq_warps=8),
+            "dq64x128w8": dict(dq_rows=64, dq_cols=128, dq_warps=8),
+        },
+        "dk": {
+            "dk64x64w4": dict(dk_rows=64, dk_cols=64, dk_warps=4),
+            "dk64x128w8": dict(dk_rows=64, dk_cols=128, dk_warps=8),
+            "dk128x64w8": dict(dk_rows=128, dk_cols=64, dk_warps=8),
         },
     }
     timings: dict[str, float | str] = {}
@@ -259,6 +265,7 @@ def main() -> None:
     parser.add_argument("--v32-lengths", type=int, nargs="*", default=[], help="DeepSeek-V3.2 shapes, dense")
     parser.add_argument("--profile-lse", action="store_true", help="also profile with the teacher LSE given")
     parser.add_argument("--profile-sparse", type=int, default=0, help="T at which to profile the sparse path")
+    parser.add_argument("--profile-v32", type=int, default=0, help="T at which to profile DeepSeek-V3.2 shapes")
     parser.add_argument("--baseline", default=None, help="a saved fused.py to time at --baseline-lengths")
     parser.add_argument("--baseline-lengths", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--seconds", type=float, default=5.0, help="time budget of one table row")
@@ -319,6 +326,9 @@ def main() -> None:
         report["profiles"][f"{name} T={seq}"] = profile = profile_passes(seq, sparse_k, lse)
         print(f"profile {name} T={seq}:", json.dumps(profile), flush=True)
         torch.cuda.empty_cache()
+    if args.profile_v32:
+        report["profiles"][f"v32 T={args.profile_v32}"] = profile = profile_passes(args.profile_v32, None, shape=DSV32)
+        print(f"profile v32 T={args.profile_v32}:", json.dumps(profile), flush=True)
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)

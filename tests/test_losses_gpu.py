@@ -136,6 +136,26 @@ def test_fused_many_row_chunks(monkeypatch: pytest.MonkeyPatch, heads_per_launch
     check_against_reference(*make_inputs(seq=350, padding="both", seed=3))
 
 
+@pytest.mark.parametrize("blocks", [(128, 64, 64, 128), (64, 128, 128, 64), (32, 64, 64, 32)])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_gradient_block_shapes(monkeypatch: pytest.MonkeyPatch, blocks: tuple, sparse: bool) -> None:
+    """Passes D and E with row and key blocks of different sizes, over several row chunks, match the reference."""
+    dq_rows, dq_cols, dk_rows, dk_cols = blocks
+    config = fused.FusedConfig(
+        scratch_bytes=4 * 2 * 2 * 128 * 384, dq_rows=dq_rows, dq_cols=dq_cols, dk_rows=dk_rows, dk_cols=dk_cols
+    )
+    monkeypatch.setattr(fused, "CONFIG", config)
+    indexer, teachers, mask = make_inputs(seq=350, padding="both", seed=4)
+    topk = random_topk(2, 350, 40, seed=6) if sparse else None
+    check_against_reference(indexer, teachers, mask, topk)
+
+
+def test_fused_rejects_gradient_blocks_that_do_not_divide_the_tile(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "CONFIG", fused.FusedConfig(dq_rows=96))
+    with pytest.raises(ValueError, match="must divide the pass-C tile"):
+        check_against_reference(*make_inputs(seq=130))
+
+
 def teacher_logsumexp(teacher: TeacherInputs, mask, topk) -> torch.Tensor:
     """[B, H, T] float32 natural-log LSE over each row's keys, as an attention kernel returns it (-inf: none)."""
     batch, seq = mask.shape

@@ -27,6 +27,7 @@ why gathering the selected keys would be slower here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,12 @@ class FusedConfig:
     tile_stages: int = 3
     tile_group: int = 8  # row blocks whose tiles run side by side, so their Q and K tiles are shared in L2
     heads_per_launch: int = 0  # C1 launches per layer split its heads into slabs of this many; 0: all heads
-    grad_block: int = 64  # passes D and E
-    grad_warps: int = 4
+    dq_rows: int = 64  # pass D: rows per program, keys per step (both must divide tile_rows and tile_cols)
+    dq_cols: int = 64
+    dq_warps: int = 4
+    dk_rows: int = 64  # pass E: rows per step, keys per program (likewise)
+    dk_cols: int = 64
+    dk_warps: int = 4
     stages: int = 2  # passes B, C0, D, E
     scratch_bytes: int = 512 * 2**20  # one row chunk's log2 q, dI and (with head slabs) partial p
 
@@ -348,8 +353,9 @@ def _dq_dw_kernel(
     q_ptr, k_ptr, w_ptr, d_logits_ptr, dq_ptr, dw_ptr,
     seq_len, chunk_start, inv_rows,
     s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_gb, s_gt,
-    BLOCK_T: tl.constexpr, BLOCK_DI: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
 ):  # fmt: skip
+    """Pass D: dq and dw of one indexer head for BLOCK_T rows of the chunk, looping over key blocks of BLOCK_S."""
     # Indexer heads vary fastest across programs: the H_I programs of one row block run together and read its dI
     # rows from L2 (with row blocks fastest, every head re-read the whole [R, T] chunk from memory).
     j, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -360,8 +366,10 @@ def _dq_dw_kernel(
     w_j = tl.load(w_ptr + b * s_wb + rows * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
     dq = tl.zeros([BLOCK_T, BLOCK_DI], tl.float32)
     dw = tl.zeros([BLOCK_T], tl.float32)
-    for start in range(0, chunk_start + (pid_t + 1) * BLOCK_T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
+    # Keys up to the block's last row; pass C wrote dI there (zeros above the diagonal of its own tiles, which
+    # BLOCK_T and BLOCK_S divide).
+    for start in range(0, chunk_start + (pid_t + 1) * BLOCK_T, BLOCK_S):
+        cols = start + tl.arange(0, BLOCK_S)
         key = tl.load(k_ptr + b * s_kb + cols[:, None] * s_kt + di[None, :], mask=cols[:, None] < seq_len, other=0.0)
         grad = tl.load(
             d_logits_ptr + b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :],
@@ -382,15 +390,17 @@ def _dk_kernel(
     q_ptr, k_ptr, w_ptr, d_logits_ptr, dk_ptr,
     seq_len, chunk_start, chunk_stop, num_idx_heads, inv_rows,
     s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_gb, s_gt, s_dkb, s_dkt,
-    BLOCK_T: tl.constexpr, BLOCK_DI: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
 ):  # fmt: skip
+    """Pass E: dk of BLOCK_S keys, looping over the chunk's rows in steps of BLOCK_T and over indexer heads."""
     pid_s, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    cols = pid_s * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     col_in = cols < seq_len
     di = tl.arange(0, BLOCK_DI)
     key = tl.load(k_ptr + b * s_kb + cols[:, None] * s_kt + di[None, :], mask=col_in[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_T, BLOCK_DI], tl.float32)
-    first = pid_s * BLOCK_T  # causal: rows before this key block never see it
+    dk = tl.zeros([BLOCK_S, BLOCK_DI], tl.float32)
+    # Causal: rows before this key block never see it (the row step holding its first key is where to start).
+    first = (pid_s * BLOCK_S) // BLOCK_T * BLOCK_T
     if first < chunk_start:
         first = chunk_start
     for start in range(first, chunk_stop, BLOCK_T):
@@ -460,6 +470,17 @@ def _tile_order(first_block: int, stop_row: int, cfg: FusedConfig) -> Tensor:
     return torch.stack([tile_rows[order], tile_cols[order]], dim=1).int()
 
 
+@functools.lru_cache(maxsize=32)
+def _chunk_tiles(
+    seq: int, chunk: int, tile_rows: int, tile_cols: int, tile_group: int, device: torch.device
+) -> tuple[Tensor, ...]:
+    """Every row chunk's tile order on `device`, cached: a training run repeats the same few shapes, and building
+    the orders on the host (tens of ms at 32K) would leave the GPU idle when no teacher-LSE pass hides it."""
+    cfg = FusedConfig(tile_rows=tile_rows, tile_cols=tile_cols, tile_group=tile_group)
+    orders = [_tile_order(start // tile_rows, min(start + chunk, seq), cfg) for start in range(0, seq, chunk)]
+    return _to_device(torch.cat(orders), device).split([len(order) for order in orders])
+
+
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
     """Copy a small host tensor without stalling the stream (a pageable copy would wait for queued kernels)."""
     if device.type != "cuda":
@@ -503,6 +524,9 @@ def fused_sums(
 ) -> Sums:
     """The loss's row sums and gradients; `padded`: some key in `real` is padding (the kernels then test it)."""
     cfg = cfg or CONFIG
+    for size in (cfg.dq_rows, cfg.dq_cols, cfg.dk_rows, cfg.dk_cols):
+        if min(cfg.tile_rows, cfg.tile_cols) % size:
+            raise ValueError(f"FusedConfig: pass D/E block {size} must divide the pass-C tile {cfg.tile_rows}")
     q, k, w = (x.contiguous() for x in (indexer.q, indexer.k, indexer.w))
     batch, seq, num_idx_heads, idx_dim = q.shape
     teachers, q_table, k_table, scales = _teacher_tables(teachers)
@@ -543,8 +567,7 @@ def fused_sums(
     grad_strides = (scratch.stride(0), scratch.stride(1))
     partial_sums = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
     chunks = [(start, min(start + chunk, seq)) for start in range(0, seq, chunk)]
-    orders = [_tile_order(start // cfg.tile_rows, stop, cfg) for start, stop in chunks]
-    all_tiles = _to_device(torch.cat(orders), device).split([len(order) for order in orders])
+    all_tiles = _chunk_tiles(seq, chunk, cfg.tile_rows, cfg.tile_cols, cfg.tile_group, device)
     for (chunk_start, chunk_stop), tiles in zip(chunks, all_tiles, strict=True):
         grid = (tiles.shape[0], batch)
         _student_tile_kernel[grid](
@@ -569,14 +592,16 @@ def fused_sums(
         partial_sums += partial.double().sum(dim=(0, 1))
         if not want_grad:
             continue
-        _dq_dw_kernel[(num_idx_heads, triton.cdiv(chunk_stop - chunk_start, cfg.grad_block), batch)](
+        _dq_dw_kernel[(num_idx_heads, triton.cdiv(chunk_stop - chunk_start, cfg.dq_rows), batch)](
             q, k, w, scratch, dq, dw, seq, chunk_start, inv_rows, *index_strides, *grad_strides,
-            BLOCK_T=cfg.grad_block, BLOCK_DI=idx_dim, num_warps=cfg.grad_warps, num_stages=cfg.stages,
+            BLOCK_T=cfg.dq_rows, BLOCK_S=cfg.dq_cols, BLOCK_DI=idx_dim, num_warps=cfg.dq_warps,
+            num_stages=cfg.stages,
         )  # fmt: skip
-        _dk_kernel[(triton.cdiv(chunk_stop, cfg.grad_block), batch)](
+        _dk_kernel[(triton.cdiv(chunk_stop, cfg.dk_cols), batch)](
             q, k, w, scratch, dk, seq, chunk_start, chunk_stop, num_idx_heads, inv_rows, *index_strides,
             *grad_strides, dk.stride(0), dk.stride(1),
-            BLOCK_T=cfg.grad_block, BLOCK_DI=idx_dim, num_warps=cfg.grad_warps, num_stages=cfg.stages,
+            BLOCK_T=cfg.dk_rows, BLOCK_S=cfg.dk_cols, BLOCK_DI=idx_dim, num_warps=cfg.dk_warps,
+            num_stages=cfg.stages,
         )  # fmt: skip
     p_log2_p, p_log2_q = partial_sums[:, 0], partial_sums[:, 1]
     return Sums(
