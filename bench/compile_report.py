@@ -28,7 +28,7 @@ from indexcache.losses import fused
 FLOAT_ARGS = {"inv_rows"}
 INT64_TABLES = {"q_table", "k_table"}
 FP32_POINTERS = {"scale_table", "lse_ptr", "teacher_lse_ptr", "student_lse_ptr", "partial_ptr", "p_ptr"}
-FP32_POINTERS |= {"d_logits_ptr", "log2_q_ptr", "dk_ptr"}
+FP32_POINTERS |= {"d_logits_ptr", "logits_ptr", "stats_ptr", "dk_ptr"}
 INT_POINTERS = {"key_ok_ptr": "*i8", "row_ok_ptr": "*i8", "bits_ptr": "*i32", "tiles_ptr": "*i32"}
 
 
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=fused.CONFIG.tile_stages)
     parser.add_argument("--dq", type=int, nargs=3, default=None, help="pass D rows, cols, warps")
     parser.add_argument("--dk", type=int, nargs=3, default=None, help="pass E rows, cols, warps")
-    parser.add_argument("--kernels", nargs="*", default=["C1", "C0", "A", "B", "D", "E"])
+    parser.add_argument("--kernels", nargs="*", default=["C1", "C0", "A", "D", "E"])
     parser.add_argument("--sparse", action="store_true")
     parser.add_argument("--head-dim", type=int, default=256, help="teacher q.k width (GLM-5 256, DeepSeek-V3.2 192)")
     args = parser.parse_args()
@@ -102,20 +102,19 @@ def main() -> None:
     bf16 = triton.language.bfloat16
     c1 = dict(DTYPE=bf16, **tile, BLOCK_D=args.depth, NUM_D_CHUNKS=-(-args.head_dim // args.depth))
     c1.update(HEAD_DIM=args.head_dim)
-    c1.update(STAGES=args.stages, FIRST=True, LAST=True, WRITE_GRAD=True, **masks)
+    c1.update(STAGES=args.stages, FIRST=True, LAST=True, FIRST_LAYER=False, WRITE_GRAD=True, **masks)
     lse = dict(BLOCK_T=cfg.lse_rows, BLOCK_S=cfg.lse_cols)
     dq = args.dq or (cfg.dq_rows, cfg.dq_cols, cfg.dq_warps)
     dk = args.dk or (cfg.dk_rows, cfg.dk_cols, cfg.dk_warps)
     plans = {  # name: (kernel, constexprs, warps, stages)
         "C1": (fused._teacher_tile_kernel, c1, args.warps, args.stages),
-        "C0": (fused._student_tile_kernel, dict(**tile, BLOCK_DI=128, WRITE_GRAD=True, **masks), args.warps, 2),
+        "C0": (fused._student_tile_kernel, dict(**tile, BLOCK_DI=128, **masks), args.warps, 2),
         "A": (
             fused._teacher_lse_kernel,
             dict(DTYPE=bf16, **lse, BLOCK_D=triton.next_power_of_2(args.head_dim), HEAD_DIM=args.head_dim, **masks),
             cfg.lse_warps,
             cfg.lse_stages,
         ),
-        "B": (fused._student_lse_kernel, dict(**lse, BLOCK_DI=128, **masks), cfg.lse_warps, cfg.stages),
         "D": (fused._dq_dw_kernel, dict(BLOCK_T=dq[0], BLOCK_S=dq[1], BLOCK_DI=128), dq[2], cfg.stages),
         "E": (fused._dk_kernel, dict(BLOCK_T=dk[0], BLOCK_S=dk[1], BLOCK_DI=128), dk[2], cfg.stages),
     }

@@ -134,8 +134,9 @@ def measure(
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    # Warm-up compiles; the kernels' constants do not depend on T, so long runs need none of their own.
-    first = median_seconds(step, reps=1, warmup=1 if seq <= 16384 else 0)
+    # One warm-up run at every T: it compiles (new shapes specialise new kernels: V3.2's D=192), grows the
+    # allocator's pool and builds the tile orders. Timing a cold first run inflated 128K to 8.8x (v3 notes).
+    first = median_seconds(step, reps=1, warmup=1)
     peak = torch.cuda.max_memory_allocated() - base
     reps = max(1, min(10, int(max_seconds / max(first, 1e-4)) - 1))
     seconds = median_seconds(step, reps=reps, warmup=0) if reps > 1 else first

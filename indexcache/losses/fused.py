@@ -3,12 +3,13 @@
 Passes (all accumulate in float32; inputs bf16/fp16):
   A. teacher log-sum-exp per (layer, head, row)      grid (row blocks, B*H, G), flash-style: Q stays on chip.
      Skipped when every TeacherInputs carries the attention kernel's `logsumexp`.
-  B. student log-sum-exp per row                       grid (row blocks, B)
   then, for each chunk of R query rows, one program per causal (row block, key block) tile:
-  C0. indexer logits, log2 q and dI = q, written to two [R, T] fp32 scratch buffers
+  C0. indexer logits (log2 units) to an [R, T] fp32 scratch buffer, and per row their max and sum of exp2 over
+      the tile's keys, combined on the host side into the student's log-sum-exp (no separate LSE pass)
   C1. one launch per served layer (or per slab of its heads): the layer's head-averaged p summed over heads on
-      chip, the KL/entropy partial sums, and dI -= p / G. Launching layer by layer keeps the programs in
-      flight on the same few heads, so their Q and K tiles are shared in L2 instead of re-read from memory.
+      chip, log2 q from the stored logits, the KL/entropy partial sums, and dI = q - p / G (first layer) or
+      dI -= p / G into a second scratch buffer. Launching layer by layer keeps the programs in flight on the
+      same few heads, so their Q and K tiles are shared in L2 instead of re-read from memory.
   D. dq, dw: one program per (row block, indexer head), looping over key blocks
   E. dk:     one program per key block, looping over the chunk's row blocks and indexer heads
 No [T, T] tensor is allocated. dI for one row chunk ([R, T], with R chosen so that the scratch buffers stay
@@ -216,50 +217,18 @@ def _teacher_lse_kernel(
 
 
 @triton.jit
-def _student_lse_kernel(
-    q_ptr, k_ptr, w_ptr, lse_ptr, key_ok_ptr, bits_ptr,
-    seq_len, num_idx_heads,
-    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_okb, s_bitb, s_bitt,
+def _student_tile_kernel(
+    q_ptr, k_ptr, w_ptr, key_ok_ptr, bits_ptr, tiles_ptr, logits_ptr, stats_ptr,
+    seq_len, chunk_start, num_idx_heads,
+    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_okb, s_bitb, s_bitt, s_gb, s_gt, s_sb, s_st,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
     MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    # Last row blocks first, as in pass A: the launch must not end on the few programs that see the most keys.
-    pid_t, b = tl.cdiv(seq_len, BLOCK_T) - 1 - tl.program_id(0), tl.program_id(1).to(tl.int64)
-    first_row = pid_t * BLOCK_T
-    rows = first_row + tl.arange(0, BLOCK_T)
-    row_in = rows < seq_len
-    di = tl.arange(0, BLOCK_DI)
-    q_b, w_b, key_ok, bits = q_ptr + b * s_qb, w_ptr + b * s_wb, key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb
-    running_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    running_sum = tl.zeros([BLOCK_T], tl.float32)
-    for start in range(0, first_row, BLOCK_S):
-        cols = start + tl.arange(0, BLOCK_S)
-        k_t = tl.load(k_ptr + b * s_kb + cols[None, :] * s_kt + di[:, None])
-        logits = _indexer_logits(q_b, w_b, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI)
-        logits = logits * 1.4426950408889634
-        if MASK_KEYS or SPARSE:
-            allowed = _allowed(rows, cols, seq_len, key_ok, bits, s_bitt, False, MASK_KEYS, SPARSE)
-            logits = tl.where(allowed, logits, float("-inf"))
-        running_max, running_sum = _lse_update(logits, running_max, running_sum)
-    for start in range(first_row, first_row + BLOCK_T, BLOCK_S):
-        cols = start + tl.arange(0, BLOCK_S)
-        k_t = tl.load(k_ptr + b * s_kb + cols[None, :] * s_kt + di[:, None], mask=cols[None, :] < seq_len, other=0.0)
-        logits = _indexer_logits(q_b, w_b, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI)
-        allowed = _allowed(rows, cols, seq_len, key_ok, bits, s_bitt, True, MASK_KEYS, SPARSE)
-        logits = tl.where(allowed, logits * 1.4426950408889634, float("-inf"))
-        running_max, running_sum = _lse_update(logits, running_max, running_sum)
-    tl.store(lse_ptr + b * seq_len + rows, _finish_lse(running_max, running_sum), mask=row_in)
+    """Pass C0: one tile's indexer logits (log2 units) and, per row, their max and sum of exp2 over its keys.
 
-
-@triton.jit
-def _student_tile_kernel(
-    q_ptr, k_ptr, w_ptr, student_lse_ptr, key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr, d_logits_ptr, log2_q_ptr,
-    seq_len, chunk_start, num_idx_heads,
-    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_okb, s_bitb, s_bitt, s_gb, s_gt,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
-    MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-):  # fmt: skip
-    """Pass C0: log2 q of one tile, and dI * N = q where gradients are wanted."""
+    The student's log-sum-exp is then the combination of each row's per-tile pairs (`_combine_student_lse`), so
+    the logits are computed once here instead of once more in a separate LSE pass; C1 normalises them.
+    """
     pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     row_block, col_block = tl.load(tiles_ptr + 2 * pid), tl.load(tiles_ptr + 2 * pid + 1)
     rows = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -267,37 +236,38 @@ def _student_tile_kernel(
     row_in = rows < seq_len
     di = tl.arange(0, BLOCK_DI)
     key_ok, bits = key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb
-    tile = b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :]
     k_t = tl.load(k_ptr + b * s_kb + cols[None, :] * s_kt + di[:, None], mask=cols[None, :] < seq_len, other=0.0)
     logits = _indexer_logits(
         q_ptr + b * s_qb, w_ptr + b * s_wb, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI
     )
-    student_lse = tl.load(student_lse_ptr + b * seq_len + rows, mask=row_in, other=0.0)
+    logits = logits * 1.4426950408889634
+    tl.store(logits_ptr + b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :], logits, mask=row_in[:, None])
     allowed = _allowed(rows, cols, seq_len, key_ok, bits, s_bitt, True, MASK_KEYS, SPARSE)
-    log2_q = tl.where(allowed, logits * 1.4426950408889634 - student_lse[:, None], 0.0)
-    tl.store(log2_q_ptr + tile, log2_q, mask=row_in[:, None])
-    if WRITE_GRAD:
-        # dI * N starts as q; each layer subtracts p_layer / G in pass C1. The 1/N is applied to the float32
-        # accumulators of passes D and E (keeps fp16 off subnormals).
-        row_ok = tl.load(row_ok_ptr + b * s_okb + rows, mask=row_in, other=0) != 0
-        tl.store(d_logits_ptr + tile, tl.where(allowed & row_ok[:, None], tl.exp2(log2_q), 0.0), mask=row_in[:, None])
+    tile_max, tile_sum = _lse_update(
+        tl.where(allowed, logits, float("-inf")), tl.full([BLOCK_T], float("-inf"), tl.float32), 0.0
+    )
+    stats = stats_ptr + b * s_sb + (rows - chunk_start) * s_st + 2 * col_block
+    tl.store(stats, tile_max, mask=row_in)
+    tl.store(stats + 1, tile_sum, mask=row_in)
 
 
 @triton.jit
 def _teacher_tile_kernel(
-    q_table, k_table, scale_table, teacher_lse_ptr, key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr,
-    partial_ptr, p_ptr, d_logits_ptr, log2_q_ptr,
+    q_table, k_table, scale_table, teacher_lse_ptr, student_lse_ptr, key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr,
+    partial_ptr, p_ptr, d_logits_ptr, logits_ptr,
     seq_len, chunk_start, layer, first_head, num_slab_heads, num_layers, num_heads, heads_per_kv,
     s_tqb, s_tqh, s_tqt, s_tkb, s_tkh, s_tkt, s_okb, s_bitb, s_bitt, s_gb, s_gt,
     DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_D_CHUNKS: tl.constexpr, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr,
-    FIRST: tl.constexpr, LAST: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, FIRST_LAYER: tl.constexpr,
     MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):  # fmt: skip
     """Pass C1: sum over heads [first_head, first_head + num_slab_heads) of one layer's softmax on one tile.
 
     The head sum must happen on chip, per tile: p_bar is a mean of per-head softmaxes. With head slabs
-    (FIRST/LAST false) the running sum goes through p_ptr between launches.
+    (FIRST/LAST false) the running sum goes through p_ptr between launches. The last slab adds the layer's KL and
+    entropy partial sums and its -p/G to dI; the first layer's starts dI at q (dI * N = q - p_bar: the 1/N is
+    applied to the float32 accumulators of passes D and E, which keeps fp16 off subnormals).
     """
     pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     row_block, col_block = tl.load(tiles_ptr + 2 * pid), tl.load(tiles_ptr + 2 * pid + 1)
@@ -336,13 +306,17 @@ def _teacher_tile_kernel(
         row_ok = tl.load(row_ok_ptr + b * s_okb + rows, mask=row_in, other=0) != 0
         allowed = _allowed(rows, cols, seq_len, key_ok, bits, s_bitt, True, MASK_KEYS, SPARSE)
         p_layer = tl.where(allowed & row_ok[:, None], p_layer / num_heads, 0.0)
-        p_log2_p = p_layer * tl.log2(tl.where(p_layer > 0, p_layer, 1.0))
-        log2_q = tl.load(log2_q_ptr + tile, mask=row_in[:, None], other=0.0)
         part = partial_ptr + ((pid * tl.num_programs(1) + b) * num_layers + layer) * 2
-        tl.store(part, tl.sum(tl.sum(p_log2_p, 1), 0))
+        tl.store(part, tl.sum(tl.sum(p_layer * tl.log2(tl.where(p_layer > 0, p_layer, 1.0)), 1), 0))
+        student_lse = tl.load(student_lse_ptr + b * seq_len + rows, mask=row_in, other=0.0)
+        log2_q = tl.load(logits_ptr + tile, mask=row_in[:, None], other=0.0) - student_lse[:, None]
+        log2_q = tl.where(allowed, log2_q, 0.0)
         tl.store(part + 1, tl.sum(tl.sum(p_layer * log2_q, 1), 0))
         if WRITE_GRAD:
-            d_logits = tl.load(d_logits_ptr + tile, mask=row_in[:, None], other=0.0)
+            if FIRST_LAYER:
+                d_logits = tl.where(allowed & row_ok[:, None], tl.exp2(log2_q), 0.0)
+            else:
+                d_logits = tl.load(d_logits_ptr + tile, mask=row_in[:, None], other=0.0)
             tl.store(d_logits_ptr + tile, d_logits - p_layer / num_layers, mask=row_in[:, None])
     else:
         tl.store(p_ptr + tile, p_layer, mask=row_in[:, None])
@@ -488,6 +462,18 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def _combine_student_lse(stats: Tensor) -> Tensor:
+    """[B, R] log2-sum-exp2 of each row's logits from its per-key-block (max, sum of exp2) pairs [B, R, n, 2].
+
+    A row with no visible key gets 0 (as `_finish_lse` gives): it carries no loss and exp2(-inf - 0) = 0.
+    """
+    block_max, block_sum = stats.unbind(-1)
+    row_max = block_max.amax(dim=-1)
+    safe = torch.where(torch.isinf(row_max), 0.0, row_max)  # -inf only for a row with no key at all
+    total = (block_sum * torch.exp2(block_max - safe[..., None])).sum(dim=-1)
+    return torch.where(total > 0, safe + torch.log2(total), 0.0)
+
+
 def _teacher_lse(
     teachers: list[TeacherInputs], tables: tuple[Tensor, Tensor, Tensor], key_ok: Tensor, bits: Tensor,
     flags: dict, cfg: FusedConfig,
@@ -545,21 +531,18 @@ def fused_sums(
 
     teacher_lse = _teacher_lse(teachers, (q_table, k_table, scales), key_ok, bits, flags, cfg)
     student_lse = torch.empty(batch, seq, dtype=torch.float32, device=device)
-    _student_lse_kernel[(triton.cdiv(seq, cfg.lse_rows), batch)](
-        q, k, w, student_lse, key_ok, bits, seq, num_idx_heads, *index_strides, *mask_strides,
-        BLOCK_T=cfg.lse_rows, BLOCK_S=cfg.lse_cols, BLOCK_DI=idx_dim, **flags,
-        num_warps=cfg.lse_warps, num_stages=cfg.stages,
-    )  # fmt: skip
 
     slab = cfg.heads_per_launch if 0 < cfg.heads_per_launch < num_heads else num_heads
     depth = min(cfg.tile_depth, triton.next_power_of_2(head_dim))
     padded = triton.cdiv(seq, cfg.tile_rows) * cfg.tile_rows
-    buffers = 1 + want_grad + (slab < num_heads)  # log2 q; dI when gradients are wanted; p between head slabs
+    buffers = 1 + want_grad + (slab < num_heads)  # logits; dI when gradients are wanted; p between head slabs
     chunk_limit = cfg.scratch_bytes // (4 * buffers * batch * padded) // cfg.tile_rows * cfg.tile_rows
     chunk = max(cfg.tile_rows, min(padded, chunk_limit))
-    log2_q_scratch = torch.empty(batch, chunk, padded, dtype=torch.float32, device=device)
-    scratch = torch.empty_like(log2_q_scratch) if want_grad else log2_q_scratch
-    p_scratch = torch.empty_like(log2_q_scratch) if slab < num_heads else log2_q_scratch
+    logits_scratch = torch.empty(batch, chunk, padded, dtype=torch.float32, device=device)
+    scratch = torch.empty_like(logits_scratch) if want_grad else logits_scratch
+    p_scratch = torch.empty_like(logits_scratch) if slab < num_heads else logits_scratch
+    # Per row and key block of the chunk: max and sum of exp2 of the student logits (pass C0's LSE partials).
+    stats = torch.empty(batch, chunk, triton.cdiv(padded, cfg.tile_cols), 2, dtype=torch.float32, device=device)
     dq = torch.empty_like(q) if want_grad else None
     dw = torch.empty_like(w) if want_grad else None
     dk = torch.zeros(batch, seq, idx_dim, dtype=torch.float32, device=device) if want_grad else None
@@ -570,23 +553,27 @@ def fused_sums(
     all_tiles = _chunk_tiles(seq, chunk, cfg.tile_rows, cfg.tile_cols, cfg.tile_group, device)
     for (chunk_start, chunk_stop), tiles in zip(chunks, all_tiles, strict=True):
         grid = (tiles.shape[0], batch)
+        stats[..., 0].fill_(float("-inf"))  # key blocks past a row block's diagonal have no tile: no keys
+        stats[..., 1].zero_()
         _student_tile_kernel[grid](
-            q, k, w, student_lse, key_ok, row_ok, bits, tiles, scratch, log2_q_scratch,
-            seq, chunk_start, num_idx_heads, *index_strides, *mask_strides, *grad_strides,
-            BLOCK_T=cfg.tile_rows, BLOCK_S=cfg.tile_cols, BLOCK_DI=idx_dim, WRITE_GRAD=want_grad, **flags,
+            q, k, w, key_ok, bits, tiles, logits_scratch, stats,
+            seq, chunk_start, num_idx_heads, *index_strides, *mask_strides, *grad_strides, stats.stride(0),
+            stats.stride(1), BLOCK_T=cfg.tile_rows, BLOCK_S=cfg.tile_cols, BLOCK_DI=idx_dim, **flags,
             num_warps=cfg.tile_warps, num_stages=cfg.stages,
         )  # fmt: skip
+        student_lse[:, chunk_start:chunk_stop] = _combine_student_lse(stats[:, : chunk_stop - chunk_start])
         partial = torch.empty(tiles.shape[0], batch, num_layers, 2, dtype=torch.float32, device=device)
         for layer in range(num_layers):
             for first_head in range(0, num_heads, slab):
                 _teacher_tile_kernel[grid](
-                    q_table, k_table, scales, teacher_lse, key_ok, row_ok, bits, tiles,
-                    partial, p_scratch, scratch, log2_q_scratch,
+                    q_table, k_table, scales, teacher_lse, student_lse, key_ok, row_ok, bits, tiles,
+                    partial, p_scratch, scratch, logits_scratch,
                     seq, chunk_start, layer, first_head, min(slab, num_heads - first_head), num_layers, num_heads,
                     num_heads // num_kv_heads, *teacher_strides, *mask_strides, *grad_strides,
                     DTYPE=_TL_DTYPES[query.dtype], BLOCK_T=cfg.tile_rows, BLOCK_S=cfg.tile_cols, BLOCK_D=depth,
                     NUM_D_CHUNKS=triton.cdiv(head_dim, depth), HEAD_DIM=head_dim, STAGES=cfg.tile_stages,
-                    FIRST=first_head == 0, LAST=first_head + slab >= num_heads, WRITE_GRAD=want_grad, **flags,
+                    FIRST=first_head == 0, LAST=first_head + slab >= num_heads, FIRST_LAYER=layer == 0,
+                    WRITE_GRAD=want_grad, **flags,
                     num_warps=cfg.tile_warps, num_stages=cfg.tile_stages,
                 )  # fmt: skip
         partial_sums += partial.double().sum(dim=(0, 1))
