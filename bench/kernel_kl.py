@@ -104,16 +104,23 @@ def step_fn(indexer, teachers, topk, impl: str, chunk_size: int = 1024, loss_fn=
     return step
 
 
-def with_teacher_lse(teachers: list[TeacherInputs]) -> list[TeacherInputs]:
-    """The teachers with their natural-log LSE attached (computed by pass A, standing in for the attention's)."""
+def with_teacher_lse(teachers: list[TeacherInputs], topk=None) -> list[TeacherInputs]:
+    """The teachers with their natural-log LSE attached (computed by pass A, standing in for the attention's).
+
+    With `topk` the LSE is over each row's selected set, as the sparse-mode attention kernel returns it.
+    """
     from indexcache.losses import fused
 
     seq = teachers[0].query.shape[2]
-    real = torch.ones(1, seq, dtype=torch.int8, device="cuda")
-    bits = torch.zeros(1, 1, 1, dtype=torch.int32, device="cuda")
+    real = torch.ones(1, seq, dtype=torch.bool, device="cuda")
+    if topk is None:
+        bits = torch.zeros(1, 1, 1, dtype=torch.int32, device="cuda")
+    else:
+        bits = fused.selection_bitmap(topk, real)
     teachers, *tables = fused._teacher_tables(teachers)
-    flags = {"MASK_KEYS": False, "SPARSE": False}
-    lse = fused._teacher_lse(teachers, tuple(tables), real, bits, flags, fused.CONFIG) / fused.LOG2E
+    flags = {"MASK_KEYS": False, "SPARSE": topk is not None}
+    key_ok = real.to(torch.int8)
+    lse = fused._teacher_lse(teachers, tuple(tables), key_ok, bits, flags, fused.CONFIG) / fused.LOG2E
     return [dataclasses.replace(t, logsumexp=lse[i]) for i, t in enumerate(teachers)]
 
 
@@ -129,7 +136,7 @@ def measure(
 ) -> dict:
     indexer, teachers, topk = make_inputs(seq, shape, sparse_k)
     if lse:
-        teachers = with_teacher_lse(teachers)
+        teachers = with_teacher_lse(teachers, topk)
     step = step_fn(indexer, teachers, topk, impl, loss_fn=loss_fn)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -220,7 +227,7 @@ def profile_passes(seq: int, sparse_k: int | None, lse: bool = False, shape: dic
     """
     indexer, teachers, topk = make_inputs(seq, shape, sparse_k)
     if lse:
-        teachers = with_teacher_lse(teachers)
+        teachers = with_teacher_lse(teachers, topk)
     step = step_fn(indexer, teachers, topk, "fused")
     step()
     torch.cuda.synchronize()
@@ -263,6 +270,7 @@ def main() -> None:
     parser.add_argument("--no-sparse", action="store_true")
     parser.add_argument("--sparse-lengths", type=int, nargs="+", default=None, help="default: --lengths")
     parser.add_argument("--lse-lengths", type=int, nargs="*", default=[], help="dense with teacher LSE given")
+    parser.add_argument("--sparse-lse-lengths", type=int, nargs="*", default=[], help="sparse, teacher LSE given")
     parser.add_argument("--v32-lengths", type=int, nargs="*", default=[], help="DeepSeek-V3.2 shapes, dense")
     parser.add_argument("--profile-lse", action="store_true", help="also profile with the teacher LSE given")
     parser.add_argument("--profile-sparse", type=int, default=0, help="T at which to profile the sparse path")
@@ -285,7 +293,7 @@ def main() -> None:
 
     lines = [
         f"GPU {gpu}; bf16 matmul {rate / 1e12:.0f} TFLOP/s; GLM-5 group G=4 H=64 D=256 H_I=32 D_I=128, B=1",
-        f"{'variant':<10}{'T':>8}{'fused ms':>11}{'floor ms':>10}{'ratio':>7}{'extra GiB':>11}{'chunked ms':>12}",
+        f"{'variant':<12}{'T':>8}{'fused ms':>11}{'floor ms':>10}{'ratio':>7}{'extra GiB':>11}{'chunked ms':>12}",
     ]
     runs = [("dense", None, seq, {}) for seq in args.lengths]
     runs += [("dense+lse", None, seq, dict(lse=True)) for seq in args.lse_lengths]
@@ -293,6 +301,7 @@ def main() -> None:
     runs += [("v32+lse", None, seq, dict(shape=DSV32, lse=True)) for seq in args.v32_lengths]
     if not args.no_sparse:
         runs += [(f"k={SPARSE_K}", SPARSE_K, seq, {}) for seq in args.sparse_lengths or args.lengths]
+        runs += [(f"k={SPARSE_K}+lse", SPARSE_K, seq, dict(lse=True)) for seq in args.sparse_lse_lengths]
     if args.baseline:
         baseline = load_baseline(args.baseline).fused_multi_layer_kl
         runs += [("baseline", None, seq, dict(loss_fn=baseline)) for seq in args.baseline_lengths]
@@ -307,11 +316,11 @@ def main() -> None:
         row["variant"] = name
         report["rows"].append(row)
         if "error" in row:
-            lines.append(f"{name:<10}{seq:>8}  {row['error']}")
+            lines.append(f"{name:<12}{seq:>8}  {row['error']}")
         else:
             chunked = f"{row['chunked_seconds'] * 1e3:>12.0f}" if "chunked_seconds" in row else f"{'-':>12}"
             lines.append(
-                f"{name:<10}{seq:>8}{row['seconds'] * 1e3:>11.1f}{row['floor'] * 1e3:>10.1f}"
+                f"{name:<12}{seq:>8}{row['seconds'] * 1e3:>11.1f}{row['floor'] * 1e3:>10.1f}"
                 f"{row['seconds'] / row['floor']:>7.2f}{row['peak_extra_gib']:>11.2f}{chunked}"
             )
         print(lines[-1], flush=True)

@@ -38,6 +38,9 @@ def test_fused_loss_in_the_bf16_model_matches_chunked(model_type, mode):
         grads = {name: p.grad.detach().clone() for name, p in model.indexer_parameters()}
         results[impl] = (out.kl_loss.detach(), grads, out.metrics)
     (loss_c, grads_c, metrics_c), (loss_f, grads_f, metrics_f) = results["chunked"], results["fused"]
+    # Padding (and in sparse mode the top-k set) takes the masked kernel, which also hands over its LSE.
+    assert metrics_f.pop("indexcache/teacher_lse_from_attention") == 1.0
+    assert metrics_c.pop("indexcache/teacher_lse_from_attention") == 0.0
     assert torch.isfinite(loss_f)
     assert _rel(loss_f, loss_c) < 1e-2
     for name in grads_c:
@@ -63,6 +66,31 @@ def test_flash_attention_returns_the_teachers_logsumexp():
     causal = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()
     expected_lse = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
     assert lse.dtype == torch.float32 and not lse.requires_grad
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=1e-3)
+    (grad,) = torch.autograd.grad(output.float().square().sum(), query)
+    (grad_expected,) = torch.autograd.grad(expected.float().square().sum(), query)
+    assert _rel(grad, grad_expected) < 2e-2
+
+
+def test_masked_attention_returns_the_teachers_logsumexp():
+    """The masked GPU path (padding or top-k) equals sdpa with the boolean mask; its LSE is over allowed keys."""
+    from indexcache.model.wrapper import _masked_attention_with_lse
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    batch, heads, seq, dim, value_dim, scaling = 2, 4, 200, 64, 48, 0.13  # 200: rows not a multiple of 16
+    query, key = (torch.randn(batch, heads, seq, dim, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in "qk")
+    value = torch.randn(batch, heads, seq, value_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()
+    allowed = (torch.rand(batch, 1, seq, seq, generator=gen, device="cuda") < 0.3) & causal
+    allowed |= torch.eye(seq, dtype=torch.bool, device="cuda")  # every row keeps a key, as _allowed_keys ensures
+    query.requires_grad_()
+    output, lse = _masked_attention_with_lse(query, key, value, allowed, scaling, 0.0)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    assert output.shape == expected.shape
+    assert _rel(output, expected) < 1e-2
+    scores = scaling * (query.detach().float() @ key.float().transpose(-1, -2))
+    expected_lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+    assert lse.shape == (batch, heads, seq) and lse.dtype == torch.float32 and not lse.requires_grad
     torch.testing.assert_close(lse, expected_lse, rtol=0, atol=1e-3)
     (grad,) = torch.autograd.grad(output.float().square().sum(), query)
     (grad_expected,) = torch.autograd.grad(expected.float().square().sum(), query)

@@ -6,19 +6,21 @@ the model's attention implementation to it. For any implementation other than ea
 passes its indexer's result as `indices=` and the plain causal mask to the backend, plus the model's `**kwargs`,
 through which `forward` hands the backend this forward's `ForwardContext`. The backend then
 
-- dense mode (warm-up): runs dense causal attention, ignoring the indices (on a GPU, without padding, through
-  the flash kernel, whose per-head log-sum-exp then goes to the fused loss with the teacher);
+- dense mode (warm-up): runs dense causal attention, ignoring the indices;
 - sparse mode: attends only to the layer's top-k set (a row with fewer visible keys than K attends to all of them);
 
-and in both records the layer's detached query/key (after RoPE) as its teacher. Once the last layer a group
-serves has run, the group's `multi_layer_kl` is computed and the captured tensors are freed, so at most one
-group's teachers are alive at a time.
+and in both records the layer's detached query/key (after RoPE) as its teacher. On a GPU (one key head per query
+head, bf16/fp16) it calls the flash kernel (no mask) or the memory-efficient one (padding or top-k mask) that
+sdpa would pick, through their aten ops, which also return each head's log-sum-exp: the teacher carries it and
+the fused loss skips its own LSE pass. Once the last layer a group serves has run, the group's `multi_layer_kl`
+is computed and the captured tensors are freed, so at most one group's teachers are alive at a time.
 
 Losses (DESIGN.md section 1): each group's loss is the mean over valid (non-padding) query rows of
 (1/G) sum_j KL(p_j || q_f); `kl_loss` is the sum over F layers of their group's loss.
 
 Known cost: sparse mode (and any padded batch) builds a [B, 1, T, T] boolean mask per layer for sdpa, as the stock
-eager path does; a kernel that gathers the K selected keys instead would avoid it.
+eager path does (on a GPU also the additive bias sdpa would build from it); a kernel that gathers the K selected
+keys instead would avoid both.
 """
 
 from __future__ import annotations
@@ -204,31 +206,36 @@ def indexcache_attention(
     if sparse and indices.topk_indices is None:
         raise AssertionError(f"sparse mode, but F layer {indices.layer_idx} computed no top-k")
     enable_gqa = query.shape[1] != key.shape[1]
+    with_lse = _lse_usable(query, key, value, context.loss_impl)
     logsumexp = None
-    if not sparse and context.attention_mask is None and _flash_lse_usable(query, key, value, context.loss_impl):
-        output, logsumexp = _causal_attention_with_lse(query, key, value, scaling, dropout)
-    elif not sparse and context.attention_mask is None:
+    if not sparse and context.attention_mask is None:
         # No padding and no top-k: the plain causal kernel (flash on GPU) needs no [T, S] mask at all.
-        output = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=enable_gqa
-        )
+        if with_lse:
+            output, logsumexp = _causal_attention_with_lse(query, key, value, scaling, dropout)
+        else:
+            output = F.scaled_dot_product_attention(
+                query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=enable_gqa
+            )
     else:
         if attention_mask is None:
             raise AssertionError("the indexcache backend expects the boolean causal mask it registered")
         allowed = _allowed_keys(attention_mask, indices.topk_indices if sparse else None)
-        output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=enable_gqa
-        )
+        if with_lse:
+            output, logsumexp = _masked_attention_with_lse(query, key, value, allowed, scaling, dropout)
+        else:
+            output = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=enable_gqa
+            )
     teacher = TeacherInputs(query=query.detach(), key=key.detach(), scaling=scaling, logsumexp=logsumexp)
     context.record(module.layer_idx, indices, teacher)
     return output.transpose(1, 2).contiguous(), None
 
 
-def _flash_lse_usable(query: Tensor, key: Tensor, value: Tensor, loss_impl: str) -> bool:
-    """Whether torch's flash kernel can run this layer's causal attention and hand its LSE to the fused loss.
+def _lse_usable(query: Tensor, key: Tensor, value: Tensor, loss_impl: str) -> bool:
+    """Whether this layer's attention runs through a GPU kernel that hands its LSE to the fused loss.
 
     CUDA sm80+, bf16/fp16, one key head per query head (GLM-5 and DeepSeek-V3.2 after the MLA up-projection),
-    q/k width <= 256 and a value width no wider (narrower values are zero-padded). Only for a loss that can use
+    q/k width <= 256 and a value width no wider (flash zero-pads narrower values). Only for a loss that can use
     the LSE (the chunked path computes its own): anything else takes the plain sdpa path.
     """
     if loss_impl == "chunked" or not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16):
@@ -256,6 +263,27 @@ def _causal_attention_with_lse(
         query, key, padded_value, dropout, True, False, scale=scaling
     )[:2]
     return output[..., :value_dim], logsumexp.detach()
+
+
+def _masked_attention_with_lse(
+    query: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling: float, dropout: float
+) -> tuple[Tensor, Tensor]:
+    """Attention over the `allowed` keys ([B, 1, T, S] bool) and each head's natural-log LSE [B, H, T], detached.
+
+    The memory-efficient kernel is the one sdpa runs for a boolean mask on a GPU. Called directly it also returns
+    the LSE, which in sparse mode is over each row's top-k set, as the sparse loss needs. The mask becomes the
+    additive bias sdpa would build from it, in the same memory, with rows padded to 16 elements as that kernel
+    requires.
+    """
+    batch, heads, seq, _ = query.shape
+    num_keys = allowed.shape[-1]
+    aligned = -(-num_keys // 16) * 16
+    bias = torch.full((*allowed.shape[:-1], aligned), float("-inf"), dtype=query.dtype, device=query.device)
+    bias = bias[..., :num_keys].masked_fill_(allowed, 0.0)
+    output, logsumexp = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, bias.expand(batch, heads, seq, num_keys), True, dropout, False, scale=scaling
+    )[:2]
+    return output, logsumexp[..., :seq].detach()
 
 
 def register_backend() -> None:
