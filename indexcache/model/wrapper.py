@@ -206,7 +206,7 @@ def indexcache_attention(
     if sparse and indices.topk_indices is None:
         raise AssertionError(f"sparse mode, but F layer {indices.layer_idx} computed no top-k")
     enable_gqa = query.shape[1] != key.shape[1]
-    with_lse = _lse_usable(query, key, value, context.loss_impl)
+    with_lse = _lse_usable(query, key, value)
     logsumexp = None
     if not sparse and context.attention_mask is None:
         # No padding and no top-k: the plain causal kernel (flash on GPU) needs no [T, S] mask at all.
@@ -231,14 +231,15 @@ def indexcache_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
-def _lse_usable(query: Tensor, key: Tensor, value: Tensor, loss_impl: str) -> bool:
+def _lse_usable(query: Tensor, key: Tensor, value: Tensor) -> bool:
     """Whether this layer's attention runs through a GPU kernel that hands its LSE to the fused loss.
 
     CUDA sm80+, bf16/fp16, one key head per query head (GLM-5 and DeepSeek-V3.2 after the MLA up-projection),
-    q/k width <= 256 and a value width no wider (flash zero-pads narrower values). Only for a loss that can use
-    the LSE (the chunked path computes its own): anything else takes the plain sdpa path.
+    q/k width <= 256 and a value width no wider (flash zero-pads narrower values); anything else takes the
+    plain sdpa path. Whatever the loss implementation: the LSE is free, and the same shapes always run the same
+    attention kernel (a different kernel's round-off can flip later layers' top-k choices in sparse mode).
     """
-    if loss_impl == "chunked" or not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16):
+    if not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16):
         return False
     if torch.cuda.get_device_capability(query.device)[0] < 8:
         return False
