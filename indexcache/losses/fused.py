@@ -22,8 +22,8 @@ Teacher tensors are read through a per-layer pointer table; `tl.multiple_of` res
 table loses (the host guarantees it), without which Triton issues 2-byte loads that it cannot pipeline.
 
 Sparse variant: the top-k sets become a packed bitmap [B, T, ceil(T/32)] int32 and the same kernels mask with
-it, so the sparse loss costs the dense one plus the bit tests (2.1x dense at 4K on an H100). bench/NOTES.md says
-why gathering the selected keys would be slower here.
+it, so the sparse loss costs the dense one plus the bit tests. bench/NOTES.md has the figures, and says why
+gathering the selected keys would be slower with per-head keys.
 """
 
 from __future__ import annotations
