@@ -166,7 +166,7 @@ def check_against_chunked(seq: int, sparse_k: int | None) -> dict:
 
 
 def tune(rate: float) -> dict:
-    """Time pass-C1 tile shapes at 8K, keep the fastest, then pass-A/B and pass-D/E block shapes on top of it."""
+    """Time pass-C1 tile shapes at 8K, keep the fastest, then pass-A, pass-D and pass-E block shapes on top of it."""
     from indexcache.losses import fused
 
     stages = {

@@ -55,7 +55,7 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 class FusedConfig:
     """Block shapes; bench/kernel_kl.py times variants (bench/NOTES.md has the measurements)."""
 
-    lse_rows: int = 128  # passes A and B
+    lse_rows: int = 128  # pass A
     lse_cols: int = 128
     lse_warps: int = 8
     lse_stages: int = 2  # pass A: Q [128, 256] + 2 K stages of [128, 256] bf16 = 192 KiB of shared memory
@@ -72,8 +72,8 @@ class FusedConfig:
     dk_rows: int = 64  # pass E: rows per step, keys per program (likewise)
     dk_cols: int = 64
     dk_warps: int = 4
-    stages: int = 2  # passes B, C0, D, E
-    scratch_bytes: int = 512 * 2**20  # one row chunk's log2 q, dI and (with head slabs) partial p
+    stages: int = 2  # passes C0, D, E
+    scratch_bytes: int = 512 * 2**20  # one row chunk's logits, dI and (with head slabs) partial p
 
 
 CONFIG = FusedConfig()
@@ -428,20 +428,20 @@ def _teacher_tables(teachers: list[TeacherInputs]) -> tuple[list[TeacherInputs],
     return teachers, q_table, k_table, scales
 
 
-def _tile_order(first_block: int, stop_row: int, cfg: FusedConfig) -> Tensor:
+def _tile_order(first_block: int, stop_row: int, tile_rows: int, tile_cols: int, tile_group: int) -> Tensor:
     """[n, 2] int32 (row block, col block) causal tiles of rows [first_block*rows, stop_row), L2-grouped (CPU).
 
     Tiles of `tile_group` row blocks are issued column by column, so the programs in flight share a few
     row blocks' queries and a few key blocks' keys, head after head, instead of streaming keys from memory.
     Built on the host: the caller copies every chunk's order to the GPU at once, without waiting for it.
     """
-    row_blocks = torch.arange(first_block, triton.cdiv(stop_row, cfg.tile_rows))
-    counts = ((row_blocks + 1) * cfg.tile_rows - 1) // cfg.tile_cols + 1  # key blocks each row block sees
-    tile_rows = row_blocks.repeat_interleave(counts)
-    tile_cols = torch.arange(tile_rows.numel()) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
-    group = (tile_rows - first_block) // cfg.tile_group
-    order = torch.argsort((group * int(counts.max()) + tile_cols) * row_blocks.numel() + tile_rows)
-    return torch.stack([tile_rows[order], tile_cols[order]], dim=1).int()
+    row_blocks = torch.arange(first_block, triton.cdiv(stop_row, tile_rows))
+    counts = ((row_blocks + 1) * tile_rows - 1) // tile_cols + 1  # key blocks each row block sees
+    row_of_tile = row_blocks.repeat_interleave(counts)
+    col_of_tile = torch.arange(row_of_tile.numel()) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    group = (row_of_tile - first_block) // tile_group
+    order = torch.argsort((group * int(counts.max()) + col_of_tile) * row_blocks.numel() + row_of_tile)
+    return torch.stack([row_of_tile[order], col_of_tile[order]], dim=1).int()
 
 
 @functools.lru_cache(maxsize=32)
@@ -450,8 +450,10 @@ def _chunk_tiles(
 ) -> tuple[Tensor, ...]:
     """Every row chunk's tile order on `device`, cached: a training run repeats the same few shapes, and building
     the orders on the host (tens of ms at 32K) would leave the GPU idle when no teacher-LSE pass hides it."""
-    cfg = FusedConfig(tile_rows=tile_rows, tile_cols=tile_cols, tile_group=tile_group)
-    orders = [_tile_order(start // tile_rows, min(start + chunk, seq), cfg) for start in range(0, seq, chunk)]
+    orders = [
+        _tile_order(start // tile_rows, min(start + chunk, seq), tile_rows, tile_cols, tile_group)
+        for start in range(0, seq, chunk)
+    ]
     return _to_device(torch.cat(orders), device).split([len(order) for order in orders])
 
 
@@ -505,10 +507,10 @@ def fused_sums(
     num_rows: int,
     topk_indices: Tensor | None,
     want_grad: bool,
-    padded: bool,
+    mask_keys: bool,
     cfg: FusedConfig | None = None,
 ) -> Sums:
-    """The loss's row sums and gradients; `padded`: some key in `real` is padding (the kernels then test it)."""
+    """The loss's row sums and gradients; `mask_keys`: some key in `real` is padding (the kernels then test it)."""
     cfg = cfg or CONFIG
     for size in (cfg.dq_rows, cfg.dq_cols, cfg.dk_rows, cfg.dk_cols):
         if min(cfg.tile_rows, cfg.tile_cols) % size:
@@ -520,7 +522,6 @@ def fused_sums(
     num_layers, num_heads, num_kv_heads, head_dim = len(teachers), query.shape[1], key.shape[1], query.shape[3]
     device = q.device
     sparse = topk_indices is not None
-    mask_keys = padded
     key_ok = real.to(torch.int8).contiguous()
     row_ok = rows_ok.to(torch.int8).contiguous()
     bits = selection_bitmap(topk_indices, real) if sparse else torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
@@ -615,13 +616,13 @@ def fused_multi_layer_kl(
     # Normalisation: all per-row sums are divided by the number of valid rows (computed once, here). Without
     # padding or top-k every row counts: known on the host, so the training step does not wait on the GPU here.
     num_rows = batch * seq if attention_mask is None and topk_indices is None else int(rows.sum())
-    padded = attention_mask is not None and not bool(real.all())
+    mask_keys = attention_mask is not None and not bool(real.all())
     detached = [TeacherInputs(t.query.detach(), t.key.detach(), t.scaling, t.logsumexp) for t in teachers]
     want_grad = wants_grad(indexer)
     plain = IndexerOutputs(indexer.q.detach(), indexer.k.detach(), indexer.w.detach())
 
     def compute() -> Sums:
-        return fused_sums(plain, detached, real, rows, num_rows, topk_indices, want_grad, padded)
+        return fused_sums(plain, detached, real, rows, num_rows, topk_indices, want_grad, mask_keys)
 
     loss, kl_per_layer, entropy = PrecomputedGradKL.apply(indexer.q, indexer.k, indexer.w, compute)
     return KLResult(loss=loss, kl_per_layer=kl_per_layer, teacher_entropy=entropy, num_rows=num_rows)
