@@ -295,11 +295,12 @@ def _enumerate_sources(sources: list[str], extensions: list[str]) -> list[_Sourc
 def _expand_source(source: str, suffixes: tuple[str, ...]) -> list[_SourceFile]:
     if source == STDLIB:
         root = Path(sysconfig.get_paths()["stdlib"])
-        # The stdlib folder usually contains site-packages: installed third-party code is not the stdlib.
-        skip = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+        # The stdlib folder usually holds the base interpreter's site-packages (and Debian's dist-packages):
+        # installed third-party code is not the stdlib. Inside a venv, sysconfig's purelib names the venv's own
+        # site-packages instead, so the folders are skipped by name, never by asking sysconfig.
         return [
             _SourceFile(str(path), "stdlib/" + path.relative_to(root).as_posix())
-            for path in _walk(root, (".py",), skip)
+            for path in _walk(root, (".py",), skip_names=_THIRD_PARTY_FOLDERS)
         ]
     expanded = os.path.expanduser(source)
     if any(char in expanded for char in _GLOB_CHARS):
@@ -315,17 +316,20 @@ def _expand_source(source: str, suffixes: tuple[str, ...]) -> list[_SourceFile]:
         return [_SourceFile(str(path.resolve()), path.name)]
     if path.is_dir():
         root = path.resolve()
-        return [_SourceFile(str(p), p.relative_to(root).as_posix()) for p in _walk(root, suffixes, set())]
+        return [_SourceFile(str(p), p.relative_to(root).as_posix()) for p in _walk(root, suffixes)]
     raise ValueError(
         f"data.sources entry '{source}' does not exist: give an existing file, folder or glob, or '{STDLIB}'"
     )
 
 
-def _walk(root: Path, suffixes: tuple[str, ...], skip: set[Path]) -> list[Path]:
+_THIRD_PARTY_FOLDERS = frozenset({"site-packages", "dist-packages"})
+
+
+def _walk(root: Path, suffixes: tuple[str, ...], skip_names: frozenset[str] = frozenset()) -> list[Path]:
     files = []
     for folder, subfolders, names in os.walk(root):
         # Hidden folders (.git, .cache ...) hold tooling state, not corpus text.
-        subfolders[:] = [d for d in subfolders if not d.startswith(".") and Path(folder, d).resolve() not in skip]
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in skip_names]
         files += [Path(folder, n) for n in names if n.endswith(suffixes) and not n.startswith(".")]
     return files
 

@@ -80,16 +80,17 @@ def stage_pattern(run: Run, stage: StageConfig) -> IndexCachePattern:
     return IndexCachePattern.all_full(run.pattern.num_layers) if stage.pattern == "all_full" else run.pattern
 
 
+def configure_model(run: Run, stage: StageConfig) -> None:
+    trainable = ("indexers", "base") if stage.train_base else ("indexers",)
+    run.model.configure(stage_pattern(run, stage), stage.mode, stage.lm_loss_weight, trainable)
+
+
 def build_engine(run: Run, stage: StageConfig) -> Any:
     import deepspeed
 
-    run.model.requires_grad_(False)
     groups = [{"params": [p for _, p in run.model.indexer_parameters()], "lr": stage.lr}]
     if stage.train_base:
         groups.append({"params": [p for _, p in run.model.base_parameters()], "lr": stage.base_lr})
-    for group in groups:
-        for param in group["params"]:
-            param.requires_grad_(True)
 
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         warmup = min(stage.warmup_steps, stage.steps)
@@ -114,7 +115,7 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 def evaluate(run: Run, engine: Any, stage: StageConfig) -> dict[str, float]:
     """Validation KL in the stage's mode and LM loss with dense and with IndexCache-sparse attention."""
     model = run.model
-    was_training, mode = model.training, model.mode
+    was_training = model.training
     model.eval()
     batches = ResumableBatches(
         run.data.validation,
@@ -129,14 +130,16 @@ def evaluate(run: Run, engine: Any, stage: StageConfig) -> dict[str, float]:
         batch = _to_device(next(iterator), run.dist.device)
         labels = batch["input_ids"]
         for eval_mode in ("dense", "sparse"):
-            model.mode = eval_mode
             out = engine(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, with_lm_loss=True
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=labels,
+                with_lm_loss=True,
+                mode=eval_mode,
             )
             sums[f"eval/lm_loss_{eval_mode}"] = sums.get(f"eval/lm_loss_{eval_mode}", 0.0) + out.lm_loss.item()
             if eval_mode == stage.mode:
                 sums["eval/kl_loss"] = sums.get("eval/kl_loss", 0.0) + out.kl_loss.item()
-    model.mode = mode
     model.train(was_training)
     n = run.cfg.train.eval_batches
     metrics = {k: all_reduce_mean(v / n, run.dist.device) for k, v in sums.items()}
@@ -149,9 +152,7 @@ def train_stage(
 ) -> tuple[int, bool]:
     """Train one stage to its last step. Returns (global_step, stopped_early)."""
     cfg, dist = run.cfg, run.dist
-    run.model.apply_pattern(stage_pattern(run, stage))
-    run.model.mode = stage.mode
-    run.model.lm_weight = stage.lm_loss_weight
+    configure_model(run, stage)
     run.model.train()
     engine = build_engine(run, stage)
     batches = ResumableBatches(
@@ -283,7 +284,7 @@ def train(run: Run) -> bool:
 
 def restore_weights(run: Run, stage: StageConfig, path: Path) -> None:
     """Load a finished stage's trained weights (module only) so the next stage starts from them."""
-    run.model.apply_pattern(stage_pattern(run, stage))
+    configure_model(run, stage)
     engine = build_engine(run, stage)
     engine.load_checkpoint(
         str(path.parent),

@@ -82,8 +82,8 @@ def test_sparse_logits_equal_stock_eager(model_type: str, pattern: str):
         ).logits
         model = wrapped(model_type, pattern, mode="sparse")
         got = model(input_ids, attention_mask).logits
-        model.mode = "dense"
-        dense = model(input_ids, attention_mask).logits
+        dense = model(input_ids, attention_mask, mode="dense").logits
+        assert model.mode == "sparse"  # the per-call mode does not stick
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (dense - got).abs().max() > 1e-2  # the top-k really restricts attention at this length
 
@@ -167,7 +167,7 @@ def test_kl_gradients_reach_only_f_layer_indexers(model_type: str, mode: str, kl
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_sparse_lm_loss_trains_the_base_and_kl_trains_the_indexers(model_type: str):
     model = wrapped(model_type, "FSSF", mode="sparse")
-    model.lm_weight = 0.5
+    model.configure(IndexCachePattern("FSSF"), "sparse", lm_weight=0.5, trainable=("indexers", "base"))
     input_ids, attention_mask = batch()
     out = model(input_ids, attention_mask, labels=input_ids, with_lm_loss=True)
     torch.testing.assert_close(out.loss, out.kl_loss + 0.5 * out.lm_loss)
@@ -317,7 +317,9 @@ def test_pattern_errors_are_user_errors():
     with pytest.raises(ValueError, match="has 3 layers but the model has 4"):
         model.apply_pattern(IndexCachePattern("FSS"))
     with pytest.raises(ValueError, match="mode='banana' is unknown"):
-        model.mode = "banana"
+        model.configure(model.pattern, "banana")
+    with pytest.raises(ValueError, match="trainable=\\['head'\\] is unknown"):
+        model.configure(model.pattern, "dense", trainable=("head",))
 
 
 @pytest.mark.parametrize("model_type", ["glm_moe_dsa", "llama"])

@@ -41,6 +41,13 @@ from indexcache.pattern import IndexCachePattern
 BACKEND = "indexcache"
 CONTEXT_KWARG = "indexcache_context"
 MODES = ("dense", "sparse")
+TRAINABLE_GROUPS = ("indexers", "base")
+
+
+def _checked_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown: use 'dense' (warm-up) or 'sparse'")
+    return mode
 
 __all__ = [
     "BACKEND",
@@ -325,22 +332,45 @@ class IndexCacheModel(nn.Module):
         hf_model.set_attn_implementation(BACKEND)
         self.num_dsa_layers = len(self.family.dsa_attentions(hf_model))
         self.pattern = IndexCachePattern.all_full(self.num_dsa_layers)
-        self.mode = mode
+        self._mode = _checked_mode(mode)
         self.apply_pattern(pattern or self.pattern)
 
     # ---- configuration ------------------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
+        """The forward mode of the applied stage (`configure`); `forward(mode=...)` overrides it for one call."""
         return self._mode
 
-    @mode.setter
-    def mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is unknown: use 'dense' (warm-up) or 'sparse'")
-        self._mode = mode
-        # Dense attention never reads the top-k, so dense mode skips computing it.
-        for indexer in self._indexer_pool.values():
-            indexer.compute_topk = mode == "sparse"
+    def configure(
+        self,
+        pattern: IndexCachePattern,
+        mode: str,
+        lm_weight: float = 1.0,
+        trainable: tuple[str, ...] = ("indexers",),
+    ) -> None:
+        """Apply a stage in one call: its pattern, forward mode, LM-loss weight and which parameters train.
+
+        `trainable` names parameter groups: "indexers" (the F layers' indexers) and "base" (everything else);
+        every other parameter is frozen. Nothing else in the project sets these.
+        """
+        unknown = set(trainable) - set(TRAINABLE_GROUPS)
+        if unknown:
+            raise ValueError(f"trainable={sorted(unknown)} is unknown: use any of {list(TRAINABLE_GROUPS)}")
+        self._mode = _checked_mode(mode)
+        self.lm_weight = lm_weight
+        self.apply_pattern(pattern)
+        self.requires_grad_(False)
+        for _, param in self.trainable_parameters(trainable):
+            param.requires_grad_(True)
+
+    def trainable_parameters(self, groups: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:
+        """The parameters of the named groups ("indexers", "base"), with their checkpoint names."""
+        params: list[tuple[str, nn.Parameter]] = []
+        if "indexers" in groups:
+            params += self.indexer_parameters()
+        if "base" in groups:
+            params += self.base_parameters()
+        return params
 
     def apply_pattern(self, pattern: IndexCachePattern) -> None:
         """F layers keep (or regain) their own indexer; S layers drop theirs and reuse their F layer's top-k."""
@@ -381,8 +411,11 @@ class IndexCacheModel(nn.Module):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         with_lm_loss: bool = False,
+        mode: str | None = None,
     ) -> IndexCacheOutput:
-        """Run the model in the current mode, computing every group's KL (and the LM loss when labels are given).
+        """Run the model, computing every group's KL (and the LM loss when labels are given).
+
+        `mode` ("dense" or "sparse") overrides the configured mode for this call only (evaluation runs both).
 
         `labels` follow HF (same shape as input_ids, shifted inside); padding positions are ignored whatever
         they hold. `with_lm_loss` adds lm_weight * lm_loss to `loss` so the base can train (the sparse stage);
@@ -396,7 +429,11 @@ class IndexCacheModel(nn.Module):
             attention_mask = attention_mask.bool()
             if labels is not None:
                 labels = labels.masked_fill(~attention_mask, -100)
-        self._context.reset(self.mode, self.pattern, attention_mask, self.loss_impl, self.loss_chunk_size)
+        mode = self._mode if mode is None else _checked_mode(mode)
+        # Dense attention never reads the top-k, so a dense forward skips computing it.
+        for indexer in self._indexer_pool.values():
+            indexer.compute_topk = mode == "sparse"
+        self._context.reset(mode, self.pattern, attention_mask, self.loss_impl, self.loss_chunk_size)
         try:
             out = self.hf_model(
                 input_ids=input_ids,
