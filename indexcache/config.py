@@ -192,8 +192,18 @@ def check_data_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"data.sources entry {source} does not exist: fix the path or remove it")
 
 
+PRESET_ALIAS = "conf"  # `conf=<preset>` (the documented cluster command) means `preset=<preset>`
+
+
+def preset_alias(overrides: list[str]) -> list[str]:
+    """Rewrite `conf=<name>` to `preset=<name>`: the preset group lives in conf/preset/."""
+    prefix = f"{PRESET_ALIAS}="
+    return [f"preset={arg[len(prefix):]}" if arg.startswith(prefix) else arg for arg in overrides]
+
+
 def load_config(overrides: list[str]) -> RunConfig:
     """Compose conf/config.yaml with command-line overrides into a validated, typed RunConfig."""
+    overrides = preset_alias(overrides)
     register_schema()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="indexcache"):
