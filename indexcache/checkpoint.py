@@ -39,6 +39,9 @@ class TrainerState:
     data_state: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # finished stages: name, steps, final metrics
     stage_start_metrics: dict[str, float] = field(default_factory=dict)  # evaluation before the stage's first step
+    # The result-affecting config of the run that wrote this (config.result_fingerprint): a resume must match it.
+    config_fingerprint: dict[str, Any] = field(default_factory=dict)
+    pattern: str = ""  # the run's pattern (stages may have trained all-F first)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -64,15 +67,21 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.dist = dist
 
-    def complete_checkpoints(self) -> list[Path]:
-        if not self.root.is_dir():
+    @staticmethod
+    def complete_in(root: Path) -> list[Path]:
+        """Complete checkpoints under `root`, oldest first (a folder being written is never one of them)."""
+        if not root.is_dir():
             return []
-        found = [p for p in self.root.glob(f"{_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()]
+        found = [p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()]
         return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
-    def latest(self) -> Path | None:
-        done = self.complete_checkpoints()
+    @staticmethod
+    def newest(root: Path) -> Path | None:
+        done = CheckpointManager.complete_in(root)
         return done[-1] if done else None
+
+    def complete_checkpoints(self) -> list[Path]:
+        return self.complete_in(self.root)
 
     def save(self, engine: Any, state: TrainerState) -> Path:
         name = f"{_PREFIX}{state.global_step:08d}"

@@ -54,6 +54,9 @@ class DataConfig:
     num_proc: int = 1
     cache_dir: str | None = None  # datasets cache; None = datasets' default (HF_DATASETS_CACHE)
 
+    def __post_init__(self) -> None:
+        _validate(self)
+
 
 @dataclass
 class PackedSplits:
@@ -85,7 +88,8 @@ def source_files(cfg: DataConfig) -> list[str]:
 
 def build_datasets(cfg: DataConfig, tokenizer: Any, seq_len: int) -> PackedSplits:
     """Load, split by document, tokenise and pack the configured text into `seq_len` windows."""
-    _validate(cfg, seq_len)
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} is invalid: use an integer >= 1")
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError(
@@ -198,9 +202,8 @@ def collate_padded(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: in
 # ---- configuration checks -----------------------------------------------------------------------------------
 
 
-def _validate(cfg: DataConfig, seq_len: int) -> None:
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} is invalid: use an integer >= 1")
+def _validate(cfg: DataConfig) -> None:
+    """Every check of a data config, run when it is built (before anything is loaded or written)."""
     if not 0.0 <= cfg.validation_fraction < 1.0:
         raise ValueError(f"data.validation_fraction={cfg.validation_fraction} is invalid: use a value in [0, 1)")
     for name in ("max_files", "max_tokens"):
@@ -217,6 +220,19 @@ def _validate(cfg: DataConfig, seq_len: int) -> None:
         )
     if not cfg.saved_dataset and not cfg.sources:
         raise ValueError("data.sources is empty and data.saved_dataset is unset: name at least one (e.g. [stdlib])")
+    if cfg.saved_dataset and not Path(cfg.saved_dataset).is_dir():
+        raise ValueError(
+            f"data.saved_dataset={cfg.saved_dataset} does not exist: fix the path (a folder written by save_to_disk)"
+        )
+    for source in cfg.sources:
+        if source == STDLIB:
+            continue
+        expanded = os.path.expanduser(source)
+        if any(c in expanded for c in _GLOB_CHARS):
+            if not glob.glob(expanded, recursive=True):
+                raise ValueError(f"data.sources entry '{source}' matched no files: check the pattern")
+        elif not Path(expanded).exists():
+            raise ValueError(f"data.sources entry {source} does not exist: fix the path or remove it")
 
 
 def _split_token_caps(max_tokens: int | None, validation_fraction: float) -> dict[str, int | None]:

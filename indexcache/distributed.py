@@ -92,14 +92,6 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return tensor.item() / torch.distributed.get_world_size()
 
 
-def broadcast_object(obj: object) -> object:
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,14 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     dir: str | None = None  # parent of the `wandb/` folder; None = the run directory
 
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"logger.wandb.mode={self.mode} is invalid: use one of {', '.join(WANDB_MODES)}")
+
 
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    log_every: int = 10  # optimizer steps between `train/*` lines
     progress_bar: bool = True
 
 
@@ -58,13 +62,7 @@ class MetricsLogger:
         rank: int = 0,
         resume_step: int | None = None,
     ) -> None:
-        # Checked on every rank so a bad config fails the same way everywhere.
-        if cfg.wandb.mode not in WANDB_MODES:
-            raise ValueError(f"logger.wandb.mode={cfg.wandb.mode} is invalid: use one of {', '.join(WANDB_MODES)}")
-        if cfg.log_every < 1:
-            raise ValueError(f"logger.log_every={cfg.log_every} is invalid: use an integer >= 1")
         self.enabled = rank == 0
-        self.log_every = cfg.log_every
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / METRICS_FILE
         self._show_progress = cfg.progress_bar and self.enabled
@@ -77,9 +75,6 @@ class MetricsLogger:
         self._file = _open_metrics_file(self.metrics_path, resume_step)
         if cfg.wandb.mode != "disabled":
             self._wandb_run = _start_wandb(cfg.wandb, self.run_dir, resolved_config, resume_step)
-
-    def should_log(self, step: int) -> bool:
-        return step % self.log_every == 0
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """One line {"step", "time", **metrics}; names must start with train/, eval/, perf/ or indexcache/."""
@@ -166,12 +161,11 @@ def _start_wandb(cfg: WandbConfig, run_dir: Path, resolved_config: dict[str, Any
         id_path.write_text(run_id + "\n", encoding="utf-8")
     parent = Path(cfg.dir) if cfg.dir is not None else run_dir
     parent.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
+    settings = dict(
         project=cfg.project,
         name=cfg.name,
         tags=list(cfg.tags),
         dir=str(parent),
-        mode=cfg.mode,
         config=resolved_config,
         id=run_id,
         resume="allow",
@@ -179,6 +173,17 @@ def _start_wandb(cfg: WandbConfig, run_dir: Path, resolved_config: dict[str, Any
         # A process may hold more than one logger (tests, several stages): never finish another's run.
         reinit="create_new",
     )
+    try:
+        run = wandb.init(mode=cfg.mode, **settings)
+    except Exception as error:  # W&B's own failures (no login, no network, bad settings file) are not ours
+        if cfg.mode == "offline":
+            raise
+        # Training must not die for its dashboard: keep every metric in an offline run to `wandb sync` later.
+        print(
+            f"indexcache: warning: W&B {cfg.mode} failed ({str(error).splitlines()[0][:200]}); logging offline",
+            file=sys.stderr,
+        )
+        run = wandb.init(mode="offline", **settings)
     global _active_wandb_runs
     _active_wandb_runs += 1
     return run

@@ -73,6 +73,25 @@ class IndexCachePattern:
             chars.append(_CHAR_OF[kind])
         return cls("".join(chars))
 
+    @classmethod
+    def from_source_config(cls, config: dict, num_layers: int) -> IndexCachePattern:
+        """The layer types a checkpoint's config.json already carries, in transformers 5.23's order.
+
+        `indexer_types`, else `index_topk_pattern` (a string or a list of types), else the uniform schedule of
+        `index_topk_freq` / `index_skip_topk_offset` (default offset 2); a config with none of them is all-F.
+        """
+        if config.get("indexer_types"):
+            return cls.from_indexer_types(list(config["indexer_types"])[:num_layers])
+        pattern = config.get("index_topk_pattern")
+        if pattern is not None:
+            if isinstance(pattern, str):
+                return cls.parse(pattern[:num_layers], num_layers)
+            return cls.from_indexer_types(list(pattern)[:num_layers])
+        if "index_topk_freq" in config:
+            freq = max(int(config["index_topk_freq"]), 1)
+            return cls.uniform(num_layers, freq, int(config.get("index_skip_topk_offset", 2)))
+        return cls.all_full(num_layers)
+
     # ---- views ----------------------------------------------------------------------------------------------------
     def __str__(self) -> str:
         return self.value

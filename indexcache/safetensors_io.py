@@ -2,11 +2,13 @@
 
 The export must keep every untouched tensor byte-identical and must not hold a multi-GB shard in memory, so shards
 are handled here straight from the format (8-byte little-endian header length, JSON header, raw data): tensors are
-copied as byte ranges, never decoded. Keeping torch out also lets the validator run on machines without it.
+copied as byte ranges, never decoded, from a source shard or from the export's spool of trained values, and hashed
+as they pass. Keeping torch out also lets the validator run on machines without it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,19 +36,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int  # absolute offset of the first data byte in `path`
     nbytes: int
-
-
-@dataclass(frozen=True)
-class NewTensor:
-    """A tensor to write from memory (already in its stored dtype, little-endian, C order)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
 
 
 @dataclass(frozen=True)
@@ -104,12 +93,14 @@ def read_header(path: Path) -> ShardHeader:
 
 
 def write_safetensors(
-    path: Path, tensors: Mapping[str, TensorInfo | NewTensor], metadata: Mapping[str, str] | None
-) -> None:
-    """Write a safetensors file, copying `TensorInfo` entries byte for byte from their files, then fsync it.
+    path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Write a safetensors file, copying each tensor byte for byte from where its `TensorInfo` points, then fsync it.
 
     Tensors are laid out by descending element size (stable, so the given order holds within a size), as the
     safetensors library does: every tensor then starts aligned to its element size, which zero-copy loaders need.
+    Returns each tensor's sha256 (hex) of the bytes written, computed as they pass, so recording checksums costs
+    no second read.
     """
     order = sorted(tensors, key=lambda name: -_ITEMSIZE.get(tensors[name].dtype, 1))
     header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
@@ -125,44 +116,42 @@ def write_safetensors(
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # data section starts 8-byte aligned
     sources: dict[Path, BinaryIO] = {}
+    digests: dict[str, str] = {}
     try:
         with open(path, "xb") as out:
             out.write(struct.pack("<Q", len(header_bytes)))
             out.write(header_bytes)
             for name in order:
                 tensor = tensors[name]
-                if isinstance(tensor, NewTensor):
-                    out.write(tensor.data)
-                    continue
                 if tensor.path not in sources:
                     sources[tensor.path] = open(tensor.path, "rb")  # noqa: SIM115 (closed in finally)
-                _copy_range(sources[tensor.path], tensor.start, tensor.nbytes, out)
+                digest = hashlib.sha256()
+                _copy_range(sources[tensor.path], tensor.start, tensor.nbytes, out, digest)
+                digests[name] = digest.hexdigest()
             out.flush()
             os.fsync(out.fileno())
     finally:
         for source in sources.values():
             source.close()
+    return digests
 
 
-def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
-    """Whether two stored tensors have identical bytes, compared in chunks (shards can be many GB)."""
-    if a.nbytes != b.nbytes:
-        return False
-    if a.start == b.start and os.path.samefile(a.path, b.path):
-        return True  # a hard-linked or the very same file: nothing to read
-    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
-        fa.seek(a.start)
-        fb.seek(b.start)
-        remaining = a.nbytes
+def tensor_sha256(info: TensorInfo) -> str:
+    """sha256 (hex) of one stored tensor's raw bytes, read in chunks (shards can be many GB)."""
+    digest = hashlib.sha256()
+    with open(info.path, "rb") as f:
+        f.seek(info.start)
+        remaining = info.nbytes
         while remaining:
-            n = min(_COPY_CHUNK, remaining)
-            if fa.read(n) != fb.read(n):
-                return False
-            remaining -= n
-    return True
+            chunk = f.read(min(_COPY_CHUNK, remaining))
+            if not chunk:
+                raise OSError(f"{info.path} ended {remaining} bytes early while reading a tensor")
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
 
 
-def _copy_range(source: BinaryIO, start: int, nbytes: int, out: BinaryIO) -> None:
+def _copy_range(source: BinaryIO, start: int, nbytes: int, out: BinaryIO, digest: hashlib._Hash) -> None:
     source.seek(start)
     remaining = nbytes
     while remaining:
@@ -170,4 +159,5 @@ def _copy_range(source: BinaryIO, start: int, nbytes: int, out: BinaryIO) -> Non
         if not chunk:
             raise OSError(f"{source.name} ended {remaining} bytes early while copying a tensor")
         out.write(chunk)
+        digest.update(chunk)
         remaining -= len(chunk)

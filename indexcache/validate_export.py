@@ -1,21 +1,29 @@
 """Check an IndexCache serving export against the contract of DESIGN.md section 3.
 
-This module owns the contract (indexer tensor names, the config edit, which families keep S-layer indexers);
-`indexcache.export` produces it and runs `validate_export` on the temporary directory before renaming it into place.
-It needs no torch, so `python -m indexcache.validate_export DIR [--source SRC]` runs anywhere the files are.
+This module owns the contract (indexer tensor names, the config edit, which families keep S-layer indexers, the
+checksum record); `indexcache.export` produces it and runs `validate_export` on the temporary directory before
+renaming it into place. It needs no torch, so `python -m indexcache.validate_export DIR` runs anywhere the files are.
+
+Integrity needs no source: the export records the sha256, dtype, shape and shard of every tensor it writes or
+copies (CHECKSUM_FILE, itself hashed in indexcache.json), so a flipped byte or a tensor dropped from both its
+shard and the index is caught from the export alone. With the source at hand, every tensor the run did not train
+must also equal the source's bytes; tensors the run trained are checked against the record, never the source.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from indexcache.pattern import IndexCachePattern
-from indexcache.safetensors_io import SafetensorsFormatError, ShardHeader, TensorInfo, read_header, same_bytes
+from indexcache.safetensors_io import SafetensorsFormatError, ShardHeader, TensorInfo, read_header, tensor_sha256
 
 INDEXER_PARTS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
 # transformers builds deepseek_v32's indexer on every layer, so its S layers keep theirs (unused at serving time);
@@ -25,6 +33,10 @@ PATTERN_KEYS = ("indexer_types", "index_topk_pattern", "use_index_cache", "index
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 RECORD_FILE = "indexcache.json"
+CHECKSUM_FILE = "indexcache.tensors.json"
+# What a run can train, as indexcache.json's "trained_groups" names it: the F layers' indexers, and the base (every
+# other tensor the model holds; the MTP layer and buffers such as the router's correction bias are not trained).
+TRAINED_GROUPS = ("indexers", "base")
 
 _INDEXER_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.indexer\.(.+)")
 _MAX_LISTED_PROBLEMS = 20
@@ -121,12 +133,24 @@ def all_tensors(shards: dict[str, ShardHeader]) -> dict[str, TensorInfo]:
     return {name: info for header in shards.values() for name, info in header.tensors.items()}
 
 
-def validate_export(export_dir: Path, source_dir: Path | None = None) -> None:
+@dataclass(frozen=True)
+class ValidationReport:
+    """What a successful validation covered."""
+
+    export_dir: Path
+    source_dir: Path | None  # None: integrity checked against the recorded checksums only
+    num_tensors: int
+    trained: dict[str, int]  # trained group -> tensors the record marks as trained by it
+
+
+def validate_export(export_dir: Path, source_dir: Path | None = None) -> ValidationReport:
     """Raise ExportValidationError listing every way `export_dir` breaks the export contract.
 
-    Without `source_dir` the export is checked on its own (config keys vs pattern, indexer tensors per layer,
-    index and shard consistency); with it, also config and tensors against the source: same dtypes and shapes,
-    every tensor that is not a pattern layer's indexer byte-identical.
+    Without `source_dir` the export is checked on its own: config keys vs pattern, indexer tensors per layer, index
+    and shard consistency, and every tensor against the checksums recorded at export time (none missing, none
+    extra, same dtype, shape, shard and sha256). With it, also config and tensors against the source: same dtypes
+    and shapes, and every tensor the record does not mark as trained byte-identical to the source's.
+    `recorded_source(export_dir)` gives the source the export was made from.
     """
     export_dir = Path(export_dir)
     if not (export_dir / "config.json").is_file():
@@ -140,9 +164,14 @@ def validate_export(export_dir: Path, source_dir: Path | None = None) -> None:
     keep_shared = KEEPS_SHARED_INDEXERS.get(config.get("model_type"))
     if pattern is not None and keep_shared is not None:
         _check_indexer_presence(tensors, pattern, keep_shared, problems)
-    _check_record(export_dir, pattern, problems)
+    record = _check_record(export_dir, pattern, problems)
+    # Every stored byte is read once here; the record and the source are compared with these hashes.
+    digests = {name: tensor_sha256(info) for name, info in tensors.items()}
+    checksums = _check_checksums(export_dir, record, tensors, digests, pattern, problems)
     if source_dir is not None and pattern is not None:
-        _compare_with_source(Path(source_dir), config, tensors, pattern, bool(keep_shared), problems)
+        _compare_with_source(
+            Path(source_dir), config, tensors, digests, checksums, pattern, bool(keep_shared), problems
+        )
     if problems:
         listed = problems[:_MAX_LISTED_PROBLEMS]
         more = len(problems) - len(listed)
@@ -150,6 +179,22 @@ def validate_export(export_dir: Path, source_dir: Path | None = None) -> None:
         lines += [f"  - {problem}" for problem in listed]
         lines += [f"  ... and {more} more"] if more else []
         raise ExportValidationError("\n".join(lines))
+    trained: dict[str, int] = {}
+    for entry in checksums.values():
+        if entry.trained is not None:
+            trained[entry.trained] = trained.get(entry.trained, 0) + 1
+    return ValidationReport(export_dir, None if source_dir is None else Path(source_dir), len(tensors), trained)
+
+
+def recorded_source(export_dir: Path) -> Path | None:
+    """The source checkpoint indexcache.json names, if it is still there and readable (else None)."""
+    try:
+        record = json.loads((Path(export_dir) / RECORD_FILE).read_text())
+        path = Path(record["source"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    config = path / "config.json"
+    return path if config.is_file() and os.access(config, os.R_OK) else None
 
 
 def _check_config(config: dict[str, Any], problems: list[str]) -> IndexCachePattern | None:
@@ -232,21 +277,102 @@ def _check_indexer_presence(
                 problems.append(f"S layer {layer} still has {name}: S layers must carry no indexer tensors")
 
 
-def _check_record(export_dir: Path, pattern: IndexCachePattern | None, problems: list[str]) -> None:
+def _check_record(export_dir: Path, pattern: IndexCachePattern | None, problems: list[str]) -> dict[str, Any] | None:
     record_path = export_dir / RECORD_FILE
     if not record_path.is_file():
         problems.append(f"no {RECORD_FILE}")
-        return
+        return None
     record = read_json(record_path)
-    recorded = record.get("pattern") if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        problems.append(f"{RECORD_FILE} is not a JSON object")
+        return None
+    recorded = record.get("pattern")
     if pattern is not None and recorded != pattern.value:
         problems.append(f"{RECORD_FILE} pattern {recorded!r} differs from config.json's {pattern.value!r}")
+    groups = record.get("trained_groups")
+    if not isinstance(groups, list) or not set(groups) <= set(TRAINED_GROUPS):
+        problems.append(f"{RECORD_FILE} trained_groups is {groups!r}, not a list drawn from {list(TRAINED_GROUPS)}")
+        record = {**record, "trained_groups": []}
+    return record
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """One tensor as the export recorded it."""
+
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+    trained: str | None  # the group that trained it, or None (copied from the source)
+
+
+def _check_checksums(
+    export_dir: Path,
+    record: dict[str, Any] | None,
+    tensors: dict[str, TensorInfo],
+    digests: dict[str, str],
+    pattern: IndexCachePattern | None,
+    problems: list[str],
+) -> dict[str, _Recorded]:
+    """Check every stored tensor against the checksums recorded at export time; return the record by name."""
+    if record is None:
+        return {}
+    path = export_dir / CHECKSUM_FILE
+    if not path.is_file():
+        problems.append(f"no {CHECKSUM_FILE} (the per-tensor checksums): re-export with this version")
+        return {}
+    raw = path.read_bytes()
+    expected = (record.get("tensors") or {}).get("sha256") if isinstance(record.get("tensors"), dict) else None
+    if hashlib.sha256(raw).hexdigest() != expected:
+        problems.append(f"{CHECKSUM_FILE} does not match the sha256 {RECORD_FILE} records for it: it was altered")
+        return {}
+    try:
+        entries = {
+            name: _Recorded(e["shard"], e["dtype"], tuple(e["shape"]), e["sha256"], e["trained"])
+            for name, e in json.loads(raw)["tensors"].items()
+        }
+    except (ValueError, KeyError, TypeError) as err:
+        problems.append(f"{CHECKSUM_FILE} is malformed ({err!r}): re-export")
+        return {}
+
+    groups = set(record.get("trained_groups") or [])
+    for name in sorted(set(entries) - set(tensors)):
+        problems.append(f"{name} is recorded in {CHECKSUM_FILE} but missing from the export")
+    for name in sorted(set(tensors) - set(entries)):
+        problems.append(f"{name} is in the export but not recorded in {CHECKSUM_FILE}")
+    for name, entry in entries.items():
+        info = tensors.get(name)
+        if info is None:
+            continue
+        stored = (info.path.name, info.dtype, info.shape)
+        if stored != (entry.shard, entry.dtype, entry.shape):
+            problems.append(
+                f"{name} is {info.dtype}{list(info.shape)} in {info.path.name}, recorded as "
+                f"{entry.dtype}{list(entry.shape)} in {entry.shard}"
+            )
+        elif digests[name] != entry.sha256:
+            problems.append(f"{name} has changed since export: its sha256 differs from {CHECKSUM_FILE}")
+        if entry.trained is not None and entry.trained not in groups:
+            problems.append(f"{name} is marked trained by {entry.trained!r}, not in trained_groups {sorted(groups)}")
+        if pattern is not None:
+            layer = indexer_layer(name, pattern.num_layers)
+            is_f_indexer = layer is not None and pattern.is_full(layer)
+            if entry.trained == "indexers" and not is_f_indexer:
+                problems.append(f"{name} is marked as a trained indexer but is not an F layer's indexer")
+            if entry.trained == "base" and layer is not None:
+                problems.append(f"{name} is a pattern layer's indexer but is marked as trained base")
+            if is_f_indexer and "indexers" in groups and entry.trained != "indexers":
+                problems.append(f"{name} is an F layer's indexer but is not marked as trained")
+    return entries
 
 
 def _compare_with_source(
     source_dir: Path,
     config: dict[str, Any],
     tensors: dict[str, TensorInfo],
+    digests: dict[str, str],
+    checksums: dict[str, _Recorded],
     pattern: IndexCachePattern,
     keep_shared: bool,
     problems: list[str],
@@ -266,17 +392,26 @@ def _compare_with_source(
             if layer is None or pattern.is_full(layer) or keep_shared:
                 problems.append(f"{name} of the source is missing from the export")
             continue
+        recorded = checksums.get(name)
         if (exported.dtype, exported.shape) != (source.dtype, source.shape):
             problems.append(
                 f"{name} is {exported.dtype}{list(exported.shape)} in the export, "
                 f"{source.dtype}{list(source.shape)} in the source"
             )
-        elif (layer is None or not pattern.is_full(layer)) and not same_bytes(exported, source):
-            problems.append(f"{name} differs from the source's bytes (only F-layer indexers may change)")
+        elif recorded is not None and recorded.trained is not None:
+            continue  # a trained tensor: checked against the run's record above, never against the source
+        elif not _same_bytes(exported, source, digests[name]):
+            problems.append(f"{name} differs from the source's bytes (only tensors the run trained may change)")
     for name in sorted(set(tensors) - set(source_tensors)):
         layer = indexer_layer(name, pattern.num_layers)
         if layer is None or not pattern.is_full(layer):
             problems.append(f"{name} is in the export but not in the source")
+
+
+def _same_bytes(exported: TensorInfo, source: TensorInfo, exported_sha256: str) -> bool:
+    if exported.start == source.start and os.path.samefile(exported.path, source.path):
+        return True  # a hard-linked shard: the very same bytes, nothing more to read
+    return tensor_sha256(source) == exported_sha256
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,14 +419,27 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m indexcache.validate_export", description="Check an IndexCache serving export."
     )
     parser.add_argument("export_dir", type=Path, help="the exported checkpoint folder")
-    parser.add_argument("--source", type=Path, default=None, help="the source checkpoint, for byte-level checks")
+    sources = parser.add_mutually_exclusive_group()
+    sources.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="the source checkpoint for byte-level checks (default: the one indexcache.json records, if readable)",
+    )
+    sources.add_argument("--no-source", action="store_true", help="check integrity against the recorded checksums only")
     args = parser.parse_args(argv)
+    source = None if args.no_source else args.source or recorded_source(args.export_dir)
     try:
-        validate_export(args.export_dir, args.source)
+        report = validate_export(args.export_dir, source)
     except ExportValidationError as err:
         print(err, file=sys.stderr)
         return 1
-    print(f"valid IndexCache export: {args.export_dir}")
+    against = f"source {report.source_dir}" if report.source_dir else "the recorded checksums only (no source)"
+    trained = ", ".join(f"{count} {group}" for group, count in report.trained.items()) or "none"
+    print(
+        f"valid IndexCache export: {args.export_dir} ({report.num_tensors} tensors, trained: {trained}; "
+        f"checked against {against})"
+    )
     return 0
 
 

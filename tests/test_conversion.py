@@ -153,7 +153,7 @@ def test_llama_stock_sparse_attention_matches_indexcache_backend():
     input_ids, attention_mask = token_batch()
     with torch.no_grad():
         stock = model(input_ids, attention_mask=attention_mask).logits
-        wrapped = IndexCacheModel(model, mode="sparse")(input_ids, attention_mask=attention_mask).logits
+        wrapped = IndexCacheModel(model, mode="sparse")(input_ids, attention_mask, return_logits=True).logits
     real = attention_mask.bool()
     torch.testing.assert_close(wrapped[real], stock[real], rtol=1e-5, atol=1e-5)
 
@@ -179,7 +179,7 @@ def test_llama_checkpoint_with_shared_layers_reuses_the_f_layers_topk():
     with torch.no_grad():
         stock = shared(input_ids, attention_mask=attention_mask).logits
         wrapped = IndexCacheModel(all_full, IndexCachePattern("FSFS"), mode="sparse")
-        expected = wrapped(input_ids, attention_mask=attention_mask).logits
+        expected = wrapped(input_ids, attention_mask=attention_mask, return_logits=True).logits
     real = attention_mask.bool()
     torch.testing.assert_close(stock[real], expected[real], rtol=1e-5, atol=1e-5)
     assert shared._topk_relay == {}  # nothing outlives the forward
@@ -195,7 +195,7 @@ def test_llama_indexcache_export_reloads_with_its_pattern(tmp_path: Path):
             param.add_(0.05 * torch.randn_like(param))
     input_ids, attention_mask = token_batch()
     with torch.no_grad():
-        expected = wrapped(input_ids, attention_mask=attention_mask).logits
+        expected = wrapped(input_ids, attention_mask=attention_mask, return_logits=True).logits
     exported = export_checkpoint(source, tmp_path / "export", "FSFS", "llama", wrapped.indexer_state_dict(), {})
 
     reloaded = load_llama_dsa(exported)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -250,8 +251,8 @@ def test_mixed_folder_reads_text_then_jsonl_then_parquet(tmp_path, tokenizer):
     assert_packed(build_datasets(cfg, tokenizer, SEQ_LEN).train, stream_of(tokenizer, [rows[0], *rows[:20]]))
 
 
-def bad_inputs(tmp_path: Path) -> dict[str, tuple[DataConfig, list[str]]]:
-    """name -> (config, substrings the one-line message must contain)."""
+def bad_inputs(tmp_path: Path) -> dict[str, tuple[Callable[[], DataConfig], list[str]]]:
+    """name -> (config factory, substrings the one-line message must contain): a config may fail as it is built."""
     (tmp_path / "binaries").mkdir()
     (tmp_path / "binaries" / "blob.bin").write_text("x")
     (tmp_path / "blank").mkdir()
@@ -261,28 +262,31 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[DataConfig, list[str]]]:
     missing = str(tmp_path / "no_such_dir")
     cache = str(tmp_path / "cache")
     return {
-        "missing_path": (DataConfig(sources=[missing], cache_dir=cache), [missing, "does not exist"]),
+        "missing_path": (lambda: DataConfig(sources=[missing], cache_dir=cache), [missing, "does not exist"]),
         "no_matching_files": (
-            DataConfig(sources=[str(tmp_path / "binaries")], cache_dir=cache),
+            lambda: DataConfig(sources=[str(tmp_path / "binaries")], cache_dir=cache),
             [str(tmp_path / "binaries"), "data.extensions"],
         ),
-        "empty_glob": (DataConfig(sources=[str(tmp_path / "*.md")], cache_dir=cache), ["*.md", "matched no files"]),
+        "empty_glob": (
+            lambda: DataConfig(sources=[str(tmp_path / "*.md")], cache_dir=cache),
+            ["*.md", "matched no files"],
+        ),
         "only_empty_text": (
-            DataConfig(sources=[str(tmp_path / "blank")], cache_dir=cache),
+            lambda: DataConfig(sources=[str(tmp_path / "blank")], cache_dir=cache),
             [str(tmp_path / "blank"), "empty"],
         ),
         "missing_text_field": (
-            DataConfig(sources=[str(tmp_path / "rows.jsonl")], cache_dir=cache),
+            lambda: DataConfig(sources=[str(tmp_path / "rows.jsonl")], cache_dir=cache),
             ["rows.jsonl", "'text'", "data.text_field"],
         ),
-        "missing_saved_dataset": (DataConfig(sources=[], saved_dataset=missing), [missing, "save_to_disk"]),
+        "missing_saved_dataset": (lambda: DataConfig(sources=[], saved_dataset=missing), [missing, "save_to_disk"]),
         "not_a_saved_dataset": (
-            DataConfig(sources=[], saved_dataset=str(tmp_path / "blank")),
+            lambda: DataConfig(sources=[], saved_dataset=str(tmp_path / "blank")),
             [str(tmp_path / "blank"), "save_to_disk"],
         ),
-        "saved_and_sources": (DataConfig(saved_dataset=missing), ["data.sources=[]"]),
+        "saved_and_sources": (lambda: DataConfig(saved_dataset=missing), ["data.sources=[]"]),
         "too_little_text": (
-            DataConfig(sources=[str(STDLIB / "keyword.py")], validation_fraction=0.0, cache_dir=cache),
+            lambda: DataConfig(sources=[str(STDLIB / "keyword.py")], validation_fraction=0.0, cache_dir=cache),
             ["seq_len=100000", "window"],
         ),
     }
@@ -303,10 +307,10 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[DataConfig, list[str]]]:
     ],
 )
 def test_bad_inputs_fail_with_one_line(tmp_path, tokenizer, case):
-    cfg, fragments = bad_inputs(tmp_path)[case]
+    make_cfg, fragments = bad_inputs(tmp_path)[case]
     seq_len = 100_000 if case == "too_little_text" else SEQ_LEN
     with pytest.raises(ValueError) as error:
-        build_datasets(cfg, tokenizer, seq_len)
+        build_datasets(make_cfg(), tokenizer, seq_len)
     message = str(error.value)
     assert "\n" not in message
     for fragment in fragments:

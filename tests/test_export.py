@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,7 +321,8 @@ def test_deepseek_v32_export_keeps_shared_indexers(tmp_path):
     target = export_checkpoint(source.directory, tmp_path / "export", pattern, "deepseek_v32", trained, SUMMARY)
 
     # A single-file source stays single-file (no index), and the side files come along.
-    files = ["README.md", "config.json", "generation_config.json", "indexcache.json", "model.safetensors"]
+    files = ["README.md", "config.json", "generation_config.json", "indexcache.json", "indexcache.tensors.json"]
+    files.append("model.safetensors")
     assert leftovers(target) == [*files, "tokenizer.json", "tokenizer_config.json"]
     exported = read_export(target)
     assert set(exported) == set(source.stored)
@@ -379,7 +381,7 @@ BAD_INPUTS = {
     "S-layer tensor given": (
         dict(replace={_indexer(1, "wk.weight"): torch.zeros(32, 64)}),
         ExportError,
-        r"model\.layers\.1\.self_attn\.indexer\.wk\.weight .* which is not an F-layer indexer tensor",
+        r"model\.layers\.1\.self_attn\.indexer\.wk\.weight is not an F-layer indexer tensor",
     ),
     "non-finite values": (
         dict(replace={_indexer(0, "k_norm.bias"): torch.full((32,), float("nan"))}),
@@ -445,7 +447,7 @@ def test_disk_error_mid_write_leaves_nothing(glm_source, tmp_path, monkeypatch):
         if len(calls) == 2:
             path.write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real_writer(path, tensors, metadata)
+        return real_writer(path, tensors, metadata)
 
     monkeypatch.setattr(export_module, "write_safetensors", failing_writer)
     trained = trained_indexers(glm_source, PATTERN)
@@ -531,3 +533,242 @@ def test_validator_command_line(glm_source, glm_export, tmp_path):
     failed = subprocess.run([*command, str(broken)], capture_output=True, text=True)
     assert failed.returncode != 0
     assert "no indexcache.json" in failed.stderr
+
+
+# ---- trained base (issue 9): the export carries every tensor the run trained, in the source's layout ----------------
+
+
+@pytest.fixture(scope="module")
+def trained_base_model(glm_source):
+    """The source loaded for training, with every base and F-indexer parameter moved as a training run would."""
+    from indexcache.model import IndexCacheModel, get_family
+
+    model = IndexCacheModel(get_family("glm_moe_dsa").load(glm_source.directory, torch.float32), pattern=PATTERN)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, param in model.trainable_parameters(("indexers", "base")):
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def test_trained_base_export_keeps_the_source_layout_and_loads_as_the_trained_model(
+    glm_source, trained_base_model, tmp_path
+):
+    from indexcache.export import collect_trained_tensors
+
+    model = trained_base_model
+    groups = ("indexers", "base")
+    target = export_checkpoint(
+        glm_source.directory,
+        tmp_path / "export",
+        PATTERN,
+        "glm_moe_dsa",
+        collect_trained_tensors(model, groups),
+        SUMMARY,
+        trained_groups=groups,
+    )
+    # Same shard files, each holding the same names as the source's (less the S layers' indexers), same dtypes.
+    source_index = json.loads((glm_source.directory / "model.safetensors.index.json").read_text())["weight_map"]
+    export_index = json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
+    s_indexers = {_indexer(layer, part) for layer in PATTERN.shared_layers for part in INDEXER_PARTS}
+    assert export_index == {name: shard for name, shard in source_index.items() if name not in s_indexers}
+    exported = read_export(target)
+    for name, value in exported.items():
+        assert value.dtype == glm_source.stored[name].dtype, name
+    # Tensors the model does not train stay byte for byte: the MTP layer and the router's correction bias (a buffer).
+    buffers = [name for name in glm_source.stored if name.endswith("e_score_correction_bias")]
+    untouched = sorted({*glm_source.mtp_names, *buffers})
+    for name in untouched:
+        assert as_bytes(exported[name]) == as_bytes(glm_source.stored[name]), name
+    # Per-expert tensors carry the trained fused parameters' slices.
+    fused = dict(model.hf_model.named_parameters())["model.layers.2.mlp.experts.down_proj"].detach()
+    expert = exported["model.layers.2.mlp.experts.3.down_proj.weight"]
+    assert torch.equal(expert, fused[3].to(torch.bfloat16))
+    assert not torch.equal(expert, glm_source.stored["model.layers.2.mlp.experts.3.down_proj.weight"])
+
+    record = json.loads((target / "indexcache.json").read_text())
+    assert record["trained_groups"] == ["indexers", "base"]
+    num_indexers = len(PATTERN.full_layers) * len(INDEXER_PARTS)
+    base_names = set(exported) - set(untouched) - {n for n in exported if ".self_attn.indexer." in n}
+    assert record["tensors"]["trained"] == {"indexers": num_indexers, "base": len(base_names)}
+    report = validate_export(target, glm_source.directory)
+    assert report.trained == {"indexers": num_indexers, "base": len(base_names)}
+
+    # Stock transformers loads the trained model: every parameter is the trained one, rounded to the stored BF16.
+    loaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    trained_state = model.hf_model.state_dict()
+    for name, value in loaded.state_dict().items():
+        expected = trained_state[name]
+        if not name.endswith("e_score_correction_bias") and "rotary_emb" not in name:
+            expected = expected.to(torch.bfloat16).float()
+        torch.testing.assert_close(value, expected, atol=0, rtol=0, msg=name)
+
+
+def test_trained_base_tensors_are_checked_against_the_record_not_the_source(glm_source, trained_base_model, tmp_path):
+    from indexcache.export import collect_trained_tensors
+
+    groups = ("indexers", "base")
+    target = export_checkpoint(
+        glm_source.directory,
+        tmp_path / "export",
+        PATTERN,
+        "glm_moe_dsa",
+        collect_trained_tensors(trained_base_model, groups),
+        SUMMARY,
+        trained_groups=groups,
+    )
+    validate_export(target, glm_source.directory)  # trained base tensors differ from the source, and that is valid
+    # Put the *source's* value back into a trained tensor: it now matches the source but not what the run trained.
+    name = "model.embed_tokens.weight"
+    _rewrite(target, name, glm_source.stored[name])
+    with pytest.raises(ExportValidationError, match=rf"{re.escape(name)} has changed since export"):
+        validate_export(target, glm_source.directory)
+
+
+def test_base_tensors_need_the_base_group_and_mtp_tensors_are_refused(glm_source, tmp_path):
+    trained = trained_indexers(glm_source, PATTERN)
+    base = {"model.norm.weight": torch.ones(TINY_DSA["hidden_size"])}
+    with pytest.raises(ExportError, match=r"model\.norm\.weight is in group 'base'.*add 'base' to trained_groups"):
+        export_checkpoint(glm_source.directory, tmp_path / "a", PATTERN, "glm_moe_dsa", {**trained, **base}, SUMMARY)
+    mtp = {glm_source.mtp_names[0]: glm_source.stored[glm_source.mtp_names[0]].float()}
+    with pytest.raises(ExportError, match="belongs to the MTP layer"):
+        export_checkpoint(
+            glm_source.directory,
+            tmp_path / "b",
+            PATTERN,
+            "glm_moe_dsa",
+            {**trained, **mtp},
+            SUMMARY,
+            trained_groups=("indexers", "base"),
+        )
+    assert leftovers(tmp_path) == []
+
+
+# ---- integrity without the source (issue 14) -------------------------------------------------------------------------
+
+
+def _flip_byte(export: Path, name: str) -> None:
+    """Flip one bit of tensor `name` in place, in a shard that is this export's own file (not a link)."""
+    index = json.loads((export / "model.safetensors.index.json").read_text())
+    shard = export / index["weight_map"][name]
+    data = bytearray(shard.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = json.loads(data[8 : 8 + header_len])[name]["data_offsets"][0]
+    data[8 + header_len + start + 3] ^= 0x10
+    shard.unlink()  # never write through a hard link into the source
+    shard.write_bytes(bytes(data))
+
+
+SOURCELESS_DAMAGE = {
+    "flipped byte in the embedding": (
+        lambda export: _flip_byte(export, "model.embed_tokens.weight"),
+        r"model\.embed_tokens\.weight has changed since export",
+    ),
+    "expert removed from its shard and the index": (
+        lambda export: _rewrite(export, "model.layers.3.mlp.experts.2.down_proj.weight", None),
+        r"model\.layers\.3\.mlp\.experts\.2\.down_proj\.weight is recorded in indexcache\.tensors\.json but missing",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SOURCELESS_DAMAGE))
+def test_validator_without_source_catches_damage(case, glm_export, tmp_path, capsys):
+    damage, message = SOURCELESS_DAMAGE[case]
+    export = tmp_path / "damaged"
+    shutil.copytree(glm_export[0], export)
+    assert main([str(export), "--no-source"]) == 0
+    damage(export)
+    with pytest.raises(ExportValidationError, match=message):
+        validate_export(export)
+    capsys.readouterr()
+    assert main([str(export), "--no-source"]) == 1
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_validator_command_uses_the_recorded_source_when_it_is_there(glm_source, tmp_path):
+    copy = tmp_path / "source"
+    shutil.copytree(glm_source.directory, copy)
+    export = export_checkpoint(
+        copy, tmp_path / "export", PATTERN, "glm_moe_dsa", trained_indexers(glm_source, PATTERN), SUMMARY
+    )
+    command = [sys.executable, "-m", "indexcache.validate_export", str(export)]
+    with_source = subprocess.run(command, capture_output=True, text=True)
+    assert with_source.returncode == 0, with_source.stderr
+    assert f"checked against source {copy.resolve()}" in with_source.stdout
+    # A byte changed in the source (an untouched tensor): only a comparison with the source can see it.
+    _flip_byte(copy, "model.norm.weight")
+    assert subprocess.run(command, capture_output=True, text=True).returncode == 1
+    shutil.rmtree(copy)
+    without = subprocess.run(command, capture_output=True, text=True)
+    assert without.returncode == 0, without.stderr
+    assert "checked against the recorded checksums only" in without.stdout
+
+
+def test_checksum_file_edited_to_match_damage_is_caught(glm_export, tmp_path):
+    export = tmp_path / "edited"
+    shutil.copytree(glm_export[0], export)
+    _flip_byte(export, "model.norm.weight")
+    checksums = json.loads((export / "indexcache.tensors.json").read_text())
+    checksums["tensors"]["model.norm.weight"]["sha256"] = "0" * 64
+    (export / "indexcache.tensors.json").write_text(json.dumps(checksums))
+    with pytest.raises(ExportValidationError, match=r"does not match the sha256 indexcache\.json records"):
+        validate_export(export)
+
+
+# ---- temporary directories a killed export left (issue 14) -----------------------------------------------------------
+
+_KILLED_EXPORT = """
+import sys, time
+from pathlib import Path
+import torch
+import indexcache.export as export_module
+
+def stall(staging, source):  # the export is complete in staging: stop here until killed
+    Path(sys.argv[3]).write_text(str(staging))
+    time.sleep(600)
+
+export_module.validate_export = stall
+trained = torch.load(sys.argv[4])
+export_module.export_checkpoint(sys.argv[1], sys.argv[2], "FSFFS", "glm_moe_dsa", trained, {})
+"""
+
+
+def test_next_export_removes_what_a_killed_export_left(glm_source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target, ready = out / "export", tmp_path / "ready"
+    torch.save(trained_indexers(glm_source, PATTERN), tmp_path / "trained.pt")
+    script = [sys.executable, "-c", _KILLED_EXPORT, str(glm_source.directory), str(target), str(ready)]
+    proc = subprocess.Popen([*script, str(tmp_path / "trained.pt")])
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the export ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    staging = Path(ready.read_text())
+    assert staging.parent == out and staging.name.startswith(".export.tmp-")
+    assert len(list(staging.glob("*.safetensors"))) == 3  # the kill left a full copy of the weights
+    # Things that only look like ours are left alone: other targets, other suffixes, files, links.
+    decoys = [".export.tmp-notours", ".other.tmp-0123456789ab", ".export.tmp-0123456789abc"]
+    for name in decoys:
+        (out / name).mkdir()
+    (out / ".export.tmp-aaaaaaaaaaaa").write_text("a file, not a staging directory")
+    (out / ".export.tmp-bbbbbbbbbbbb").symlink_to(glm_source.directory)
+    decoys += [".export.tmp-aaaaaaaaaaaa", ".export.tmp-bbbbbbbbbbbb"]
+
+    export_checkpoint(glm_source.directory, target, PATTERN, "glm_moe_dsa", trained_indexers(glm_source, PATTERN), {})
+    assert leftovers(out) == sorted(["export", *decoys])
+    assert (glm_source.directory / "config.json").is_file()  # the symlinked decoy was not followed
+
+
+def test_a_replaced_exports_old_copy_is_removed_only_once_the_new_one_is_in_place(glm_source, tmp_path):
+    trained = trained_indexers(glm_source, PATTERN)
+    old = tmp_path / ".export.old-0123456789ab"  # what a kill between the two renames of an overwrite leaves
+    old.mkdir()
+    export = export_checkpoint(glm_source.directory, tmp_path / "export", PATTERN, "glm_moe_dsa", trained, {})
+    assert old.is_dir()  # there was no "export" when this one started: the old copy may have been the only one
+    export_checkpoint(glm_source.directory, export, PATTERN, "glm_moe_dsa", trained, {}, overwrite=True)
+    assert leftovers(tmp_path) == ["export"]

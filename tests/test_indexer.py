@@ -13,7 +13,7 @@ from indexcache.model.indexer import (
     index_scores,
     key_padding_mask,
     select_topk,
-    to_trainable,
+    rebuild_as,
 )
 from indexcache.model.tiny import tiny_model
 
@@ -96,12 +96,14 @@ def test_key_padding_mask_reads_last_row_of_bool_and_additive_masks():
     additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
     assert torch.equal(key_padding_mask(additive[:, 0]), attention_mask)
     assert key_padding_mask(None) is None
+    # The indexcache backend hands the [B, S] real-key mask itself (it builds no [T, S] mask).
+    assert torch.equal(key_padding_mask(attention_mask.long()), attention_mask)
 
 
-def test_to_trainable_reuses_stock_parameters_under_checkpoint_names():
+def test_rebuild_as_reuses_stock_parameters_under_checkpoint_names():
     model = tiny_model("glm_moe_dsa")
     stock = model.model.layers[1].self_attn.indexer
-    trainable = to_trainable(stock, TrainableGlmMoeDsaIndexer)
+    trainable = rebuild_as(stock, TrainableGlmMoeDsaIndexer)
     assert isinstance(trainable, type(stock))
     names = [name for name, _ in trainable.named_parameters()]
     assert names == ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"]
@@ -149,7 +151,7 @@ def test_trainable_indexer_selects_the_stock_topk(model_type: str):
     rope_mattered = False
     for layer_idx, args, kwargs, stock_topk in calls:
         stock_indexer = model.model.layers[layer_idx].self_attn.indexer
-        ours = to_trainable(copy.deepcopy(stock_indexer), TRAINABLE[model_type])
+        ours = rebuild_as(copy.deepcopy(stock_indexer), TRAINABLE[model_type])
         selection = ours(*args, **kwargs)
         assert selection.layer_idx == layer_idx
         assert selection.topk_indices.shape == (2, 29, 8)
@@ -165,14 +167,14 @@ def test_trainable_indexer_selects_the_stock_topk(model_type: str):
         )
         torch.testing.assert_close(scores, stock_scores.detach(), rtol=1e-5, atol=1e-6)
         # The other family's RoPE layout selects differently: the comparison above can fail.
-        other = to_trainable(copy.deepcopy(stock_indexer), TRAINABLE[OTHER_FAMILY[model_type]])
+        other = rebuild_as(copy.deepcopy(stock_indexer), TRAINABLE[OTHER_FAMILY[model_type]])
         rope_mattered |= not torch.equal(other(*args, **kwargs).topk_indices, selection.topk_indices)
     assert rope_mattered
 
 
 def test_trainable_indexer_is_differentiable_and_detaches_its_inputs():
     model = tiny_model("deepseek_v32")
-    indexer = to_trainable(model.model.layers[0].self_attn.indexer, TrainableDeepseekV32Indexer)
+    indexer = rebuild_as(model.model.layers[0].self_attn.indexer, TrainableDeepseekV32Indexer)
     hidden = torch.randn(1, 6, 64, requires_grad=True)
     q_resid = torch.randn(1, 6, 32, requires_grad=True)
     cos_sin = model.model.rotary_emb(hidden, torch.arange(6)[None])
@@ -188,7 +190,7 @@ def test_trainable_indexer_is_differentiable_and_detaches_its_inputs():
 
 def test_trainable_indexer_refuses_a_kv_cache():
     model = tiny_model("glm_moe_dsa")
-    indexer = to_trainable(model.model.layers[0].self_attn.indexer, TrainableGlmMoeDsaIndexer)
+    indexer = rebuild_as(model.model.layers[0].self_attn.indexer, TrainableGlmMoeDsaIndexer)
     hidden = torch.randn(1, 3, 64)
     cos_sin = model.model.rotary_emb(hidden, torch.arange(3)[None])
     with pytest.raises(ValueError, match="use_cache=False"):

@@ -30,7 +30,7 @@ def quiet_local_wandb(tmp_path, monkeypatch):
 
 
 def logger_config(mode: str, progress_bar: bool = False) -> LoggerConfig:
-    return LoggerConfig(wandb=WandbConfig(mode=mode, tags=["test"]), log_every=1, progress_bar=progress_bar)
+    return LoggerConfig(wandb=WandbConfig(mode=mode, tags=["test"]), progress_bar=progress_bar)
 
 
 def read_lines(run_dir: Path) -> list[dict]:
@@ -77,7 +77,7 @@ CHILDREN_AND_COST = textwrap.dedent(
     started = time.perf_counter()
     from indexcache.metrics import LoggerConfig, MetricsLogger, WandbConfig
     imported = time.perf_counter()
-    cfg = LoggerConfig(wandb=WandbConfig(mode="disabled"), log_every=1, progress_bar=True)
+    cfg = LoggerConfig(wandb=WandbConfig(mode="disabled"), progress_bar=True)
     logger = MetricsLogger(cfg, sys.argv[1], {"a": 1}, rank=0)
     for step in range(1, 101):
         logger.log(step, {"train/loss": 1.0})

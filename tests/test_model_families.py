@@ -81,8 +81,8 @@ def test_sparse_logits_equal_stock_eager(model_type: str, pattern: str):
             input_ids, attention_mask=attention_mask, use_cache=False
         ).logits
         model = wrapped(model_type, pattern, mode="sparse")
-        got = model(input_ids, attention_mask).logits
-        dense = model(input_ids, attention_mask, mode="dense").logits
+        got = model(input_ids, attention_mask, return_logits=True).logits
+        dense = model(input_ids, attention_mask, mode="dense", return_logits=True).logits
         assert model.mode == "sparse"  # the per-call mode does not stick
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (dense - got).abs().max() > 1e-2  # the top-k really restricts attention at this length
@@ -112,7 +112,7 @@ def test_deepseek_v32_sharing_equals_stock_attending_with_the_owner_topk():
     input_ids, attention_mask = batch()
     with torch.no_grad():
         expected = stock(input_ids, attention_mask=attention_mask, use_cache=False).logits
-        got = ours(input_ids, attention_mask).logits
+        got = ours(input_ids, attention_mask, return_logits=True).logits
         all_full = stock_model("deepseek_v32")(input_ids, attention_mask=attention_mask, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (all_full - got).abs().max() > 1e-2  # sharing changed what the S layers attend to
@@ -126,7 +126,7 @@ def test_dense_logits_and_teachers_equal_stock_dense(model_type: str, kl_calls: 
     input_ids, attention_mask = batch()
     with torch.no_grad():
         expected = stock(input_ids, attention_mask=attention_mask, use_cache=False, output_attentions=True)
-        got = model(input_ids, attention_mask)
+        got = model(input_ids, attention_mask, return_logits=True)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
 
     # The captured teachers reproduce the stock attention probabilities of every layer.
@@ -228,9 +228,9 @@ def test_group_losses_equal_reference_on_captured_tensors(model_type: str, mode:
 def test_right_padding_equals_the_unpadded_sequences(model_type: str, mode: str):
     model = wrapped(model_type, "FSSF", mode=mode)
     input_ids, attention_mask = batch()
-    padded = model(input_ids, attention_mask, labels=input_ids)
+    padded = model(input_ids, attention_mask, labels=input_ids, return_logits=True)
     with torch.no_grad():
-        alone = [model(ids, labels=ids) for ids in (input_ids[:1], input_ids[1:, :PADDED_LEN])]
+        alone = [model(ids, labels=ids, return_logits=True) for ids in (input_ids[:1], input_ids[1:, :PADDED_LEN])]
     torch.testing.assert_close(padded.logits[0], alone[0].logits[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded.logits[1, :PADDED_LEN], alone[1].logits[0], rtol=1e-5, atol=1e-5)
     # Losses are means over valid rows: the padded batch's is the row-weighted mean of the two sequences'.
@@ -253,7 +253,7 @@ def test_left_padding_rows_without_keys_stay_finite(model_type: str, mode: str):
     input_ids, _ = batch()
     attention_mask = torch.ones(2, SEQ, dtype=torch.long)
     attention_mask[1, :5] = 0
-    out = model(input_ids, attention_mask, labels=input_ids, with_lm_loss=True)
+    out = model(input_ids, attention_mask, labels=input_ids, with_lm_loss=True, return_logits=True)
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.hf_model.parameters() if p.grad is not None)

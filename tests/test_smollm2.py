@@ -20,15 +20,14 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from indexcache.model.indexer import indexer_outputs, select_topk
 from indexcache.model.llama_dsa import load_llama_dsa
 from indexcache.model.smollm2 import (
-    CACHE_ENV,
     MODEL_DIRNAME,
     PROVENANCE_FILE,
-    cache_root,
     gguf_location,
     load_smollm2,
     smollm2_dsa_path,
 )
 from indexcache.model.wrapper import IndexCacheModel
+from indexcache.paths import CACHE_ENV, cache_root
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SEQ, RECALL_K = 256, 32

@@ -6,6 +6,10 @@ with q_idx the F layer's indexer distribution and p_j the head-averaged attentio
 the keys a row sees (causal, non-padding, and in the sparse variant the row's top-k set). Implementations:
 `reference` (materialising, fp64-capable, tests only), `chunked` (PyTorch, memory O(chunk x T)), `fused`
 (Triton, CUDA). Triton is imported only when the fused path is chosen, so this package imports without it.
+
+The sparse stage's own form (`sparse.py`): the teachers arrive as probabilities on the top-k slots, handed over by
+the sparse attention, and the student is gathered at those slots: O(T x K) (`SparseGroupKL`,
+`sparse_multi_layer_kl`).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from torch import Tensor
 from indexcache.losses.chunked import chunked_multi_layer_kl
 from indexcache.losses.interface import IndexerOutputs, KLResult, TeacherInputs, validate_inputs
 from indexcache.losses.reference import reference_multi_layer_kl
+from indexcache.losses.sparse import SparseGroupKL, sparse_multi_layer_kl
 
-__all__ = ["IndexerOutputs", "KLResult", "TeacherInputs", "multi_layer_kl"]
+__all__ = ["IndexerOutputs", "KLResult", "SparseGroupKL", "TeacherInputs", "multi_layer_kl", "sparse_multi_layer_kl"]
 
 IMPLEMENTATIONS = ("auto", "reference", "chunked", "fused")
 

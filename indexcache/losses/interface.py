@@ -115,3 +115,21 @@ def valid_rows(real: Tensor, topk_indices: Tensor | None) -> Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (tests); everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def visible_slots(topk_indices: Tensor, real: Tensor | None) -> Tensor:
+    """[B, T, K] int64: `topk_indices` with -1 in every slot that names no key its row may attend to.
+
+    A slot is dropped when it is -1 already, names a future key (s > t) or a padding key (`real` [B, T] bool False;
+    None: no padding), or repeats a key an earlier slot of the row names (the top-k is a set: a repeated key must
+    not count twice in a softmax). Keys stay in their slots, so slot k of the result is slot k of the input.
+    """
+    batch, seq, _ = topk_indices.shape
+    if real is None:
+        real = torch.ones(batch, seq, dtype=torch.bool, device=topk_indices.device)
+    keyed = torch.where(selected_entries(topk_indices, real), topk_indices.long(), -1)
+    ordered, order = keyed.sort(dim=-1, stable=True)  # stable: the earliest slot of a repeated key stays
+    repeat_sorted = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat_sorted[..., 1:] = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    repeat = torch.zeros_like(repeat_sorted).scatter_(-1, order, repeat_sorted)
+    return keyed.masked_fill_(repeat, -1)

@@ -26,7 +26,7 @@ from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaIndexe
 from indexcache.losses import IndexerOutputs
 
 RopeFn = Callable[..., tuple[Tensor, Tensor]]
-IndexerT = TypeVar("IndexerT", bound=nn.Module)
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 __all__ = [
     "IndexerSelection",
@@ -36,8 +36,8 @@ __all__ = [
     "index_scores",
     "indexer_outputs",
     "key_padding_mask",
+    "rebuild_as",
     "select_topk",
-    "to_trainable",
 ]
 
 
@@ -119,13 +119,17 @@ def select_topk(
 
 
 def key_padding_mask(attention_mask: Tensor | None) -> Tensor | None:
-    """[B, S] bool real-key mask from the [B, T, S] (or [B, 1, T, S]) causal mask the stock attention builds.
+    """[B, S] bool real-key mask from what the attention hands the indexer.
 
-    Without a KV cache the last query row of a causal mask sees every non-padding key, so that row is the padding
-    mask. Boolean masks mark visible keys True; additive float masks mark them 0.
+    Under the `indexcache` backend that is already the [B, S] real-key mask (or None: no padding), since that
+    backend builds no [T, S] mask. The stock eager/sdpa paths hand the [B, T, S] (or [B, 1, T, S]) causal mask:
+    without a KV cache its last query row sees every non-padding key, so that row is the padding mask. Boolean
+    masks mark visible keys True; additive float masks mark them 0.
     """
     if attention_mask is None:
         return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool()
     last_row = attention_mask[..., -1, :]
     if last_row.dim() == 3:
         last_row = last_row[:, 0]
@@ -210,20 +214,21 @@ class TrainableDeepseekV32Indexer(TrainableIndexer, DeepseekV32Indexer):
     rope = staticmethod(apply_rotary_pos_emb)
 
 
-def to_trainable(stock: nn.Module, trainable_class: type[IndexerT]) -> IndexerT:
-    """A `trainable_class` indexer made of `stock`'s own submodules (same Parameter objects, names, dtypes).
+def rebuild_as(stock: nn.Module, subclass: type[ModuleT]) -> ModuleT:
+    """A `subclass` module made of `stock`'s own submodules (same Parameter objects, names, dtypes).
 
-    `stock` must carry `config` and `layer_idx`, as the HF indexers do. The new module is built on the meta device
-    and then given the stock submodules, so swapping allocates nothing (even for GLM-5) and keeps whatever is
-    attached to the Parameter objects (e.g. DeepSpeed ZeRO-3 partitioning).
+    `subclass` is a subclass of the stock class that adds behaviour, not tensors (a trainable indexer, a family's
+    IndexCache attention). `stock` must carry `config` and `layer_idx`, as the HF indexers and attentions do. The
+    new module is built on the meta device and then given the stock submodules, so swapping allocates nothing (even
+    for GLM-5) and keeps whatever is attached to the Parameter objects (e.g. DeepSpeed ZeRO-3 partitioning).
     """
     with torch.device("meta"):
-        trainable = trainable_class(stock.config, stock.layer_idx)
+        rebuilt = subclass(stock.config, stock.layer_idx)
     for name, child in stock.named_children():
-        setattr(trainable, name, child)
+        setattr(rebuilt, name, child)
     if list(stock.named_parameters(recurse=False)) or list(stock.named_buffers(recurse=False)):
-        raise ValueError(f"{type(stock).__name__} holds tensors outside its submodules: to_trainable cannot move them")
-    if trainable.state_dict().keys() != stock.state_dict().keys():
-        raise ValueError(f"{trainable_class.__name__} and {type(stock).__name__} have different parameters")
-    trainable.train(stock.training)
-    return trainable
+        raise ValueError(f"{type(stock).__name__} holds tensors outside its submodules: rebuild_as cannot move them")
+    if rebuilt.state_dict().keys() != stock.state_dict().keys():
+        raise ValueError(f"{subclass.__name__} and {type(stock).__name__} have different parameters")
+    rebuilt.train(stock.training)
+    return rebuilt

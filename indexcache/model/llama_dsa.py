@@ -276,8 +276,8 @@ class LlamaDsaForCausalLM(LlamaForCausalLM):
 
     Differs from the stock class only in the attention modules (swapped in before the weights are initialised or
     loaded, so `from_pretrained` fills the indexers from the checkpoint), in keeping `weights_proj` in float32 like
-    transformers' DSA models, and in clearing the per-forward top-k relay after every forward (nothing a forward
-    computed outlives it).
+    transformers' DSA models, and in clearing the per-forward top-k relay after every forward of the decoder
+    (`self.model`, which `IndexCacheModel` runs without the head): nothing a forward computed outlives it.
     """
 
     _keep_in_fp32_modules: ClassVar[list[str]] = ["indexer.weights_proj"]
@@ -291,7 +291,7 @@ class LlamaDsaForCausalLM(LlamaForCausalLM):
         self.post_init()
         # A hook rather than a forward override keeps forward's signature, which `generate` inspects; always_call
         # clears the relay even when the forward raises.
-        self.register_forward_hook(self._clear_topk_relay, always_call=True)
+        self.model.register_forward_hook(self._clear_topk_relay, always_call=True)
 
     def _clear_topk_relay(self, *_: object) -> None:
         self._topk_relay.clear()

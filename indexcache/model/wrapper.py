@@ -25,6 +25,7 @@ keys instead would avoid both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from indexcache.losses import KLResult, TeacherInputs, multi_layer_kl
+from indexcache.losses.linear_ce import causal_lm_loss, check_plain_head
 from indexcache.model.indexer import IndexerSelection
 from indexcache.model.registry import ModelFamily, get_family
 from indexcache.pattern import IndexCachePattern
@@ -54,6 +56,7 @@ __all__ = [
     "ForwardContext",
     "IndexCacheModel",
     "IndexCacheOutput",
+    "LayerObserver",
     "SharedIndexer",
     "indexcache_attention",
     "register_backend",
@@ -64,9 +67,15 @@ __all__ = [
 class IndexCacheOutput:
     loss: Tensor  # kl_loss (+ lm_weight * lm_loss when with_lm_loss)
     kl_loss: Tensor  # sum over F layers of each group's KLResult.loss
-    lm_loss: Tensor | None  # when labels are given (detached unless with_lm_loss)
+    lm_loss: Tensor | None  # when labels are given (detached unless with_lm_loss); never builds [B, T, V]
     metrics: dict[str, float]
-    logits: Tensor  # [B, T, V] of the attention this mode runs (dense or the layers' top-k sets)
+    # [B, T, V] of the attention this mode runs (dense or the layers' top-k sets); only with return_logits=True
+    logits: Tensor | None = None
+
+
+# Called by `ForwardContext.record` for every layer as it runs: (layer_idx, the selection it attended with, its
+# teacher, the [B, T] padding mask or None). Evaluation uses it for recall/coverage, pattern search for its caches.
+LayerObserver = Callable[[int, IndexerSelection, TeacherInputs, Tensor | None], None]
 
 
 class ForwardContext:
@@ -83,6 +92,7 @@ class ForwardContext:
         self.attention_mask: Tensor | None = None
         self.loss_impl = "auto"
         self.loss_chunk_size = 1024
+        self.observer: LayerObserver | None = None
         self._selections: dict[int, IndexerSelection] = {}
         self._teachers: dict[int, list[TeacherInputs]] = {}
         self._results: dict[int, KLResult] = {}
@@ -96,8 +106,10 @@ class ForwardContext:
         attention_mask: Tensor | None,
         loss_impl: str,
         loss_chunk_size: int,
+        observer: LayerObserver | None = None,
     ) -> None:
         self.active = True
+        self.observer = observer
         self.mode, self.pattern, self.attention_mask = mode, pattern, attention_mask
         self.loss_impl, self.loss_chunk_size = loss_impl, loss_chunk_size
         self._selections, self._teachers, self._results = {}, {}, {}
@@ -130,6 +142,8 @@ class ForwardContext:
         teachers.append(teacher)
         self._teacher_layers += 1
         self._lse_layers += teacher.logsumexp is not None
+        if self.observer is not None:
+            self.observer(layer_idx, selection, teacher, self.attention_mask)
         if layer_idx != served[-1]:
             return
         if len(teachers) != len(served):
@@ -294,6 +308,18 @@ def _masked_attention_with_lse(
     return output, logsumexp[..., :seq].detach()
 
 
+def _register_head_with_zero3(model: nn.Module, head_weight: nn.Parameter) -> None:
+    """Tell ZeRO-3 that `model.forward` reads the LM head's weight outside the head's own forward.
+
+    ZeRO-3 gathers a partitioned parameter only around its module's forward (and backward); the chunked LM loss
+    uses the weight directly, so it is registered as an external parameter of the wrapper, gathered for the
+    wrapper's forward and backward. A no-op for every other ZeRO stage and without DeepSpeed.
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    register_external_parameter(model, head_weight)
+
+
 def register_backend() -> None:
     """Register the `indexcache` attention backend and its (boolean, sdpa-style) mask; idempotent."""
     AttentionInterface.register(BACKEND, indexcache_attention)
@@ -315,9 +341,15 @@ class IndexCacheModel(nn.Module):
         loss_impl: str = "auto",
         loss_chunk_size: int = 1024,
         topk_chunk_size: int = 1024,
+        lm_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
         self.hf_model = hf_model
+        # The LM loss reads the head's weight directly (chunked, no [T, vocab] logits); fail now if it is not the
+        # plain linear map that loss computes.
+        check_plain_head(hf_model.get_output_embeddings(), hf_model.config)
+        _register_head_with_zero3(self, hf_model.get_output_embeddings().weight)
+        self.lm_chunk_size = lm_chunk_size
         self.family: ModelFamily = get_family(hf_model.config.model_type)
         self.lm_weight = lm_weight
         self.loss_impl = loss_impl
@@ -412,6 +444,8 @@ class IndexCacheModel(nn.Module):
         labels: Tensor | None = None,
         with_lm_loss: bool = False,
         mode: str | None = None,
+        return_logits: bool = False,
+        observer: LayerObserver | None = None,
     ) -> IndexCacheOutput:
         """Run the model, computing every group's KL (and the LM loss when labels are given).
 
@@ -419,7 +453,14 @@ class IndexCacheModel(nn.Module):
 
         `labels` follow HF (same shape as input_ids, shifted inside); padding positions are ignored whatever
         they hold. `with_lm_loss` adds lm_weight * lm_loss to `loss` so the base can train (the sparse stage);
-        without it `lm_loss` is still reported, detached. Which parameters train is the optimizer's choice.
+        without it `lm_loss` is still reported, detached (computed without a graph). Which parameters train is the
+        optimizer's choice.
+
+        The LM head runs only for what is asked: the LM loss comes from a chunked linear cross-entropy over the
+        final hidden states (`losses.linear_ce`, HF's `ForCausalLMLoss` semantics), never the [B, T, V] logits;
+        `return_logits=True` builds those logits (tests, evaluation at short context). Without labels or
+        `return_logits` the head does not run at all. `observer` is called with every layer's selection and teacher
+        as the layer runs (`LayerObserver`; evaluation's recall/coverage).
         """
         if with_lm_loss and labels is None:
             raise ValueError("with_lm_loss=True needs labels")
@@ -433,12 +474,12 @@ class IndexCacheModel(nn.Module):
         # Dense attention never reads the top-k, so a dense forward skips computing it.
         for indexer in self._indexer_pool.values():
             indexer.compute_topk = mode == "sparse"
-        self._context.reset(mode, self.pattern, attention_mask, self.loss_impl, self.loss_chunk_size)
+        self._context.reset(mode, self.pattern, attention_mask, self.loss_impl, self.loss_chunk_size, observer)
         try:
-            out = self.hf_model(
+            # The decoder alone (`*ForCausalLM.model`): its final normed hidden states, no LM head.
+            decoded = self.hf_model.get_decoder()(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                labels=labels,
                 use_cache=False,
                 **{CONTEXT_KWARG: self._context},
             )
@@ -449,14 +490,21 @@ class IndexCacheModel(nn.Module):
             raise AssertionError(f"no KL for F layers {missing}: their attention did not run the indexcache backend")
 
         kl_loss = torch.stack([results[layer].loss for layer in self.pattern.full_layers]).sum()
-        lm_loss = out.loss
-        loss = kl_loss
-        if with_lm_loss:
-            loss = kl_loss + self.lm_weight * lm_loss
-        elif lm_loss is not None:
-            lm_loss = lm_loss.detach()
+        hidden_BTD = decoded.last_hidden_state
+        head = self.hf_model.get_output_embeddings()
+        loss, lm_loss = kl_loss, None
+        if labels is not None:
+            # Only reported: no graph, so no gradient buffers are built for it.
+            with torch.set_grad_enabled(with_lm_loss and torch.is_grad_enabled()):
+                lm_loss = causal_lm_loss(hidden_BTD, head.weight, labels, chunk_size=self.lm_chunk_size)
+            if with_lm_loss:
+                loss = kl_loss + self.lm_weight * lm_loss
         return IndexCacheOutput(
-            loss=loss, kl_loss=kl_loss, lm_loss=lm_loss, metrics=self._metrics(results), logits=out.logits
+            loss=loss,
+            kl_loss=kl_loss,
+            lm_loss=lm_loss,
+            metrics=self._metrics(results),
+            logits=head(hidden_BTD) if return_logits else None,
         )
 
     def _metrics(self, results: dict[int, KLResult]) -> dict[str, float]:
