@@ -21,12 +21,14 @@ defined for every layer even where a checkpoint keeps no indexer (the cross-laye
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from indexcache.losses import TeacherInputs
-from indexcache.model.indexer import IndexerSelection
+if TYPE_CHECKING:
+    from indexcache.losses import TeacherInputs
+    from indexcache.model.indexer import IndexerSelection
 
 __all__ = [
     "LayerStats",

@@ -59,18 +59,29 @@ def job_overrides(argv: list[str]) -> list[list[str]]:
     return [list(job) for batch in batches for job in batch]
 
 
-def check_jobs(argv: list[str]) -> None:
+def check_jobs(argv: list[str], precheck: Callable[[RunConfig], None] | None = None) -> None:
     """Compose and check every job's config; raises ConfigError (one line) for the first bad one."""
     for overrides in job_overrides(argv):
-        compose_config(overrides)
+        cfg = compose_config(overrides)
+        if precheck is not None:
+            precheck(cfg)
 
 
-def hydra_main(job: Callable[[RunConfig], int], argv: list[str] | None = None, prog: str = "indexcache") -> int:
-    """Run `job` on each composed config through Hydra's own main. Returns the process exit code."""
+def hydra_main(
+    job: Callable[[RunConfig], int],
+    argv: list[str] | None = None,
+    prog: str = "indexcache",
+    precheck: Callable[[RunConfig], None] | None = None,
+) -> int:
+    """Run `job` on each composed config through Hydra's own main. Returns the process exit code.
+
+    `precheck(cfg)` runs for every job before any of them starts: checks that read (the source's config, the
+    run directory) but write nothing, raising ConfigError.
+    """
     argv = preset_alias(strip_launcher_args(sys.argv[1:] if argv is None else argv))
     if not any(arg.split("=")[0] in _INFO_FLAGS for arg in argv):
         try:
-            check_jobs(argv)
+            check_jobs(argv, precheck)
         except ConfigError as error:
             print(f"{prog}: config error: {error}", file=sys.stderr)
             return 2

@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from indexcache.data import DataConfig
+from indexcache.evaluate import EvaluateConfig
 from indexcache.metrics import LoggerConfig
+from indexcache.search import SearchConfig
 
 
 def _conf_dir() -> Path:
@@ -214,6 +216,8 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)  # indexcache-search
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # indexcache-evaluate
 
     def __post_init__(self) -> None:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -367,6 +371,8 @@ _RESUME_FREE = (
     "device",
     "logger",
     "export",
+    "search",  # the search and evaluation entry points: they do not change what training computes
+    "evaluate",
     "model.cache_dir",
     "data.cache_dir",
     "data.num_proc",

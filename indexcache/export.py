@@ -503,9 +503,10 @@ def serving_notes(pattern: IndexCachePattern, model_type: str) -> list[str]:
         transformers_line = f"transformers 5.23: its `{model_type}` model has no lightning indexer; it ignores them."
     if uniform is None:
         megatron_line = (
-            "Megatron-LM convention (reads only `index_topk_freq` / `index_skip_topk_offset`, counting layers from "
-            "1): cannot express this pattern. No uniform schedule reproduces it, so both keys are left out and such "
-            "an engine keeps every layer's indexer. Serve with transformers, vLLM or SGLang."
+            "Megatron-LM convention: cannot express this pattern. It reads only `index_topk_freq` / "
+            "`index_skip_topk_offset` (counting layers from 1), no uniform schedule reproduces this pattern, so both "
+            "keys are left out and such an engine keeps every layer's indexer. Serve with vLLM or SGLang"
+            + (" (or transformers)." if model_type == "glm_moe_dsa" else ".")
         )
     else:
         freq, offset = uniform

@@ -10,7 +10,7 @@ config (the tests do).
 from __future__ import annotations
 
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 from indexcache.cli import hydra_main, user_error
@@ -30,12 +30,19 @@ def train_job(cfg: RunConfig) -> int:
         try:
             run = build_run(cfg, dist, stack)
         except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
+            _remove_if_empty(Path(cfg.run_dir))
             return user_error(PROG, error)
         finished = train(run)
         exported = export_run(run) if finished and cfg.export.enabled else None
     if dist.is_main:
         print(summary_line(run, finished, exported))
     return 0
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Hydra creates the job's directory before the job runs: a job refused while building leaves nothing."""
+    with suppress(OSError):  # not empty (an earlier run's files) or already gone: leave it
+        run_dir.rmdir()
 
 
 def summary_line(run, finished: bool, exported: Path | None) -> str:
@@ -64,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from indexcache.distributed import shutdown
 
     try:
-        return hydra_main(train_job, argv, prog=PROG)
+        from indexcache.run import precheck
+
+        return hydra_main(train_job, argv, prog=PROG, precheck=precheck)
     finally:
         shutdown()
 

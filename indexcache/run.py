@@ -92,6 +92,34 @@ def preflight(cfg: RunConfig) -> ResumePoint | None:
     return resume
 
 
+def source_layer_count(cfg: RunConfig) -> tuple[int, dict[str, Any]] | None:
+    """The number of DSA layers and the config.json of `model.source`, read without loading weights (None when
+    the source is a dense model still to be converted, or SmolLM2 before its first conversion)."""
+    if cfg.model.source == "tiny":
+        from indexcache.model.tiny import tiny_config
+
+        config = tiny_config(cfg.model.tiny_family).to_dict()
+        return int(config["num_hidden_layers"]), config
+    if cfg.model.source == "smollm2":
+        return None
+    config = read_config(Path(cfg.model.source))
+    if "index_topk" not in config:
+        return None
+    return int(config["num_hidden_layers"]), config
+
+
+def precheck(cfg: RunConfig) -> None:
+    """Every check that needs more than the config but writes nothing: the pattern against the source's layer
+    count, and that a resume continues this config. Runs before Hydra creates any directory."""
+    found = source_layer_count(cfg)
+    if found is not None:
+        try:
+            build_pattern(cfg.pattern, *found)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    preflight(cfg)
+
+
 def build_pattern(cfg: PatternConfig, num_layers: int, source_config: dict[str, Any]) -> IndexCachePattern:
     if cfg.kind == "uniform":
         return IndexCachePattern.uniform(num_layers, cfg.freq, cfg.offset)

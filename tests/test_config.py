@@ -41,7 +41,7 @@ def test_preset_and_overrides_compose():
         (["stage.warmup.stepz=3", "conf=tiny"], "stepz"),
         (["data.sources=[/no/such/corpus]"], "/no/such/corpus"),
         (["pattern=explicit"], "pattern.value"),
-        (["pattern=greedy"], "greedy"),
+        (["pattern=no_such_kind"], "pattern=no_such_kind does not exist"),
         (["stage=sparse", "stage.sparse.mode=fast"], "stage.sparse.mode"),
         (["conf=glm5_indexcache"], "model.source"),
     ],

@@ -5,14 +5,16 @@ llama is our DSA llama (`llama_dsa.LlamaDsaForCausalLM`), its "stock" model the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import indexcache.model.wrapper as wrapper
-from indexcache.losses import multi_layer_kl
+from indexcache.losses import TeacherInputs, multi_layer_kl
 from indexcache.model import IndexCacheModel, get_family, register_family, select_topk
 from indexcache.model.tiny import tiny_model
 from indexcache.model.wrapper import SharedIndexer
@@ -61,6 +63,18 @@ def kl_calls(monkeypatch: pytest.MonkeyPatch) -> list[SimpleNamespace]:
 
     monkeypatch.setattr(wrapper, "multi_layer_kl", recording_kl)
     return calls
+
+
+def observed_groups(pattern: IndexCachePattern) -> tuple[list[SimpleNamespace], Callable[..., None]]:
+    """An observer collecting each group's indexer, teachers (query/key as attended), top-k and padding mask."""
+    groups: list[SimpleNamespace] = []
+
+    def observe(layer_idx, selection, teacher, mask) -> None:
+        if layer_idx == pattern.owner(layer_idx):
+            groups.append(SimpleNamespace(indexer=selection.outputs, teachers=[], topk=selection.topk_indices, mask=mask))
+        groups[-1].teachers.append(teacher)
+
+    return groups, observe
 
 
 def test_unknown_model_type_names_the_known_families():
@@ -146,10 +160,11 @@ def test_dense_logits_and_teachers_equal_stock_dense(model_type: str, kl_calls: 
     ("model_type", "mode"),
     [("glm_moe_dsa", "dense"), ("glm_moe_dsa", "sparse"), ("deepseek_v32", "sparse"), ("llama", "sparse")],
 )
-def test_kl_gradients_reach_only_f_layer_indexers(model_type: str, mode: str, kl_calls: list[SimpleNamespace]):
+def test_kl_gradients_reach_only_f_layer_indexers(model_type: str, mode: str):
     model = wrapped(model_type, "FSSF", mode=mode)
     input_ids, attention_mask = batch()
-    model(input_ids, attention_mask).kl_loss.backward()
+    groups, observe = observed_groups(model.pattern)
+    model(input_ids, attention_mask, observer=observe).kl_loss.backward()
 
     f_names = {name for name, _ in model.indexer_parameters()}
     assert f_names == {f"model.layers.{i}.self_attn.indexer.{p}" for i in (0, 3) for p in INDEXER_PARAMS}
@@ -160,8 +175,10 @@ def test_kl_gradients_reach_only_f_layer_indexers(model_type: str, mode: str, kl
             assert param.grad is None, name
     for layer in (1, 2):  # S layers' own indexers are out of the model and untouched
         assert all(param.grad is None for param in model._indexer_pool[layer].parameters())
-    for call in kl_calls:
+    assert sum(len(call.teachers) for call in groups) == 4
+    for call in groups:
         assert all(not t.query.requires_grad and not t.key.requires_grad for t in call.teachers)
+        assert all(t.probs is None or not t.probs.requires_grad for t in call.teachers)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -190,25 +207,40 @@ def test_sparse_lm_loss_trains_the_base_and_kl_trains_the_indexers(model_type: s
 
 @pytest.mark.parametrize(
     ("model_type", "mode"),
-    [("glm_moe_dsa", "dense"), ("glm_moe_dsa", "sparse"), ("deepseek_v32", "sparse"), ("llama", "sparse")],
+    [
+        ("glm_moe_dsa", "dense"),
+        ("glm_moe_dsa", "sparse"),
+        ("deepseek_v32", "dense"),
+        ("deepseek_v32", "sparse"),
+        ("llama", "dense"),
+        ("llama", "sparse"),
+    ],
 )
-def test_group_losses_equal_reference_on_captured_tensors(model_type: str, mode: str, kl_calls: list[SimpleNamespace]):
+def test_group_losses_equal_reference_on_captured_tensors(model_type: str, mode: str):
+    """Each group's loss and metrics equal `losses.reference` on the layers' own query/key and the F layer's top-k.
+
+    In sparse mode the model's loss comes from the sparse attention's probabilities on the top-k slots (MLA: in
+    the latent form) and the gathered student; the reference recomputes both densely from the teachers' query/key.
+    """
     pattern = IndexCachePattern("FSSF")
     model = wrapped(model_type, str(pattern), mode=mode)
     input_ids, attention_mask = batch()
-    out = model(input_ids, attention_mask)
+    groups, observe = observed_groups(pattern)
+    out = model(input_ids, attention_mask, observer=observe)
 
-    assert len(kl_calls) == len(pattern.full_layers)
+    assert len(groups) == len(pattern.full_layers)
     total = torch.zeros(())
-    for owner, call in zip(pattern.full_layers, kl_calls, strict=True):
+    for owner, call in zip(pattern.full_layers, groups, strict=True):
         served = pattern.groups[owner]
         assert len(call.teachers) == len(served)
-        assert (call.topk is not None) == (mode == "sparse")
+        assert all((teacher.probs is not None) == (mode == "sparse") for teacher in call.teachers)
+        topk = call.topk if mode == "sparse" else None
         if mode == "sparse":  # the group attends with the top-k of the very scores its loss trains
             q, k, w = call.indexer.q, call.indexer.k, call.indexer.w
             assert torch.equal(call.topk, select_topk(q, k, w, attention_mask, topk=8))
         assert torch.equal(call.mask, attention_mask.bool())
-        reference = multi_layer_kl(call.indexer, call.teachers, call.mask, call.topk, impl="reference")
+        plain = [TeacherInputs(t.query, t.key, t.scaling) for t in call.teachers]
+        reference = multi_layer_kl(call.indexer, plain, call.mask, topk, impl="reference")
         total = total + reference.loss
         metrics = [out.metrics[f"indexcache/kl/layer_{owner}"]]
         metrics += [out.metrics[f"indexcache/kl_served/layer_{layer}"] for layer in served]
@@ -219,7 +251,8 @@ def test_group_losses_equal_reference_on_captured_tensors(model_type: str, mode:
     torch.testing.assert_close(out.kl_loss, total, rtol=1e-4, atol=1e-6)
     assert out.kl_loss > 0
     assert len(out.metrics) == len(pattern.full_layers) + 2 * pattern.num_layers + 1
-    assert out.metrics["indexcache/teacher_lse_from_attention"] == 0.0  # CPU: sdpa, no LSE handed over
+    # CPU dense: sdpa, no LSE handed over; sparse: the teacher is the attention's own probabilities.
+    assert out.metrics["indexcache/teacher_lse_from_attention"] == (1.0 if mode == "sparse" else 0.0)
 
 
 @pytest.mark.parametrize(
@@ -259,17 +292,21 @@ def test_left_padding_rows_without_keys_stay_finite(model_type: str, mode: str):
     assert all(torch.isfinite(p.grad).all() for p in model.hf_model.parameters() if p.grad is not None)
 
 
-def test_attended_keys_ignore_missing_slots_and_never_leave_a_row_empty():
+def test_padded_dense_mask_is_causal_and_real_and_never_leaves_a_row_empty():
     real = torch.tensor([[False, True, True, True]])  # left padding: row 0 sees no key
-    causal = (torch.ones(4, 4, dtype=torch.bool).tril() & real[:, None, :])[:, None]
-    topk = torch.tensor([[[-1, -1], [1, -1], [2, -1], [3, 1]]])
-    allowed = wrapper._allowed_keys(causal, topk)[0, 0]
-    expected = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
-    assert torch.equal(allowed, expected)
-    before = causal.clone()
-    dense = wrapper._allowed_keys(causal, None)[0, 0]
-    assert torch.equal(causal, before)  # the shared stock mask is not edited
-    assert dense[0].tolist() == [True, False, False, False] and torch.equal(dense[1:], causal[0, 0, 1:])
+    allowed = wrapper._allowed_keys(real)
+    assert allowed.shape == (1, 1, 4, 4)
+    expected = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(allowed[0, 0], expected)
+
+
+def test_backend_mask_function_builds_no_square_mask():
+    assert wrapper.padding_mask(2, 5, 5, attention_mask=None) is None
+    assert wrapper.padding_mask(2, 5, 5, attention_mask=torch.ones(2, 5, dtype=torch.long)) is None
+    padded = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert torch.equal(wrapper.padding_mask(2, 5, 5, attention_mask=padded), padded.bool())
+    with pytest.raises(ValueError, match="no KV cache"):
+        wrapper.padding_mask(2, 1, 5, kv_offset=4, attention_mask=None)
 
 
 def test_glm_pattern_uses_stock_sharing_and_revives_f_layers_with_their_weights():
@@ -337,3 +374,45 @@ def test_backend_refuses_to_run_outside_the_wrapper(model_type: str):
     model = wrapped(model_type, "FFFF")
     with pytest.raises(RuntimeError, match=r"only inside IndexCacheModel\.forward"):
         model.hf_model(batch()[0], use_cache=False)
+
+
+class SquareTensorSpy(TorchDispatchMode):
+    """Records every tensor an op creates that has two dimensions of the sequence length (a [T, T] mask or bias)."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__()
+        self.seq, self.square = seq, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and list(tensor.shape).count(self.seq) >= 2:
+                self.square.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("packed_mask", ["none", "all_ones"])
+def test_packed_batch_builds_no_square_mask_in_any_layer(model_type: str, mode: str, packed_mask: str):
+    """Issue 9, defect 3: a packed window (no padding) builds nothing of size [T, T] in any layer, in either mode.
+
+    The indexer's own top-k scoring and the dense loss work in row chunks ([B, chunk, T]); with chunks smaller than
+    T every [T, T]-shaped tensor would be a mask, a bias or a materialised score matrix. A padded batch still builds
+    its [B, 1, T, T] mask (the real padded path), which shows the spy sees masks.
+    """
+    seq = 40  # no other dimension of the tiny models is 40
+    model = IndexCacheModel(
+        stock_model(model_type), IndexCachePattern("FSSF"), mode=mode, loss_chunk_size=8, topk_chunk_size=8
+    )
+    input_ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(3))
+    attention_mask = None if packed_mask == "none" else torch.ones(2, seq, dtype=torch.long)
+    with SquareTensorSpy(seq) as spy:
+        out = model(input_ids, attention_mask)
+        out.kl_loss.backward()
+    assert spy.square == []
+    padded = torch.ones(2, seq, dtype=torch.long)
+    padded[1, 30:] = 0
+    with torch.no_grad(), SquareTensorSpy(seq) as spy:
+        model(input_ids, padded)
+    assert spy.square or mode == "sparse"  # dense with padding: the one [B, 1, T, T] mask; sparse: none at all

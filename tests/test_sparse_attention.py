@@ -1,4 +1,5 @@
-"""Gather-based sparse attention against a materialising float64 reference of the same maths.
+"""Gather-based sparse attention against a materialising float64 reference of the same maths, and the family
+attentions that call it (MLA latent form, llama GQA) against the stock attention restricted to the same top-k.
 
 The reference attends through a dense [B, H, T, T] score matrix masked to each row's top-k set (a set: repeated
 indices count once; -1, future and padding keys are dropped), which is what the stock models compute with their
@@ -7,12 +8,19 @@ top-k mask. Fresh random inputs for every case; gradients by autograd through th
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from indexcache.kernels import sparse_attention, sparse_attention_probs, visible_slots
-from indexcache.losses.interface import TeacherInputs
+from indexcache.losses import IndexerOutputs, TeacherInputs
 from indexcache.losses.reference import allowed_keys, teacher_distribution
+from indexcache.model import IndexerSelection, get_family
+from indexcache.model.tiny import tiny_model
+from indexcache.model.wrapper import BACKEND, CONTEXT_KWARG, ForwardContext, register_backend
+from indexcache.pattern import IndexCachePattern
 
 
 def random_topk(batch: int, seq: int, topk: int, gen: torch.Generator) -> torch.Tensor:
@@ -112,3 +120,72 @@ def test_sparse_attention_rejects_shapes_it_cannot_read():
         sparse_attention(query, key, key, slots, 1.0)
     with pytest.raises(ValueError, match="visible_slots"):
         sparse_attention(query, key[:, :, :1], key[:, :, :1], slots.int(), 1.0)
+
+
+# ---- the family attentions: latent (MLA) and GQA sparse forms against the stock attention -------------------------
+class FixedSelection(nn.Module):
+    """Stands in for an indexer: returns a fixed top-k (stock attention) or selection (IndexCache attention)."""
+
+    def __init__(self, result: object) -> None:
+        super().__init__()
+        self.result = result
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.result
+
+
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "deepseek_v32", "llama"])
+def test_family_sparse_attention_equals_stock_attention_on_the_same_topk(model_type: str):
+    """One layer, float64: the IndexCache attention in sparse mode (MLA: weight-absorbed latent form; llama: GQA)
+    against the stock eager attention masked to the same top-k: output and every gradient (train_base)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    batch, seq, topk = 2, 13, 5
+    stock_model = tiny_model(model_type, index_topk=topk).double()
+    stock_model.set_attn_implementation("eager")
+    ours_model = copy.deepcopy(stock_model)
+    register_backend()
+    ours_model.set_attn_implementation(BACKEND)
+    get_family(model_type).install_indexers(ours_model)
+    stock, ours = stock_model.model.layers[0].self_attn, ours_model.model.layers[0].self_attn
+    assert type(ours) is not type(stock) or model_type == "llama"
+
+    indices = torch.randint(0, seq, (batch, seq, topk), generator=gen)
+    indices[:, :, 0] = torch.arange(seq)  # every row keeps itself (stock eager would give NaN for an empty row)
+    indices[:, :, 1] = indices[:, :, 2]  # a repeated key
+    stock.indexer = FixedSelection(indices)
+    idx_heads, idx_dim = 2, 4
+    outputs = IndexerOutputs(
+        q=torch.randn(batch, seq, idx_heads, idx_dim, dtype=torch.float64),
+        k=torch.randn(batch, seq, idx_dim, dtype=torch.float64),
+        w=torch.randn(batch, seq, idx_heads, dtype=torch.float64),
+    )
+    ours.indexer = FixedSelection(IndexerSelection(layer_idx=0, outputs=outputs, topk_indices=indices))
+
+    hidden = torch.randn(batch, seq, stock_model.config.hidden_size, generator=gen, dtype=torch.float64)
+    position_ids = torch.arange(seq)[None]
+    rotary = stock_model.model.rotary_emb
+    position_embeddings = rotary(hidden, position_ids)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].expand(batch, 1, seq, seq)
+    additive = torch.zeros(causal.shape, dtype=torch.float64).masked_fill(~causal, torch.finfo(torch.float64).min)
+
+    context = ForwardContext()
+    context.reset("sparse", IndexCachePattern("F"), None, "auto", 1024)
+    hidden_stock, hidden_ours = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    expected = stock(hidden_stock, position_embeddings=position_embeddings, attention_mask=additive)[0]
+    got = ours(
+        hidden_ours, position_embeddings=position_embeddings, attention_mask=None, **{CONTEXT_KWARG: context}
+    )[0]
+    results = context.finish()
+    # Bounds: stock eager takes its softmax in float32 even for float64 inputs (eager_attention_forward).
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+    assert results[0].num_rows == batch * seq  # the layer's teacher reached its group's loss
+
+    d_out = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    names = [name for name, _ in stock.named_parameters() if not name.startswith("indexer.")]
+    params_stock = dict(stock.named_parameters())
+    params_ours = dict(ours.named_parameters())
+    expected_grads = torch.autograd.grad(expected, [hidden_stock] + [params_stock[n] for n in names], d_out)
+    grads = torch.autograd.grad(got, [hidden_ours] + [params_ours[n] for n in names], d_out)
+    for name, g, e in zip(["hidden", *names], grads, expected_grads, strict=True):
+        assert float((g - e).norm() / e.norm()) < 1e-5, name
+    assert "kv_b_proj.weight" in names or model_type == "llama"

@@ -1,13 +1,12 @@
-"""End-to-end training runs through the real entry point: Hydra, DeepSpeed engines, checkpoints, export.
+"""End-to-end training runs: real Hydra composition, DeepSpeed engines, checkpoints, export.
 
-Each run is a subprocess of `train/main.py` (or the `deepspeed` launcher) on the tiny GLM-5-shaped preset with
-real stdlib text, so the tests see exactly what a user sees.
+Runs go through the in-process job (`train_tiny` in conftest.py) on the tiny GLM-5-shaped preset with real stdlib
+text; kills and the `deepspeed` launcher spawn real processes of `train/main.py`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,22 +18,14 @@ import torch
 from safetensors import safe_open
 
 from indexcache.validate_export import validate_export
+from tests.conftest import MAIN, subprocess_env
 
-REPO = Path(__file__).resolve().parent.parent
-MAIN = REPO / "train" / "main.py"
 INDEXER = ".self_attn.indexer."
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env["INDEXCACHE_CACHE"] = str(tmp_path.parent / "indexcache-cache")  # shared across this session's tests
-    return env
-
-
-def train(tmp_path: Path, run_dir: Path, *overrides: str, launcher: list[str] | None = None) -> str:
+def spawn(cache_dir: Path, cwd: Path, run_dir: Path, *overrides: str, launcher: list[str] | None = None) -> str:
     cmd = [*(launcher or [sys.executable]), str(MAIN), "conf=tiny", f"run_dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_env(tmp_path))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd, env=subprocess_env(cache_dir))
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout + proc.stderr
 
@@ -72,9 +63,9 @@ def assert_only_f_indexers_changed(run_dir: Path, pattern: str) -> None:
             assert changed, f"F layer {layer}'s indexer did not train"
 
 
-def test_single_process_run_trains_only_f_layer_indexers(tmp_path):
+def test_single_process_run_trains_only_f_layer_indexers(tmp_path, train_tiny):
     run_dir = tmp_path / "run"
-    train(tmp_path, run_dir)
+    train_tiny(run_dir)
     lines = metrics(run_dir)
     assert [line["step"] for line in lines] == [1, 2, 3, 4], "one metrics line per logged step"
     assert all(line["train/kl_loss"] > 0 for line in lines)
@@ -90,7 +81,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("stop_after", [3, 5], ids=["mid-first-stage", "mid-second-stage"])
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, stop_after):
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, train_tiny, stop_after):
     # Two stages (all-F warm-up, then the FFSF pattern) so a resume also crosses a stage boundary.
     stages = [
         "stage=convert_distill",
@@ -99,12 +90,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, stop_after):
         "train.checkpoint_every=2",
     ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train(tmp_path, full, *stages)
-    train(tmp_path, resumed, *stages, f"train.stop_after_steps={stop_after}")
+    train_tiny(full, *stages)
+    train_tiny(resumed, *stages, f"train.stop_after_steps={stop_after}")
     assert not (resumed / "export").exists(), "a stopped run must not export"
     checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert checkpoints[-1] != f"step_{stop_after:08d}" or stop_after == 4
-    train(tmp_path, resumed, *stages)
+    train_tiny(resumed, *stages)
 
     full_losses, resumed_losses = _losses(full), _losses(resumed)
     assert sorted(resumed_losses) == list(range(1, 8)), "metrics.jsonl: one line per step after the resume"
@@ -116,11 +107,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, stop_after):
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs after resume")
 
 
-def test_rerun_of_a_finished_run_is_a_no_op(tmp_path):
+def test_rerun_of_a_finished_run_is_a_no_op(tmp_path, train_tiny):
     run_dir = tmp_path / "run"
-    train(tmp_path, run_dir)
+    train_tiny(run_dir)
     before = (run_dir / "export" / "indexcache.json").read_text()
-    out = train(tmp_path, run_dir)
+    out = train_tiny(run_dir)
     assert "export already complete" in out
     assert (run_dir / "export" / "indexcache.json").read_text() == before
     assert [line["step"] for line in metrics(run_dir)] == [1, 2, 3, 4]
@@ -128,11 +119,11 @@ def test_rerun_of_a_finished_run_is_a_no_op(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_launcher_two_ranks(tmp_path, zero_stage):
+def test_deepspeed_launcher_two_ranks(tmp_path, cache_dir, zero_stage):
     launcher = shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is installed with the package"
     run_dir = tmp_path / f"zero{zero_stage}"
-    train(tmp_path, run_dir, f"deepspeed=zero{zero_stage}", launcher=[launcher, "--num_gpus", "2"])
+    spawn(cache_dir, tmp_path, run_dir, f"deepspeed=zero{zero_stage}", launcher=[launcher, "--num_gpus", "2"])
     assert [line["step"] for line in metrics(run_dir)] == [1, 2, 3, 4]
     assert_only_f_indexers_changed(run_dir, "FFSF")
     assert json.loads((run_dir / "export" / "indexcache.json").read_text())["summary"]["world_size"] == 2
@@ -143,13 +134,14 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
     return [int(p.name.removeprefix("step_")) for p in folder.glob("step_*")] if folder.is_dir() else []
 
 
-def test_sigkill_at_an_arbitrary_moment_then_resume_matches(tmp_path):
+def test_sigkill_at_an_arbitrary_moment_then_resume_matches(tmp_path, cache_dir, train_tiny):
     """A real kill -9 (possibly mid-checkpoint): the resumed run ends where the uninterrupted one does."""
     overrides = ["stage.warmup.steps=8", "train.checkpoint_every=1"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    train(tmp_path, full, *overrides)
+    train_tiny(full, *overrides)
     cmd = [sys.executable, str(MAIN), "conf=tiny", f"run_dir={killed}", *overrides]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = subprocess_env(cache_dir)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
         # keep_last prunes old checkpoints, so wait for *any* checkpoint at step 3 or later.
@@ -160,27 +152,27 @@ def test_sigkill_at_an_arbitrary_moment_then_resume_matches(tmp_path):
         proc.kill()
         proc.wait()
     assert not (killed / "export").exists()
-    train(tmp_path, killed, *overrides)
+    train_tiny(killed, *overrides)
     assert [line["step"] for line in metrics(killed)] == list(range(1, 9))
     a, b = tensors(full / "export"), tensors(killed / "export")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs after kill")
 
 
-def test_explicit_pattern_run_exports_that_pattern(tmp_path):
+def test_explicit_pattern_run_exports_that_pattern(tmp_path, train_tiny):
     run_dir = tmp_path / "run"
-    train(tmp_path, run_dir, "pattern=explicit", "pattern.value=FSFS", "stage.warmup.steps=2")
+    train_tiny(run_dir, "pattern=explicit", "pattern.value=FSFS", "stage.warmup.steps=2")
     assert_only_f_indexers_changed(run_dir, "FSFS")
     config = json.loads((run_dir / "export" / "config.json").read_text())
     assert config["index_topk_pattern"] == "FSFS" and config["use_index_cache"] is True
 
 
 @pytest.mark.parametrize(("value", "needle"), [("FSF", "3 characters"), ("SFFF", "position 0"), ("FXFF", "'X'")])
-def test_bad_explicit_pattern_fails_before_anything_is_written(tmp_path, value, needle):
+def test_bad_explicit_pattern_fails_before_anything_is_written(tmp_path, cache_dir, value, needle):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(MAIN), "conf=tiny", f"run_dir={run_dir}", "pattern=explicit", f"pattern.value={value}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(tmp_path))
-    assert proc.returncode != 0
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env(cache_dir))
+    assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("indexcache:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
     assert not run_dir.exists()

@@ -173,8 +173,10 @@ class LlamaDsaAttention(LlamaAttention):
     - exactly like transformers' DSA attentions (GLM-5, DeepSeek-V3.2), eager/sdpa apply the top-k as a boolean
       restriction of the causal mask, and every other backend gets the indexer's result as `indices=` plus the
       plain causal mask, so `IndexCacheModel`'s backend treats this family like the stock DSA ones;
-    - the causal mask is always materialised (transformers skips it for sdpa without padding): the indexer must
-      not score future keys, and top-k backends need it;
+    - under eager/sdpa the causal mask is always materialised (transformers skips it for sdpa without padding): the
+      stock indexer must not score future keys. Under the `indexcache` backend the layer gets that backend's [B, S]
+      padding mask (or None) and hands it to the trainable indexer as is: it is causal by construction, and no
+      [T, S] mask is built;
     - the indexer's result is left in `topk_relay` so that S layers of an IndexCache checkpoint can reuse it.
     Projections, RoPE of the attention and the KV cache are untouched, so with index_topk >= T this is the dense model.
     """
@@ -226,20 +228,21 @@ class LlamaDsaAttention(LlamaAttention):
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
         batch, seq = input_shape
-        if attention_mask is None:
+        stock_mask = self.config._attn_implementation in ("eager", "sdpa")
+        if stock_mask and attention_mask is None:
             attention_mask = _causal_mask(batch, seq, key_states.shape[2], hidden_states.device)
         selection = self.indexer(
             hidden_states,
             hidden_states,  # q_resid: the normed hidden state stands in for the missing query latent
             self.indexer_position_embeddings(cos, sin),
-            attention_mask[:, 0],
+            attention_mask[:, 0] if stock_mask else attention_mask,
             kwargs.get("position_ids"),
             past_key_values=past_key_values,
         )
         self.topk_relay[self.layer_idx] = selection
 
         sparse_indices = None
-        if self.config._attn_implementation in ("eager", "sdpa"):
+        if stock_mask:
             index_mask = (
                 torch.ones(batch, seq, key_states.shape[2], dtype=torch.bool, device=hidden_states.device)
                 .scatter(-1, selection.long(), False)

@@ -1,26 +1,28 @@
 """IndexCacheModel: a stock HF DSA model with trainable indexers, an F/S pattern, teacher capture and the KL loss.
 
 How it hooks into the stock code without monkey-patching: it registers the `indexcache` attention backend with
-transformers' `AttentionInterface` (and the boolean causal mask for it with `AttentionMaskInterface`) and sets
-the model's attention implementation to it. For any implementation other than eager/sdpa the stock DSA attention
-passes its indexer's result as `indices=` and the plain causal mask to the backend, plus the model's `**kwargs`,
-through which `forward` hands the backend this forward's `ForwardContext`. The backend then
+transformers' `AttentionInterface` (and its mask function with `AttentionMaskInterface`) and sets the model's
+attention implementation to it. The family attentions (stock DSA attentions, or their IndexCache subclasses) pass
+their indexer's result as `indices=` to the backend, plus the model's `**kwargs`, through which `forward` hands the
+backend this forward's `ForwardContext`. The backend's mask function builds no [T, S] mask at all: every layer gets
+the [B, S] real-key mask when the batch has padding, and None when it has none (packed windows). The backend then
 
-- dense mode (warm-up): runs dense causal attention, ignoring the indices;
-- sparse mode: attends only to the layer's top-k set (a row with fewer visible keys than K attends to all of them);
+- dense mode (warm-up): runs dense causal attention, ignoring the indices. No padding: the causal kernel (flash on
+  a GPU), no mask. Padding: a [B, 1, T, S] mask built here (the one place one is built; padded batches only);
+- sparse mode: attends only to the layer's top-k set through the gather-based sparse kernel
+  (`indexcache.kernels`; a row with fewer visible keys than K attends to all of them), no mask at any length. The
+  MLA families call it in the weight-absorbed latent form (`families_common.LatentMlaAttention`).
 
-and in both records the layer's detached query/key (after RoPE) as its teacher. On a GPU (one key head per query
-head, bf16/fp16) it calls the flash kernel (no mask) or the memory-efficient one (padding or top-k mask) that
-sdpa would pick, through their aten ops, which also return each head's log-sum-exp: the teacher carries it and
-the fused loss skips its own LSE pass. Once the last layer a group serves has run, the group's `multi_layer_kl`
-is computed and the captured tensors are freed, so at most one group's teachers are alive at a time.
+Teachers. Dense: the layer's detached query/key (after RoPE); on a GPU (one key head per query head, bf16/fp16) it
+calls the flash or memory-efficient kernel sdpa would pick, through their aten ops, which also return each head's
+log-sum-exp: the teacher carries it and the fused loss skips its own LSE pass. Once the last layer a group serves
+has run, the group's `multi_layer_kl` is computed and the captured tensors are freed, so at most one group's
+teachers are alive at a time. Sparse: the attention's own head-averaged probabilities on the top-k slots [B, T, K]
+(a second pass over the same gathered keys, normalised by the forward's LSE) go into the group's `SparseGroupKL`,
+which logs each layer's KL and entropy as it runs and keeps one running [B, T, K] sum for the gradient.
 
 Losses (DESIGN.md section 1): each group's loss is the mean over valid (non-padding) query rows of
 (1/G) sum_j KL(p_j || q_f); `kl_loss` is the sum over F layers of their group's loss.
-
-Known cost: sparse mode (and any padded batch) builds a [B, 1, T, T] boolean mask per layer for sdpa, as the stock
-eager path does (on a GPU also the additive bias sdpa would build from it); a kernel that gathers the K selected
-keys instead would avoid both.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
-from indexcache.losses import KLResult, TeacherInputs, multi_layer_kl
+from indexcache.kernels import sparse_attention, sparse_attention_probs, visible_slots
+from indexcache.losses import KLResult, SparseGroupKL, TeacherInputs, multi_layer_kl
 from indexcache.losses.linear_ce import causal_lm_loss, check_plain_head
 from indexcache.model.indexer import IndexerSelection
 from indexcache.model.registry import ModelFamily, get_family
@@ -95,6 +98,8 @@ class ForwardContext:
         self.observer: LayerObserver | None = None
         self._selections: dict[int, IndexerSelection] = {}
         self._teachers: dict[int, list[TeacherInputs]] = {}
+        self._slots: dict[int, Tensor] = {}
+        self._sparse_groups: dict[int, SparseGroupKL] = {}
         self._results: dict[int, KLResult] = {}
         self._teacher_layers = self._lse_layers = 0
         self.last_lse_share = 0.0
@@ -113,6 +118,7 @@ class ForwardContext:
         self.mode, self.pattern, self.attention_mask = mode, pattern, attention_mask
         self.loss_impl, self.loss_chunk_size = loss_impl, loss_chunk_size
         self._selections, self._teachers, self._results = {}, {}, {}
+        self._slots, self._sparse_groups = {}, {}
         self._teacher_layers = self._lse_layers = 0
 
     def finish(self) -> dict[int, KLResult]:
@@ -130,14 +136,30 @@ class ForwardContext:
             raise RuntimeError(f"F layer {owner} has not run yet in this forward: its S layers cannot reuse it")
         return self._selections[owner]
 
+    def slots(self, selection: IndexerSelection) -> Tensor:
+        """[B, T, K] visible slots of an F layer's top-k (`visible_slots`), made once per group for all its layers."""
+        owner = selection.layer_idx
+        if owner not in self._slots:
+            if selection.topk_indices is None:
+                raise AssertionError(f"sparse mode, but F layer {owner} computed no top-k")
+            self._slots[owner] = visible_slots(selection.topk_indices, self.attention_mask)
+        return self._slots[owner]
+
     def record(self, layer_idx: int, selection: IndexerSelection, teacher: TeacherInputs) -> None:
-        """Capture layer `layer_idx`'s teacher; after the last layer of a group, compute that group's loss."""
+        """Capture layer `layer_idx`'s teacher; after the last layer of a group, compute that group's loss.
+
+        In sparse mode the teacher carries `probs`, the layer's head-averaged attention probabilities on the
+        group's slots [B, T, K] (from the sparse attention, normalised by its LSE); only those are kept.
+        """
         owner = self.pattern.owner(layer_idx)
         if selection.layer_idx != owner:
             raise AssertionError(f"layer {layer_idx} attended with layer {selection.layer_idx}'s top-k, not {owner}'s")
         if layer_idx == owner:
             self._selections[owner] = selection
         served = self.pattern.groups[owner]
+        if teacher.probs is not None:
+            self._record_sparse(owner, served, layer_idx, selection, teacher)
+            return
         teachers = self._teachers.setdefault(owner, [])
         teachers.append(teacher)
         self._teacher_layers += 1
@@ -159,6 +181,23 @@ class ForwardContext:
         )
         del self._teachers[owner]  # free the group's teachers now: only one group's are ever alive
 
+    def _record_sparse(
+        self, owner: int, served: list[int], layer_idx: int, selection: IndexerSelection, teacher: TeacherInputs
+    ) -> None:
+        # The probabilities are normalised by the attention's own LSE: the teacher comes from the attention.
+        self._teacher_layers += 1
+        self._lse_layers += 1
+        if self.observer is not None:
+            self.observer(layer_idx, selection, teacher, self.attention_mask)
+        if owner not in self._sparse_groups:
+            self._sparse_groups[owner] = SparseGroupKL(
+                selection.outputs, self.slots(selection), self.attention_mask, len(served)
+            )
+        self._sparse_groups[owner].add_layer(teacher.probs)
+        if layer_idx == served[-1]:
+            self._results[owner] = self._sparse_groups.pop(owner).result()
+            del self._slots[owner]  # the group's [B, T, K] tensors go with it
+
 
 class SharedIndexer(nn.Module):
     """Parameter-free stand-in for an S layer's indexer: returns its F layer's selection from this forward.
@@ -178,24 +217,17 @@ class SharedIndexer(nn.Module):
         return f"layer_idx={self.layer_idx}, reuses=layer {self.owner_idx}"
 
 
-def _allowed_keys(causal_mask: Tensor, topk_indices: Tensor | None) -> Tensor:
-    """[B, 1, T, S] bool keys each row attends to: the causal+padding mask, restricted to the top-k set if given.
+def _allowed_keys(real_BS: Tensor) -> Tensor:
+    """[B, 1, T, S] bool keys each row attends to in a padded dense batch: causal and real.
 
-    A row left with no key at all (a query under left padding) is given its own position: some CUDA sdpa kernels
-    return NaN for fully masked rows (pytorch/pytorch#110213), and 0 * NaN would reach real rows through the
-    values. Stock eager averages all keys there instead; no loss reads such rows. Applied unconditionally, so
-    no host sync; the caller only builds this mask when there is padding or a top-k.
+    Built only for batches with padding (packed windows pass none). A row left with no key at all (a query under
+    left padding) is given its own position: some CUDA sdpa kernels return NaN for fully masked rows
+    (pytorch/pytorch#110213), and 0 * NaN would reach real rows through the values. Stock eager averages all keys
+    there instead; no loss reads such rows.
     """
-    allowed = causal_mask.bool()
-    if topk_indices is not None:
-        num_keys = allowed.shape[-1]
-        # -1 slots go to an extra column that is dropped, so they select nothing.
-        slots = torch.where(topk_indices >= 0, topk_indices, num_keys).long()
-        selected = torch.zeros(*topk_indices.shape[:2], num_keys + 1, dtype=torch.bool, device=allowed.device)
-        selected.scatter_(-1, slots, True)
-        allowed = allowed & selected[:, None, :, :num_keys]
-    else:
-        allowed = allowed.clone()  # the stock mask is shared by every layer: never edit it in place
+    seq = real_BS.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=real_BS.device).tril()
+    allowed = causal[None, None] & real_BS[:, None, None, :]
     empty_rows = ~allowed.any(dim=-1)
     allowed.diagonal(dim1=-2, dim2=-1).logical_or_(empty_rows)
     return allowed
@@ -215,32 +247,40 @@ def indexcache_attention(
 ) -> tuple[Tensor, None]:
     """The `indexcache` attention backend: dense or top-k attention, plus teacher capture (see the module doc).
 
-    query [B, H, T, D], key [B, H_kv, T, D], value [B, H_kv, T, D_v] after RoPE; returns [B, T, H, D_v] like the
-    stock backends. torch sdpa does the maths (CPU and GPU); it equals stock eager up to float round-off.
+    query [B, H, T, D], key [B, H_kv, T, D], value [B, H_kv, T, D_v] after RoPE (the MLA families' sparse mode: the
+    latent form, H_kv = 1); `attention_mask` is what `padding_mask` made: [B, S] real keys, or None for no padding.
+    Returns [B, T, H, D_v] like the stock backends. Dense: torch sdpa (or the aten kernels it dispatches to); it
+    equals stock eager up to float round-off. Sparse: `indexcache.kernels.sparse_attention`.
     """
     context = indexcache_context
     if context is None or not context.active or not isinstance(indices, IndexerSelection):
         raise RuntimeError(
             f"the {BACKEND!r} attention backend runs only inside IndexCacheModel.forward, with trainable indexers"
         )
-    sparse = context.mode == "sparse"
-    if sparse and indices.topk_indices is None:
-        raise AssertionError(f"sparse mode, but F layer {indices.layer_idx} computed no top-k")
+    if context.mode == "sparse":
+        return _sparse_attention(module, query, key, value, scaling, dropout, indices, context)
     enable_gqa = query.shape[1] != key.shape[1]
     with_lse = _lse_usable(query, key, value)
     logsumexp = None
-    if not sparse and context.attention_mask is None:
-        # No padding and no top-k: the plain causal kernel (flash on GPU) needs no [T, S] mask at all.
+    if attention_mask is None:
+        # No padding: the plain causal kernel (flash on GPU) needs no [T, S] mask at all.
         if with_lse:
             output, logsumexp = _causal_attention_with_lse(query, key, value, scaling, dropout)
         else:
+            # Values narrower than q.k (MLA: 16 vs 32 in the tiny models) are zero-padded as for flash on a GPU:
+            # otherwise CPU sdpa falls back to its math kernel, which materialises the [T, T] causal mask and scores.
+            value_dim = value.shape[-1]
             output = F.scaled_dot_product_attention(
-                query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=enable_gqa
-            )
+                query,
+                key,
+                F.pad(value, (0, query.shape[-1] - value_dim)),
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=enable_gqa,
+            )[..., :value_dim]
     else:
-        if attention_mask is None:
-            raise AssertionError("the indexcache backend expects the boolean causal mask it registered")
-        allowed = _allowed_keys(attention_mask, indices.topk_indices if sparse else None)
+        allowed = _allowed_keys(attention_mask)
         if with_lse:
             output, logsumexp = _masked_attention_with_lse(query, key, value, allowed, scaling, dropout)
         else:
@@ -250,6 +290,29 @@ def indexcache_attention(
     teacher = TeacherInputs(query=query.detach(), key=key.detach(), scaling=scaling, logsumexp=logsumexp)
     context.record(module.layer_idx, indices, teacher)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _sparse_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    scaling: float,
+    dropout: float,
+    selection: IndexerSelection,
+    context: ForwardContext,
+) -> tuple[Tensor, None]:
+    """Top-k attention by gathering each row's keys, then the teacher: its probabilities on the slots [B, T, K]."""
+    if dropout:
+        raise ValueError("attention dropout is unsupported in sparse mode: the teacher must be the attention itself")
+    slots = context.slots(selection)
+    # Token-major views: the kernel gathers whole key rows (for the MLA latent form these are contiguous).
+    query_t, key_t, value_t = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    output, lse = sparse_attention(query_t, key_t, value_t, slots, scaling)
+    probs = sparse_attention_probs(query_t.detach(), key_t.detach(), slots, lse, scaling)
+    teacher = TeacherInputs(query=query.detach(), key=key.detach(), scaling=scaling, probs=probs)
+    context.record(module.layer_idx, selection, teacher)
+    return output, None
 
 
 def _lse_usable(query: Tensor, key: Tensor, value: Tensor) -> bool:
@@ -320,10 +383,33 @@ def _register_head_with_zero3(model: nn.Module, head_weight: nn.Parameter) -> No
     register_external_parameter(model, head_weight)
 
 
+def padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: Tensor | None = None,
+    **kwargs: object,
+) -> Tensor | None:
+    """The `indexcache` backend's mask: the [B, S] real-key mask when the batch has padding, else None.
+
+    Never a [T, S] mask: causality is the kernels' business (flash's is_causal; the top-k holds only visible keys),
+    and a [B, 1, T, S] mask per forward is what made packed windows at 32K run the slow kernel (issue 9). An all-ones
+    mask counts as no padding (one host sync per forward, as sdpa's own mask function does).
+    """
+    if q_offset or kv_offset or q_length != kv_length:
+        raise ValueError("the indexcache backend runs whole sequences only (no KV cache)")
+    if attention_mask is None:
+        return None
+    real = attention_mask[:, :kv_length].bool()
+    return None if bool(real.all()) else real
+
+
 def register_backend() -> None:
-    """Register the `indexcache` attention backend and its (boolean, sdpa-style) mask; idempotent."""
+    """Register the `indexcache` attention backend and its mask function (`padding_mask`); idempotent."""
     AttentionInterface.register(BACKEND, indexcache_attention)
-    AttentionMaskInterface.register(BACKEND, sdpa_mask)
+    AttentionMaskInterface.register(BACKEND, padding_mask)
 
 
 class IndexCacheModel(nn.Module):
@@ -341,7 +427,7 @@ class IndexCacheModel(nn.Module):
         loss_impl: str = "auto",
         loss_chunk_size: int = 1024,
         topk_chunk_size: int = 1024,
-        lm_chunk_size: int = 1024,
+        lm_chunk_size: int = 2048,
     ) -> None:
         super().__init__()
         self.hf_model = hf_model

@@ -1,0 +1,72 @@
+"""Shared fixtures: the real config composed in-process, and in-process training jobs.
+
+Tests compose the same Hydra config a user's command line does (`compose_config`) and call the same job
+function the entry point runs (`indexcache.main.train_job`); only the CLI surface, kills and the DeepSpeed
+launcher spawn processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from indexcache.config import RunConfig, compose_config
+
+REPO = Path(__file__).resolve().parent.parent
+MAIN = REPO / "train" / "main.py"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache (tiny models, converted sources) for the whole session."""
+    return tmp_path_factory.mktemp("indexcache-cache")
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
+    monkeypatch.setenv("INDEXCACHE_CACHE", str(cache_dir))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture
+def compose() -> Callable[..., RunConfig]:
+    """compose(*overrides) -> the checked RunConfig, exactly as the command line composes it."""
+
+    def _compose(*overrides: str) -> RunConfig:
+        return compose_config(list(overrides))
+
+    return _compose
+
+
+@pytest.fixture
+def train_tiny(capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
+    """train_tiny(run_dir, *overrides) -> what the job printed; runs `conf=tiny` in this process."""
+    from indexcache.main import train_job
+    from indexcache.run import precheck
+
+    def _train(run_dir: Path, *overrides: str) -> str:
+        cfg = compose_config(["conf=tiny", f"run_dir={run_dir}", *overrides])
+        precheck(cfg)
+        code = train_job(cfg)
+        out = capsys.readouterr()
+        sys.stdout.write(out.out)
+        sys.stderr.write(out.err)
+        assert code == 0, f"conf=tiny {' '.join(overrides)} failed:\n{out.out[-3000:]}\n{out.err[-3000:]}"
+        return out.out + out.err
+
+    return _train
+
+
+def subprocess_env(cache_dir: Path) -> dict[str, str]:
+    """The environment of a spawned run: offline, CPU, one thread, the session's model cache."""
+    # In-process jobs of this session set the rendezvous variables; a spawned run must make its own.
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {key: value for key, value in os.environ.items() if key not in launcher_vars}
+    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["INDEXCACHE_CACHE"] = str(cache_dir)
+    return env
