@@ -127,7 +127,7 @@ def chunked_layer_stats(
         dense_topk = probs.topk(num_keep, dim=-1).indices  # [B, c, K]; sparse rows see > K keys, all K visible
         in_dense = torch.zeros_like(padded_probs, dtype=torch.bool).scatter_(-1, dense_topk, True)
         in_dense[..., stop] = False
-        recall = in_dense.gather(-1, attended.clamp(max=stop)).sum(dim=-1) / num_keep
+        recall = in_dense.gather(-1, attended.clamp(max=stop)).sum(dim=-1).double() / num_keep
         recall_sum = recall_sum + recall[sparse_rows].double().sum()
         coverage_sum = coverage_sum + coverage[sparse_rows].double().sum()
         num_rows += int(sparse_rows.sum())

@@ -37,12 +37,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EvaluateConfig",
-    "Loaded",
     "ModelReport",
     "evaluate_model",
     "evaluation_batches",
-    "load_model_and_data",
+    "load_data",
+    "load_model",
     "main",
+    "resolve_model_source",
     "run_evaluation",
     "write_report",
 ]
@@ -83,42 +84,43 @@ class EvaluateConfig:
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
-@dataclass
-class Loaded:
-    model: IndexCacheModel
-    source_dir: Path
-    source_config: dict[str, Any]
-    tokenizer: Any
-    data: PackedSplits | None
-    device: torch.device
+# The pieces are separate so that an entry point can check a request against the source's config.json and data
+# before it pays for (or prints the progress of) loading weights. Imported inside: indexcache.config imports this
+# module's EvaluateConfig and must stay light.
 
 
-def load_model_and_data(
-    cfg: RunConfig,
-    model_class: type[IndexCacheModel] | None = None,
-    source: str | None = None,
-    with_data: bool = True,
-) -> Loaded:
-    """The model as training builds it (`resolve_source`, the family's loader, `model_class`), its tokenizer and the
-    tokenised `data=` splits; `source` overrides `cfg.model.source` (e.g. an evaluation baseline folder)."""
-    # Imported here: indexcache.config imports this module's EvaluateConfig.
+def resolve_model_source(cfg: RunConfig, source: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The local checkpoint folder of `cfg.model` (or of `source`, e.g. a baseline) and its config.json."""
     from dataclasses import replace
 
+    from indexcache.model.sources import read_config, resolve_source
+
+    source_dir = resolve_source(cfg.model if source is None else replace(cfg.model, source=source))
+    return source_dir, read_config(source_dir)
+
+
+def load_data(cfg: RunConfig, source_dir: Path) -> PackedSplits:
+    """The `data=` splits tokenised with the checkpoint's own tokenizer, in train.seq_len windows."""
     from indexcache.data import build_datasets
+    from indexcache.model.sources import load_tokenizer
+
+    return build_datasets(cfg.data, load_tokenizer(source_dir), cfg.train.seq_len)
+
+
+def load_model(
+    cfg: RunConfig,
+    source_dir: Path,
+    source_config: dict[str, Any],
+    model_class: type[IndexCacheModel] | None = None,
+) -> IndexCacheModel:
+    """The model as training builds it (the family's loader, then `model_class`), in eval mode on `cfg.device`."""
     from indexcache.distributed import resolve_device
     from indexcache.model import IndexCacheModel, get_family
-    from indexcache.model.sources import load_tokenizer, read_config, resolve_source
     from indexcache.run import model_dtype
 
     device = torch.device(resolve_device(cfg.device))
-    model_cfg = cfg.model if source is None else replace(cfg.model, source=source)
-    source_dir = resolve_source(model_cfg)
-    source_config = read_config(source_dir)
     hf_model = get_family(source_config["model_type"]).load(source_dir, model_dtype(cfg.model.dtype, device))
-    model = (model_class or IndexCacheModel)(hf_model.to(device)).eval()
-    tokenizer = load_tokenizer(source_dir)
-    data = build_datasets(cfg.data, tokenizer, cfg.train.seq_len) if with_data else None
-    return Loaded(model, source_dir, source_config, tokenizer, data, device)
+    return (model_class or IndexCacheModel)(hf_model.to(device)).eval()
 
 
 def evaluation_batches(windows: Any, batches: int, batch_size: int) -> list[dict[str, Tensor]]:
@@ -292,27 +294,29 @@ def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
     from indexcache.metrics import MetricsLogger
     from indexcache.run import build_pattern
 
-    loaded = load_model_and_data(cfg)
-    assert loaded.data is not None
-    pattern = build_pattern(cfg.pattern, loaded.model.num_dsa_layers, loaded.source_config)
-    windows = loaded.data.validation if cfg.evaluate.split == "validation" else loaded.data.train
-    batches = evaluation_batches(windows, cfg.evaluate.batches, cfg.evaluate.batch_size)
     ev = cfg.evaluate
-    report = evaluate_model(loaded.model, pattern, batches, ev.chunk_size, ev.overlap_rows)
-    del loaded.model  # the baseline is loaded next; never hold two models
-    baseline_source = _baseline_source(cfg, loaded.source_dir)
+    source_dir, source_config = resolve_model_source(cfg)
+    pattern = build_pattern(cfg.pattern, int(source_config["num_hidden_layers"]), source_config)
+    data = load_data(cfg, source_dir)
+    windows = data.validation if ev.split == "validation" else data.train
+    batches = evaluation_batches(windows, ev.batches, ev.batch_size)
+    baseline_source = _baseline_source(cfg, source_dir)
+    report = evaluate_model(
+        load_model(cfg, source_dir, source_config), pattern, batches, ev.chunk_size, ev.overlap_rows
+    )
     baseline = None
-    if baseline_source is not None:
-        before = load_model_and_data(cfg, source=baseline_source, with_data=False)
-        baseline = evaluate_model(before.model, pattern, batches, ev.chunk_size, overlap_rows=0)
+    if baseline_source is not None:  # loaded only now: two models are never held at once
+        before_dir, before_config = resolve_model_source(cfg, baseline_source)
+        before = load_model(cfg, before_dir, before_config)
+        baseline = evaluate_model(before, pattern, batches, ev.chunk_size, overlap_rows=0)
     out_dir = Path(ev.out_dir or Path(cfg.run_dir) / "evaluate").resolve()
     meta = {
-        "source": str(loaded.source_dir),
+        "source": str(source_dir),
         "baseline_source": baseline_source,
         "split": ev.split,
         "sequences": sum(len(b["input_ids"]) for b in batches),
         "seq_len": cfg.train.seq_len,
-        "index_topk": int(loaded.source_config.get("index_topk", 0)),
+        "index_topk": int(source_config.get("index_topk", 0)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     with MetricsLogger(cfg.logger, out_dir, to_container(cfg)) as logger:

@@ -77,7 +77,7 @@ class SearchConfig:
     pinned_layers: list[int] = field(default_factory=list)  # layers that stay F (layer 0 always does)
     pipeline_stages: int = 1  # Megatron / slime: every pipeline stage's first layer stays F (L must divide)
     blocks: int = 1  # P > 1: switch the best layer of each of P blocks per step (see the module doc)
-    calibration_tokens: int = 8192  # token budget of the calibration set (whole windows of train.seq_len)
+    calibration_tokens: int = 2048  # token budget of the calibration set (whole windows of train.seq_len)
     split: str = "train"  # which split of `data=` to calibrate on
     batch_size: int = 4
     seed: int = 0  # which windows the calibration set samples
@@ -319,29 +319,35 @@ def _read_state(path: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]]
 def run_search(cfg: RunConfig) -> SearchResult:
     """Load the model and calibration data, check the request, search, and write the outputs."""
     # Imported here: indexcache.config imports this module (SearchConfig) and must stay light.
-    from indexcache.evaluate import load_model_and_data
+    from indexcache.evaluate import load_data, load_model, resolve_model_source
     from indexcache.fsutil import atomic_write_text
     from indexcache.plots import plot_search_curve
     from indexcache.prefix_reuse import SearchModel, SearchObjective
 
-    loaded = load_model_and_data(cfg, model_class=SearchModel)
-    model: SearchModel = loaded.model  # type: ignore[assignment]
-    num_layers = model.num_dsa_layers
-    windows = loaded.data.train if cfg.search.split == "train" else loaded.data.validation
-    batches = calibration_batches(windows, cfg.train.seq_len, cfg.search, cfg.search.split)
+    search = cfg.search
+    if search.calibration_tokens < cfg.train.seq_len:
+        raise ValueError(
+            f"search.calibration_tokens={search.calibration_tokens} is shorter than one train.seq_len="
+            f"{cfg.train.seq_len} sequence: raise it or lower train.seq_len"
+        )
+    # Everything that can be checked from config.json and the data is checked before the weights load.
+    source_dir, source_config = resolve_model_source(cfg)
+    num_layers = int(source_config["num_hidden_layers"])
     start = (
-        IndexCachePattern.parse(cfg.search.start, num_layers)
-        if cfg.search.start
-        else IndexCachePattern.all_full(num_layers)
+        IndexCachePattern.parse(search.start, num_layers) if search.start else IndexCachePattern.all_full(num_layers)
     )
-    check_reachable(cfg.search, start, pinned_layers(cfg.search, num_layers))
+    check_reachable(search, start, pinned_layers(search, num_layers))
+    data = load_data(cfg, source_dir)
+    windows = data.train if search.split == "train" else data.validation
+    batches = calibration_batches(windows, cfg.train.seq_len, search, search.split)
     out_dir = out_dir_of(cfg)
-    fingerprint = search_fingerprint(cfg, loaded.source_dir)
+    fingerprint = search_fingerprint(cfg, source_dir)
     state_path = out_dir / STATE_FILE
     resumed = _read_state(state_path, fingerprint)
     # Every check has passed: from here on, outputs may be written.
     out_dir.mkdir(parents=True, exist_ok=True)
-    objective = SearchObjective(model, batches, cfg.search.prefix_reuse)
+    model = load_model(cfg, source_dir, source_config, model_class=SearchModel)
+    objective = SearchObjective(model, batches, search.prefix_reuse)
     started = time.perf_counter()
 
     def save_state(curve: list[dict[str, Any]]) -> None:
@@ -370,7 +376,7 @@ def run_search(cfg: RunConfig) -> SearchResult:
         "num_layers": num_layers,
         "num_full": result.pattern.count("F"),
         "stop_reason": result.stop_reason,
-        "source": str(loaded.source_dir),
+        "source": str(source_dir),
         "calibration": {"split": cfg.search.split, "windows": sum(len(b["input_ids"]) for b in batches)},
         "seq_len": cfg.train.seq_len,
         "cost": {

@@ -2,7 +2,8 @@
 launcher parser, and the hostfile example read by DeepSpeed's own hostfile reader.
 
 This machine has no SLURM. When `scontrol` is absent, a stub on PATH expands `scontrol show hostnames` for the
-bracket node lists used here; nothing else of SLURM is imitated (DRY_RUN=1 stops the script before srun).
+bracket node lists used here, and DRY_RUN=1 stops the script before srun. One test stubs `srun` and
+`scontrol requeue` as well, to check what the script does when SLURM signals the time limit.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -188,6 +191,33 @@ def test_launched_overrides_compose_into_a_valid_run(slurm_env: dict[str, str]) 
     assert cfg.name == "glm5_indexcache"
     assert cfg.run_dir == slurm_env["RUN_DIR"]
     assert cfg.train.resume == "auto"
+
+
+def test_time_limit_signal_requeues_the_job_and_waits_for_srun(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """USR1 (sent by SLURM before the time limit) must requeue the job at once, while srun keeps running."""
+    if shutil.which("srun") is not None or shutil.which("scontrol") is not None:
+        pytest.skip("a real SLURM is installed: this test stubs srun and scontrol")
+    bin_dir = tmp_path / "bin"  # slurm_env put the scontrol stub here; make it record requeues too
+    log = tmp_path / "calls.log"
+    (bin_dir / "scontrol").write_text(
+        SCONTROL_STUB.replace(
+            "[[ $1 == show", f'[[ $1 == requeue ]] && {{ echo "requeue $2" >>{log}; exit 0; }}\n[[ $1 == show'
+        )
+    )
+    srun = bin_dir / "srun"
+    srun.write_text(f'#!/bin/bash\necho "srun start" >>{log}\nsleep 2\necho "srun end" >>{log}\nexit 3\n')
+    srun.chmod(0o755)
+    env = {**slurm_env, "DRY_RUN": "0"}
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "slurm.sbatch"), *USER_OVERRIDES], env=env, stdout=subprocess.DEVNULL, text=True
+    )
+    for _ in range(100):  # wait until srun runs, then signal the batch shell as SLURM would
+        if log.exists() and "srun start" in log.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 3  # the script outlived the signal and returned srun's own status
+    assert log.read_text().splitlines() == ["srun start", f"requeue {JOB_ID}", "srun end"]
 
 
 def test_hostfile_example_is_a_valid_deepspeed_hostfile() -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from indexcache.config import load_config
+from indexcache.model.sources import resolve_source
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
 from indexcache.prefix_reuse import SearchModel, SearchObjective
@@ -239,9 +240,12 @@ def test_a_stopped_search_continues_to_the_same_result(tmp_path):
         (["search.calibration_tokens=16"], "shorter than one"),
         (["search.pinned_layers=[7]"], "out of range"),
         (["search.start=FSSS", "search.target_retention=0.5"], "only switches F to S"),
+        (["data.max_tokens=40"], "less than one"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, overrides, message):
+    resolve_source(load_config(["preset=tiny"]).model)  # the shared tiny source exists: only the error is printed
+    capsys.readouterr()
     run_dir = tmp_path / "run"
     argv = ["preset=tiny", f"run_dir={run_dir}", "search.calibration_tokens=128", *overrides]
     assert main(argv) == 2

@@ -9,11 +9,13 @@ bf16, twice that for the float32 copy the loss takes), so the LM loss never buil
   for float64 inputs). Backward only scales those by the incoming gradient. Three head-sized matmuls in all, like
   the materialised path, and transient memory of a few [chunk_size, vocab] blocks. This is liger-kernel's
   fused-linear-cross-entropy design in plain PyTorch, so it runs on CPU.
-- `liger`: liger-kernel's fused linear cross-entropy (Triton, CUDA), with a float32 weight-gradient accumulator.
-  On an H200 at 32K tokens x GLM-5's head (6144 x 154,880, bf16) its forward+backward took 295 ms and 5.7 GiB
-  against 369 ms and 5.3 GiB for `chunked` and 326 ms and 57 GiB for the materialised logits, with the same
-  error against float32 (bench numbers in the module's tests' docstring). `auto` picks it for CUDA tensors when
-  liger-kernel is installed (the `gpu` extra), `chunked` otherwise.
+- `liger`: liger-kernel's fused linear cross-entropy (Triton, CUDA), with a float32 weight-gradient accumulator;
+  it fuses the softmax and its gradient into one pass over each block, which `chunked` does in several. On an
+  H200 with GLM-5's head (6144 x 154,880, bf16; `bench/linear_ce.py`, bench/results_h200_linear_ce.txt) a
+  forward+backward at 32K tokens took 299 ms and 5.7 GiB, against 378 ms and 7.5 GiB for `chunked` and 329 ms
+  and 57 GiB for the materialised logits; at 128K 1.14 s and 7.4 GiB against 1.51 s and 8.6 GiB. All paths have
+  the same error against float32 (loss 3e-7, gradients 3e-3). `auto` picks liger for CUDA tensors when
+  liger-kernel is installed, `chunked` otherwise.
 - `reference`: materialised logits and `F.cross_entropy`, as HF's `ForCausalLMLoss` computes it; tests only.
 
 Semantics are HF's `ForCausalLMLoss` as `*ForCausalLM.forward` calls it (no `num_items_in_batch`): labels are
