@@ -169,8 +169,9 @@ class ResumableBatches:
                 start = self.position * self.batch_size
                 indices = order[start : start + self.batch_size].tolist()
                 self.position += 1
-                input_ids = self._dataset[indices]["input_ids"].long()
-                yield {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+                # Packed windows are all real tokens: no attention mask, so no layer builds a [T, T] mask and the
+                # attention runs its plain causal kernel. (Batches that really pad come from collate_padded.)
+                yield {"input_ids": self._dataset[indices]["input_ids"].long()}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

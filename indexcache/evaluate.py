@@ -120,7 +120,9 @@ def load_model(
 
     device = torch.device(resolve_device(cfg.device))
     hf_model = get_family(source_config["model_type"]).load(source_dir, model_dtype(cfg.model.dtype, device))
-    return (model_class or IndexCacheModel)(hf_model.to(device)).eval()
+    # The checkpoint's own layer types first: an export keeps no indexer on its S layers, so all-F cannot be applied.
+    own = IndexCachePattern.from_source_config(source_config, int(source_config["num_hidden_layers"]))
+    return (model_class or IndexCacheModel)(hf_model.to(device), pattern=own).eval()
 
 
 def evaluation_batches(windows: Any, batches: int, batch_size: int) -> list[dict[str, Tensor]]:

@@ -58,14 +58,14 @@ def test_report_losses_recall_and_overlap_match_direct_computation():
     for layer in range(4):
         assert report.recall[layer] == pytest.approx(direct[f"indexcache/recall/layer_{layer}"], rel=1e-6)
         assert report.coverage[layer] == pytest.approx(direct[f"indexcache/coverage/layer_{layer}"], rel=1e-5)
-    overlap = torch.tensor(report.overlap)
+    overlap = torch.tensor(report.overlap, dtype=torch.float64)
     assert torch.allclose(overlap, overlap.T) and torch.allclose(overlap.diagonal(), torch.ones(4, dtype=torch.float64))
     assert 0.0 <= overlap.min() < 1.0  # random layers do not pick identical keys
 
 
 def test_all_full_mode_is_reported_unavailable_when_s_layers_have_no_indexer():
     types = IndexCachePattern("FSFS").to_indexer_types()
-    model = IndexCacheModel(tiny_model("glm_moe_dsa", vocab_size=259, indexer_types=types))
+    model = IndexCacheModel(tiny_model("glm_moe_dsa", vocab_size=259, indexer_types=types), IndexCachePattern("FSFS"))
     report = evaluate_model(model, IndexCachePattern("FSFS"), text_batches(1, 2, 24), overlap_rows=0)
     assert report.lm_loss["all_full"] is None and "all-F sparse mode not available" in report.notes[0]
     assert report.lm_loss["pattern"] is not None and report.overlap is None

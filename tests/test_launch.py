@@ -14,11 +14,12 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from indexcache.config import load_config
+from indexcache.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -83,7 +84,7 @@ def overrides_of(srun: list[str]) -> list[str]:
     return srun[srun.index(str(LAUNCH / "node.sh")) + 1 :]
 
 
-USER_OVERRIDES = ("conf=glm5_indexcache", "model.source=/shared/ckpt/GLM-5", "data.sources=[/shared/data]")
+USER_OVERRIDES = ("conf=glm5_indexcache", "model.source=/scratch/ckpt/GLM-5", "data.sources=[/scratch/data]")
 
 
 def test_sbatch_starts_one_launcher_per_node_with_the_run_overrides(slurm_env: dict[str, str]) -> None:
@@ -148,7 +149,6 @@ def node_command(slurm_env: dict[str, str], node: str, overrides: list[str]) -> 
 
 
 def test_every_node_runs_the_deepspeed_launcher_with_its_rank(slurm_env: dict[str, str]) -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # this machine has no GPU; the parser does not need one
     from deepspeed.launcher.runner import fetch_hostfile, parse_args
 
     overrides = overrides_of(srun_command(run_sbatch(slurm_env, *USER_OVERRIDES)))
@@ -180,14 +180,16 @@ def test_a_node_missing_from_the_hostfile_stops(slurm_env: dict[str, str]) -> No
     assert "gpu999 is not in" in result.stderr
 
 
-def test_launched_overrides_compose_into_a_valid_run(slurm_env: dict[str, str]) -> None:
+def test_launched_overrides_compose_into_a_valid_run(
+    compose: Callable[..., RunConfig], slurm_env: dict[str, str]
+) -> None:
     """What every rank's train/main.py receives is a valid run: the preset, the shared run_dir, resume=auto."""
     overrides = overrides_of(
         srun_command(
             run_sbatch(slurm_env, "conf=glm5_indexcache", f"model.source={FIXTURES / 'glm5'}", "data.sources=[/]")
         )
     )
-    cfg = load_config(overrides)
+    cfg = compose(*overrides)
     assert cfg.name == "glm5_indexcache"
     assert cfg.run_dir == slurm_env["RUN_DIR"]
     assert cfg.train.resume == "auto"
@@ -221,7 +223,6 @@ def test_time_limit_signal_requeues_the_job_and_waits_for_srun(slurm_env: dict[s
 
 
 def test_hostfile_example_is_a_valid_deepspeed_hostfile() -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.launcher.runner import fetch_hostfile
 
     pool = fetch_hostfile(str(LAUNCH / "hostfile.example"))

@@ -9,13 +9,14 @@ each came from is in tests/fixtures/configs/SOURCES.md.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from indexcache.config import ConfigError, RunConfig, load_config, presets
+from indexcache.config import ConfigError, RunConfig, presets
 from indexcache.model import IndexCacheModel, get_family
 from indexcache.model.glm4_moe_lite import glm_moe_dsa_config
 from indexcache.model.sources import index_config
@@ -65,15 +66,13 @@ EXPECTED = {
 }
 
 
-def compose(preset: str, tmp_path: Path, *extra: str) -> RunConfig:
-    return load_config(
-        [
-            f"conf={preset}",
-            f"model.source={FIXTURES / PRESET_SOURCES[preset]}",
-            f"data.sources=[{FIXTURES}]",
-            f"run_dir={tmp_path / 'run'}",
-            *extra,
-        ]
+def compose_preset(compose: Callable[..., RunConfig], preset: str, tmp_path: Path) -> RunConfig:
+    """The preset with what only a user can give: its checkpoint (the fixture folder), data and a run dir."""
+    return compose(
+        f"conf={preset}",
+        f"model.source={FIXTURES / PRESET_SOURCES[preset]}",
+        f"data.sources=[{FIXTURES}]",
+        f"run_dir={tmp_path / 'run'}",
     )
 
 
@@ -100,8 +99,8 @@ def test_every_real_preset_is_covered() -> None:
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SOURCES))
-def test_preset_composes_and_validates_on_cpu(preset: str, tmp_path: Path) -> None:
-    cfg = compose(preset, tmp_path)
+def test_preset_composes_and_validates_on_cpu(compose: Callable[..., RunConfig], preset: str, tmp_path: Path) -> None:
+    cfg = compose_preset(compose, preset, tmp_path)
     assert cfg.name == preset
     assert cfg.model.source == str(FIXTURES / PRESET_SOURCES[preset])
     assert cfg.model.dtype == "bfloat16"
@@ -116,13 +115,15 @@ def test_preset_composes_and_validates_on_cpu(preset: str, tmp_path: Path) -> No
     assert cfg.export.enabled
 
 
-def test_only_the_conversion_preset_trains_the_base(tmp_path: Path) -> None:
-    trains_base = {preset for preset in PRESET_SOURCES if compose(preset, tmp_path).stage["sparse"].train_base}
+def test_only_the_conversion_preset_trains_the_base(compose: Callable[..., RunConfig], tmp_path: Path) -> None:
+    trains_base = {
+        preset for preset in PRESET_SOURCES if compose_preset(compose, preset, tmp_path).stage["sparse"].train_base
+    }
     assert trains_base == {"glm47flash_to_dsa"}
 
 
-def test_glm52_preset_takes_the_source_pattern(tmp_path: Path) -> None:
-    assert compose("glm52_indexcache", tmp_path).pattern.kind == "source"
+def test_glm52_preset_takes_the_source_pattern(compose: Callable[..., RunConfig], tmp_path: Path) -> None:
+    assert compose_preset(compose, "glm52_indexcache", tmp_path).pattern.kind == "source"
 
 
 @pytest.mark.xfail(
@@ -130,14 +131,16 @@ def test_glm52_preset_takes_the_source_pattern(tmp_path: Path) -> None:
     reason="`???` cannot unset a schema default when merged: needs ModelConfig.source to default to MISSING",
 )
 @pytest.mark.parametrize("preset", sorted(PRESET_SOURCES))
-def test_preset_requires_model_source(preset: str, tmp_path: Path) -> None:
+def test_preset_requires_model_source(compose: Callable[..., RunConfig], preset: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model\.source is required"):
-        load_config([f"conf={preset}", f"data.sources=[{FIXTURES}]", f"run_dir={tmp_path / 'run'}"])
+        compose(f"conf={preset}", f"data.sources=[{FIXTURES}]", f"run_dir={tmp_path / 'run'}")
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SOURCES))
-def test_preset_model_skeleton_has_the_expected_layers(preset: str, tmp_path: Path) -> None:
-    cfg = compose(preset, tmp_path)
+def test_preset_model_skeleton_has_the_expected_layers(
+    compose: Callable[..., RunConfig], preset: str, tmp_path: Path
+) -> None:
+    cfg = compose_preset(compose, preset, tmp_path)
     expected = EXPECTED[preset]
     config = trained_config(preset, cfg)
     model = meta_skeleton(config)
@@ -156,11 +159,11 @@ def test_preset_model_skeleton_has_the_expected_layers(preset: str, tmp_path: Pa
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SOURCES))
-def test_preset_pattern_applies_to_the_skeleton(preset: str, tmp_path: Path) -> None:
+def test_preset_pattern_applies_to_the_skeleton(compose: Callable[..., RunConfig], preset: str, tmp_path: Path) -> None:
     """The run's pattern on the real architecture: F layers keep a trainable indexer, S layers hold no parameters."""
     from indexcache.run import build_pattern
 
-    cfg = compose(preset, tmp_path)
+    cfg = compose_preset(compose, preset, tmp_path)
     expected = EXPECTED[preset]
     config = trained_config(preset, cfg)
     source_dict = json.loads((FIXTURES / PRESET_SOURCES[preset] / "config.json").read_text())

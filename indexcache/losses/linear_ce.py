@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "CausalLMLoss",
     "causal_lm_loss",
     "check_plain_head",
     "linear_cross_entropy",
@@ -116,6 +117,28 @@ def linear_cross_entropy(
             hidden_ND, weight_VD, targets_N, ignore_index=ignore_index, accum_dtype=torch.float32
         )
     return _ChunkedLinearCrossEntropy.apply(hidden_ND, weight_VD, targets_N, ignore_index, chunk_size)
+
+
+class CausalLMLoss(nn.Module):
+    """Parameter-free module around `causal_lm_loss`: the LM loss as a module call of its own.
+
+    A module so that hooks that manage parameters per module see the head weight's use: ZeRO-3 gathers a
+    partitioned parameter only around the forward and backward of a module it is registered with, and the head
+    weight is used here, not in the head's own forward (the wrapper registers it as this module's external
+    parameter). The gradient reaches the weight before the end of backward, so it must still be gathered then.
+    """
+
+    def __init__(self, chunk_size: int = 2048, impl: str = "auto") -> None:
+        super().__init__()
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"impl={impl!r} is unknown: use one of {IMPLEMENTATIONS}")
+        self.chunk_size, self.impl = chunk_size, impl
+
+    def forward(self, hidden_BTD: Tensor, weight_VD: Tensor, labels_BT: Tensor) -> Tensor:
+        return causal_lm_loss(hidden_BTD, weight_VD, labels_BT, chunk_size=self.chunk_size, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, impl={self.impl}"
 
 
 def check_plain_head(head: nn.Module, config: object) -> nn.Linear:

@@ -38,7 +38,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from indexcache.kernels import sparse_attention, sparse_attention_probs, visible_slots
 from indexcache.losses import KLResult, SparseGroupKL, TeacherInputs, multi_layer_kl
-from indexcache.losses.linear_ce import causal_lm_loss, check_plain_head
+from indexcache.losses.linear_ce import CausalLMLoss, check_plain_head
 from indexcache.model.indexer import IndexerSelection
 from indexcache.model.registry import ModelFamily, get_family
 from indexcache.pattern import IndexCachePattern
@@ -371,16 +371,17 @@ def _masked_attention_with_lse(
     return output, logsumexp[..., :seq].detach()
 
 
-def _register_head_with_zero3(model: nn.Module, head_weight: nn.Parameter) -> None:
-    """Tell ZeRO-3 that `model.forward` reads the LM head's weight outside the head's own forward.
+def _register_head_with_zero3(loss_module: nn.Module, head_weight: nn.Parameter) -> None:
+    """Tell ZeRO-3 that `loss_module` (the LM loss) uses the LM head's weight outside the head's own forward.
 
-    ZeRO-3 gathers a partitioned parameter only around its module's forward (and backward); the chunked LM loss
-    uses the weight directly, so it is registered as an external parameter of the wrapper, gathered for the
-    wrapper's forward and backward. A no-op for every other ZeRO stage and without DeepSpeed.
+    ZeRO-3 gathers a partitioned parameter only around its module's forward and backward; the chunked LM loss
+    reads the weight directly, so it is registered as an external parameter of the loss module, gathered for that
+    module's forward and again before its backward hands the weight its gradient. A no-op for every other ZeRO
+    stage and without DeepSpeed.
     """
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-    register_external_parameter(model, head_weight)
+    register_external_parameter(loss_module, head_weight)
 
 
 def padding_mask(
@@ -434,8 +435,8 @@ class IndexCacheModel(nn.Module):
         # The LM loss reads the head's weight directly (chunked, no [T, vocab] logits); fail now if it is not the
         # plain linear map that loss computes.
         check_plain_head(hf_model.get_output_embeddings(), hf_model.config)
-        _register_head_with_zero3(self, hf_model.get_output_embeddings().weight)
-        self.lm_chunk_size = lm_chunk_size
+        self.causal_lm_loss = CausalLMLoss(lm_chunk_size)
+        _register_head_with_zero3(self.causal_lm_loss, hf_model.get_output_embeddings().weight)
         self.family: ModelFamily = get_family(hf_model.config.model_type)
         self.lm_weight = lm_weight
         self.loss_impl = loss_impl
@@ -582,7 +583,7 @@ class IndexCacheModel(nn.Module):
         if labels is not None:
             # Only reported: no graph, so no gradient buffers are built for it.
             with torch.set_grad_enabled(with_lm_loss and torch.is_grad_enabled()):
-                lm_loss = causal_lm_loss(hidden_BTD, head.weight, labels, chunk_size=self.lm_chunk_size)
+                lm_loss = self.causal_lm_loss(hidden_BTD, head.weight, labels)
             if with_lm_loss:
                 loss = kl_loss + self.lm_weight * lm_loss
         return IndexCacheOutput(

@@ -1,0 +1,1 @@
+"""indexcache's Hydra config files, installed as the package data `indexcache.conf`."""

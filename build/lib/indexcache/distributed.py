@@ -1,0 +1,105 @@
+"""Every rank/world/launcher concern lives here.
+
+Two launch forms reach `train/main.py`: plain `python train/main.py ...` (one process, no launcher, no MPI) and
+`deepspeed [--num_gpus N] train/main.py ...`, whose launcher appends `--local_rank=N` (Hydra would reject it)
+and sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+_LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(=(\d+))?$")
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Remove the launcher's `--local_rank=N` (or `--local_rank N`); the rank is read from the environment."""
+    out: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        match = _LOCAL_RANK_ARG.match(arg)
+        if match:
+            skip_next = match.group(1) is None
+            continue
+        out.append(arg)
+    return out
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA GPU is visible: use device=cpu or device=auto")
+    return choice
+
+
+def init_distributed(device_choice: str, backend_choice: str) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed for both launch forms.
+
+    Without a launcher we set the single-process defaults ourselves so DeepSpeed does not go looking for MPI.
+    """
+    device_type = resolve_device(device_choice)
+    if device_type == "cpu":
+        # DeepSpeed picks its accelerator at import; CPU runs must say so before deepspeed is imported.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    backend = backend_choice if backend_choice != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.item() / torch.distributed.get_world_size()
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

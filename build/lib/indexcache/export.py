@@ -1,0 +1,622 @@
+"""Serving checkpoint export (DESIGN.md section 3): the source's shards with only what the run trained changed.
+
+Every tensor the run did not train is copied byte for byte at the safetensors level, never through
+`save_pretrained` (which drops the MTP layer `model.layers.{num_hidden_layers}.*` and re-lays out experts). Trained
+tensors (the F layers' indexers, and the base when a stage trained it) replace the source's under the same names,
+in the source's dtype and shard; S-layer indexers are dropped, or kept for deepseek_v32 whose transformers model
+builds one on every layer. Every tensor written or copied gets its sha256 recorded (CHECKSUM_FILE), so the export
+can be checked with no source at hand.
+
+Trained values arrive as a stream of (checkpoint name, tensor) pairs (`collect_trained_tensors`, one parameter at
+a time) and are spooled to a raw file in the staging directory as they come, so no rank ever holds more than one
+trained parameter however large the base: shards are then assembled from the spool and the source by byte ranges.
+The export is built in a temporary sibling directory, validated, fsynced and renamed into place, so readers see
+either no export or a complete one; temporary directories a killed export left beside the target are removed by
+the next export to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from indexcache.fsutil import dir_lock, fsync_dir
+from indexcache.pattern import IndexCachePattern
+from indexcache.safetensors_io import ShardHeader, TensorInfo, tensor_sha256, write_safetensors
+from indexcache.validate_export import (
+    CHECKSUM_FILE,
+    INDEX_FILE,
+    INDEXER_PARTS,
+    KEEPS_SHARED_INDEXERS,
+    RECORD_FILE,
+    SINGLE_FILE,
+    TRAINED_GROUPS,
+    all_tensors,
+    indexer_layer,
+    indexer_tensor_name,
+    read_json,
+    read_shards,
+    serving_config,
+    validate_export,
+)
+
+if TYPE_CHECKING:
+    from indexcache.model.wrapper import IndexCacheModel
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Weight files of any format are never copied: the export's weights are exactly its safetensors shards.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+_WRITTEN_HERE = frozenset({"config.json", INDEX_FILE, RECORD_FILE, CHECKSUM_FILE, "README.md"})
+_SPOOL = ".trained-values.spool"  # raw bytes of the trained tensors, inside the staging directory
+_STAGING_TAG = re.compile(r"[0-9a-f]{12}")
+
+TrainedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
+class ExportError(ValueError):
+    """A bad export input; the message names the problem and the fix."""
+
+
+class ExportExistsError(FileExistsError):
+    """The target directory exists and overwrite was not asked for."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    directory: Path
+    config: dict[str, Any]
+    config_sha256: str
+    shards: dict[str, ShardHeader]  # shard file name -> header, in the source's order
+    index_metadata: dict[str, Any] | None  # None for a single-file checkpoint (the export stays single-file)
+
+
+@dataclass(frozen=True)
+class _Spooled:
+    info: TensorInfo  # where the trained value's bytes (already in the stored dtype) sit in the spool
+    group: str  # "indexers" or "base"
+
+
+def collect_trained_tensors(model: IndexCacheModel, groups: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (checkpoint name, CPU tensor) for every parameter of `groups` ("indexers", "base"), one at a time.
+
+    Parameters are taken one by one from `model.trainable_parameters(groups)`. A ZeRO-3 partitioned parameter is
+    gathered alone, copied to CPU and released before the next is gathered, and the consumer (the export's spool)
+    writes each value before asking for the next: memory stays at one full parameter whatever the model's size.
+    The gathers are collectives, so under ZeRO-3 every rank must run this generator to its end, in step: the
+    writing rank hands it to `export_checkpoint`, the others just iterate it.
+
+    Fused parameters (transformers 5.23 stores a layer's experts as one `gate_up_proj` / `down_proj` tensor) come
+    out in the checkpoint's layout and names (`mlp.experts.{e}.gate_proj.weight`, ...), converted by transformers'
+    own reverse weight conversion, the one `save_pretrained` applies.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    unknown = set(groups) - set(TRAINED_GROUPS)
+    if unknown:
+        raise ExportError(f"trained groups {sorted(unknown)} are unknown: use any of {list(TRAINED_GROUPS)}")
+    for name, param in model.trainable_parameters(tuple(groups)):
+        value = _full_cpu_copy(param)
+        yield from revert_weight_conversion(model.hf_model, {name: value}).items()
+        del value
+
+
+def _full_cpu_copy(param: torch.nn.Parameter) -> torch.Tensor:
+    if not hasattr(param, "ds_id"):  # not partitioned by ZeRO-3: the local tensor is the whole parameter
+        return param.detach().to("cpu", copy=True)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        return param.detach().to("cpu", copy=True)
+
+
+def export_checkpoint(
+    source_dir: Path,
+    target_dir: Path,
+    pattern: IndexCachePattern | str,
+    model_type: str,
+    trained: TrainedTensors,
+    summary: Mapping[str, Any],
+    *,
+    trained_groups: Sequence[str] = ("indexers",),
+    overwrite: bool = False,
+) -> Path:
+    """Write the serving checkpoint for `pattern` to `target_dir` and return its path.
+
+    `trained` holds what the run trained under checkpoint names, as a mapping or as a stream of (name, tensor)
+    pairs (`collect_trained_tensors`): with "indexers" in `trained_groups`, all of every F layer's indexer
+    (`model.layers.{i}.self_attn.indexer.wq_b.weight`, ...); with "base", the base tensors the run trained, each
+    one a tensor of the source (not the MTP layer). indexcache.json records `trained_groups`. A stream is consumed
+    to its end even when the export fails, so ranks gathering with this one are never left waiting.
+    `summary` is the training summary (JSON-serialisable), recorded in indexcache.json as given; its `"metrics"`
+    entry, if any, is also recorded as the final metrics. With `overwrite=True` an existing target is replaced
+    atomically (old renamed aside, new renamed in, old deleted).
+    """
+    try:
+        return _export(source_dir, target_dir, pattern, model_type, trained, summary, tuple(trained_groups), overwrite)
+    except Exception:
+        if not isinstance(trained, Mapping):
+            for _ in trained:  # finish the stream: under ZeRO-3 the other ranks are gathering in step with it
+                pass
+        raise
+
+
+def _export(
+    source_dir: Path,
+    target_dir: Path,
+    pattern: IndexCachePattern | str,
+    model_type: str,
+    trained: TrainedTensors,
+    summary: Mapping[str, Any],
+    groups: tuple[str, ...],
+    overwrite: bool,
+) -> Path:
+    # The target's last component is not resolved: a symlink there must be refused, not followed.
+    source_dir = Path(source_dir).resolve()
+    target_dir = Path(target_dir).absolute().parent.resolve() / Path(target_dir).name
+    _check_target(source_dir, target_dir, overwrite)
+    if not groups or not set(groups) <= set(TRAINED_GROUPS):
+        raise ExportError(f"trained_groups={list(groups)} must name one or more of {list(TRAINED_GROUPS)}")
+    if model_type not in KEEPS_SHARED_INDEXERS:
+        raise ExportError(
+            f"model_type {model_type!r} has no export rule: use one of {', '.join(KEEPS_SHARED_INDEXERS)}"
+        )
+    _check_json(summary)
+    source = _read_source(source_dir)
+    if source.config.get("model_type") != model_type:
+        raise ExportError(
+            f"model_type {model_type!r} differs from the source's config.json ({source.config.get('model_type')!r}): "
+            "pass the source's model_type"
+        )
+    pattern = _resolve_pattern(pattern, source.config.get("num_hidden_layers"))
+    keep_shared = KEEPS_SHARED_INDEXERS[model_type]
+    source_tensors = all_tensors(source.shards)
+    if "indexers" in groups:
+        _check_indexers_take_values(source_tensors, pattern)
+
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    # One export per target directory at a time; under the lock no live export's staging can be mistaken for stale.
+    with dir_lock(target_dir.parent):
+        _remove_stale_staging(target_dir)
+        # A sibling on the same filesystem, so the final os.rename is atomic; the dot hides it from globbing readers.
+        staging = target_dir.parent / f".{target_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
+        try:
+            spooled = _spool_trained(staging / _SPOOL, trained, source_tensors, pattern, groups)
+            plans = _plan_shards(source, pattern, keep_shared, spooled)
+            checksums = _write_shards(staging, source, plans, spooled)
+            (staging / _SPOOL).unlink()
+            checksum_text = json.dumps({"algorithm": "sha256", "tensors": checksums}, indent=1) + "\n"
+            _write_text(staging / CHECKSUM_FILE, checksum_text)
+            record = _record_json(source, pattern, model_type, summary, groups, checksum_text, checksums)
+            _write_text(staging / "config.json", json.dumps(serving_config(source.config, pattern), indent=2) + "\n")
+            _write_text(staging / RECORD_FILE, record)
+            _write_text(staging / "README.md", _model_card(source, pattern, model_type, keep_shared, summary, groups))
+            _copy_side_files(source_dir, staging)
+            validate_export(staging, source_dir)
+            fsync_dir(staging)
+            _move_into_place(staging, target_dir, overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target_dir
+
+
+def _remove_stale_staging(target_dir: Path) -> None:
+    """Delete what killed exports to `target_dir` left beside it (called under the directory lock).
+
+    Only exact matches of this module's own names are touched: `.{name}.tmp-{12 hex}` staging directories, and
+    `.{name}.old-{12 hex}` copies of a replaced export once the new one is in place (if the target is missing, an
+    `.old-` copy may be the only complete export, so it is kept and reported).
+    """
+    for path in target_dir.parent.iterdir():
+        kind, _, tag = path.name.removeprefix(f".{target_dir.name}.").partition("-")
+        if not path.name.startswith(f".{target_dir.name}.") or kind not in ("tmp", "old"):
+            continue
+        if not _STAGING_TAG.fullmatch(tag) or path.is_symlink() or not path.is_dir():
+            continue
+        if kind == "old" and not target_dir.is_dir():
+            logger.warning("%s may hold the only complete export of %s: kept; rename it back if so", path, target_dir)
+            continue
+        logger.warning("removing %s, left by an export that was killed", path)
+        shutil.rmtree(path)
+
+
+def _check_target(source_dir: Path, target_dir: Path, overwrite: bool) -> None:
+    if target_dir == source_dir or source_dir in target_dir.parents or (overwrite and target_dir in source_dir.parents):
+        raise ExportError(f"target {target_dir} overlaps the source {source_dir}: export to a separate directory")
+    if target_dir.exists() or target_dir.is_symlink():
+        if not overwrite:
+            raise ExportExistsError(
+                f"export target {target_dir} already exists: choose a new directory, delete it, or pass overwrite=True"
+            )
+        if target_dir.is_symlink() or not target_dir.is_dir():
+            raise ExportExistsError(f"export target {target_dir} exists and is not a directory: remove it first")
+
+
+def _read_source(source_dir: Path) -> _Source:
+    config_path, index_path = source_dir / "config.json", source_dir / INDEX_FILE
+    if not config_path.is_file():
+        raise ExportError(f"source checkpoint {source_dir} has no config.json: pass the model folder itself")
+    if not (index_path.is_file() or (source_dir / SINGLE_FILE).is_file()):
+        raise ExportError(
+            f"source checkpoint {source_dir} has no {SINGLE_FILE} or {INDEX_FILE}: convert it to safetensors first"
+        )
+    try:
+        config_bytes = config_path.read_bytes()
+        config = json.loads(config_bytes)
+        index_metadata = dict(read_json(index_path).get("metadata") or {}) if index_path.is_file() else None
+    except (ValueError, AttributeError) as err:  # ExportValidationError and JSONDecodeError are ValueErrors
+        raise ExportError(
+            f"source checkpoint {source_dir} has unreadable JSON ({err}): repair or re-download it"
+        ) from err
+    if not isinstance(config, dict):
+        raise ExportError(f"source checkpoint {source_dir} has a config.json that is not a JSON object")
+    problems: list[str] = []
+    shards = read_shards(source_dir, problems)  # the validator's layout checks, so export and validation agree
+    if problems:
+        raise ExportError(f"source checkpoint {source_dir} is inconsistent: {problems[0]}: repair or re-download it")
+    return _Source(source_dir, config, hashlib.sha256(config_bytes).hexdigest(), shards, index_metadata)
+
+
+def _resolve_pattern(pattern: IndexCachePattern | str, num_layers: Any) -> IndexCachePattern:
+    if not isinstance(num_layers, int):
+        raise ExportError(f"source config.json num_hidden_layers is {num_layers!r}: the source config is broken")
+    if isinstance(pattern, str):
+        return IndexCachePattern.parse(pattern, num_layers)  # raises a one-line ValueError naming the position
+    if pattern.num_layers != num_layers:
+        raise ExportError(
+            f"pattern {pattern} has {pattern.num_layers} layers but the source has {num_layers} DSA layers "
+            f"(num_hidden_layers): give exactly {num_layers} F/S characters"
+        )
+    return pattern
+
+
+def _check_json(summary: Mapping[str, Any]) -> None:
+    try:
+        json.dumps(dict(summary))
+    except (TypeError, ValueError) as err:
+        raise ExportError(
+            f"summary is not JSON-serialisable ({err}): pass plain numbers, strings, lists and dicts"
+        ) from err
+
+
+def _check_indexers_take_values(source_tensors: Mapping[str, TensorInfo], pattern: IndexCachePattern) -> None:
+    expected = set(INDEXER_PARTS)
+    for name, info in source_tensors.items():
+        layer = indexer_layer(name, pattern.num_layers)
+        if layer is not None and pattern.is_full(layer) and name.rsplit(".indexer.", 1)[1] not in expected:
+            # e.g. FP8 weights with `weight_scale_inv`: casting trained values into them would need re-quantising.
+            raise ExportError(
+                f"source tensor {name} ({info.dtype}) is not one of the indexer's {', '.join(INDEXER_PARTS)}: "
+                "a quantised indexer cannot take trained values; export from the BF16/FP32 checkpoint"
+            )
+
+
+def _group_of(name: str, pattern: IndexCachePattern, source_tensors: Mapping[str, TensorInfo]) -> str:
+    """Which trained group `name` belongs to; raises ExportError for a name no run can train."""
+    layer = indexer_layer(name, pattern.num_layers)
+    if layer is not None:
+        if not pattern.is_full(layer):
+            raise ExportError(
+                f"trained tensor {name} is not an F-layer indexer tensor of pattern {pattern}: pass only the F "
+                "layers' indexers (S layers have none to train)"
+            )
+        return "indexers"
+    if name not in source_tensors:
+        raise ExportError(
+            f"trained tensor {name} is not a tensor of the source checkpoint: pass checkpoint names "
+            "(collect_trained_tensors converts fused parameters to them)"
+        )
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    if match is not None and int(match.group(1)) >= pattern.num_layers:
+        raise ExportError(
+            f"trained tensor {name} belongs to the MTP layer, which the training model does not build: leave it out"
+        )
+    return "base"
+
+
+def _spool_trained(
+    spool: Path,
+    trained: TrainedTensors,
+    source_tensors: Mapping[str, TensorInfo],
+    pattern: IndexCachePattern,
+    groups: tuple[str, ...],
+) -> dict[str, _Spooled]:
+    """Check each trained value, cast it to the stored dtype and append its bytes to `spool`, one at a time."""
+    float_dtypes = Counter(info.dtype for info in source_tensors.values() if info.dtype in _TORCH_DTYPES)
+    # Dense-to-DSA conversions have no source indexer: new tensors take the checkpoint's prevailing dtype.
+    default_dtype = float_dtypes.most_common(1)[0][0] if float_dtypes else "F32"
+    shapes_of_new: dict[str, tuple[int, ...]] = {}
+    spooled: dict[str, _Spooled] = {}
+    items = trained.items() if isinstance(trained, Mapping) else trained
+    with open(spool, "xb") as out:
+        for name, value in items:
+            group = _group_of(name, pattern, source_tensors)
+            if group not in groups:
+                raise ExportError(
+                    f"trained tensor {name} is in group {group!r}, which trained_groups={list(groups)} leaves out: "
+                    f"add {group!r} to trained_groups or leave the tensor out"
+                )
+            if name in spooled:
+                raise ExportError(f"trained tensor {name} is given twice: pass each tensor once")
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise ExportError(f"trained {name} is {type(value).__name__}, not a floating-point torch.Tensor")
+            shape = tuple(value.shape)
+            source = source_tensors.get(name)
+            if source is not None and shape != source.shape:
+                raise ExportError(
+                    f"trained {name} has shape {list(shape)} but the source's is {list(source.shape)}: "
+                    "pass the tensors trained for this checkpoint"
+                )
+            if source is None and shapes_of_new.setdefault(name.rsplit(".indexer.", 1)[1], shape) != shape:
+                raise ExportError(
+                    f"trained {name} has shape {list(shape)}, unlike the same tensor of the other F layers: "
+                    "every F layer's indexer must have the same shapes"
+                )
+            dtype = source.dtype if source is not None else default_dtype
+            if dtype not in _TORCH_DTYPES:
+                raise ExportError(
+                    f"the source stores {name} as {dtype}; trained values can only be cast to "
+                    f"{', '.join(_TORCH_DTYPES)}: export from the BF16/FP32 checkpoint"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ExportError(f"trained {name} has non-finite values: export an earlier, finite checkpoint")
+            stored = value.detach().to(device="cpu", dtype=_TORCH_DTYPES[dtype]).contiguous()
+            data = stored.reshape(-1).view(torch.uint8).numpy()
+            start = out.tell()
+            out.write(memoryview(data))
+            spooled[name] = _Spooled(TensorInfo(spool, dtype, shape, start, data.nbytes), group)
+    if "indexers" in groups:
+        expected = [indexer_tensor_name(layer, part) for layer in pattern.full_layers for part in INDEXER_PARTS]
+        missing = [name for name in expected if name not in spooled]
+        if missing:
+            raise ExportError(
+                f"trained tensor {missing[0]} is missing ({len(missing)} missing in all): pass all "
+                f"{len(INDEXER_PARTS)} indexer tensors of every F layer of pattern {pattern}"
+            )
+    return spooled
+
+
+def _plan_shards(
+    source: _Source, pattern: IndexCachePattern, keep_shared: bool, spooled: Mapping[str, _Spooled]
+) -> dict[str, dict[str, TensorInfo]]:
+    """Shard file -> the tensors it will hold, in the source's order; a shard whose plan equals its source is linked."""
+    plans: dict[str, dict[str, TensorInfo]] = {}
+    for shard_name, header in source.shards.items():
+        plan: dict[str, TensorInfo] = {}
+        for name, info in header.tensors.items():
+            layer = indexer_layer(name, pattern.num_layers)
+            if name in spooled:
+                plan[name] = spooled[name].info
+            elif layer is None or pattern.is_full(layer) or keep_shared:
+                plan[name] = info
+            # else: an S layer's indexer in a family that builds none there; it is left out
+        plans[shard_name] = plan
+    placed = {name for plan in plans.values() for name in plan}
+    for name, value in spooled.items():
+        if name not in placed:  # an F layer the source has no indexer for: put it beside that layer's weights
+            prefix = name.split(".self_attn.indexer.")[0] + "."
+            shard_name = next(
+                (s for s, header in source.shards.items() if any(n.startswith(prefix) for n in header.tensors)),
+                next(reversed(source.shards)),
+            )
+            plans[shard_name][name] = value.info
+    return plans
+
+
+def _write_shards(
+    staging: Path, source: _Source, plans: Mapping[str, Mapping[str, TensorInfo]], spooled: Mapping[str, _Spooled]
+) -> dict[str, dict[str, Any]]:
+    """Write (or hard-link) every shard and the index; return each tensor's checksum entry, by name."""
+    digests: dict[str, str] = {}
+    for shard_name, plan in plans.items():
+        header = source.shards[shard_name]
+        if plan == header.tensors:
+            _link_or_copy(header.path, staging / shard_name)
+            digests.update({name: tensor_sha256(info) for name, info in plan.items()})
+        else:
+            digests.update(write_safetensors(staging / shard_name, plan, header.metadata))
+    if source.index_metadata is not None:
+        metadata = dict(source.index_metadata)
+        metadata["total_size"] = sum(tensor.nbytes for plan in plans.values() for tensor in plan.values())
+        weight_map = {name: shard_name for shard_name, plan in plans.items() for name in plan}
+        index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+        _write_text(staging / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    entries = {
+        name: {
+            "shard": shard_name,
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "sha256": digests[name],
+            "trained": spooled[name].group if name in spooled else None,
+        }
+        for shard_name, plan in plans.items()
+        for name, info in plan.items()
+    }
+    return dict(sorted(entries.items()))
+
+
+def _record_json(
+    source: _Source,
+    pattern: IndexCachePattern,
+    model_type: str,
+    summary: Mapping[str, Any],
+    groups: tuple[str, ...],
+    checksum_text: str,
+    checksums: Mapping[str, Mapping[str, Any]],
+) -> str:
+    uniform = pattern.uniform_params()
+    trained_counts = Counter(entry["trained"] for entry in checksums.values() if entry["trained"] is not None)
+    record = {
+        "pattern": pattern.value,
+        "model_type": model_type,
+        "num_layers": pattern.num_layers,
+        "retention": pattern.retention,
+        "full_layers": pattern.full_layers,
+        "groups": {str(owner): served for owner, served in pattern.groups.items()},
+        "uniform": None if uniform is None else {"freq": uniform[0], "offset": uniform[1]},
+        "source": {"path": str(source.directory), "config_sha256": source.config_sha256},
+        # Which tensor groups carry trained values; every other tensor is the source's, byte for byte.
+        "trained_groups": list(groups),
+        "tensors": {
+            "file": CHECKSUM_FILE,
+            "sha256": hashlib.sha256(checksum_text.encode()).hexdigest(),
+            "count": len(checksums),
+            "trained": dict(trained_counts),
+        },
+        "summary": dict(summary),
+        "metrics": summary.get("metrics", {}),  # the final metrics, at the top level for quick reading
+    }
+    return json.dumps(record, indent=2) + "\n"
+
+
+def serving_notes(pattern: IndexCachePattern, model_type: str) -> list[str]:
+    """What each serving engine derives from this export's config.json, one line per engine (for the model card).
+
+    Where an engine's rule cannot express the pattern, the line says so and what that engine runs instead.
+    """
+    trained = f"the trained pattern `{pattern.value}`"
+    uniform = pattern.uniform_params()
+    if model_type == "glm_moe_dsa":
+        transformers_line = f"transformers 5.23 (`GlmMoeDsaConfig`): reads `indexer_types`, so it runs {trained}."
+    elif model_type == "deepseek_v32":
+        transformers_line = (
+            "transformers 5.23: cannot express this pattern. Its `deepseek_v32` model has no IndexCache and runs "
+            "every layer's own indexer (the S layers' source indexers, kept in this checkpoint for it). Serve with "
+            "vLLM or SGLang to run the trained pattern."
+        )
+    else:
+        transformers_line = f"transformers 5.23: its `{model_type}` model has no lightning indexer; it ignores them."
+    if uniform is None:
+        megatron_line = (
+            "Megatron-LM convention: cannot express this pattern. It reads only `index_topk_freq` / "
+            "`index_skip_topk_offset` (counting layers from 1), no uniform schedule reproduces this pattern, so both "
+            "keys are left out and such an engine keeps every layer's indexer. Serve with vLLM or SGLang"
+            + (" (or transformers)." if model_type == "glm_moe_dsa" else ".")
+        )
+    else:
+        freq, offset = uniform
+        numbers = ", ".join(str(layer + 1) for layer in pattern.full_layers)
+        megatron_line = (
+            f"Megatron-LM convention (layers counted from 1): `index_topk_freq` {freq}, `index_skip_topk_offset` "
+            f"{offset} give F layers {numbers}, which is {trained}."
+        )
+    return [
+        transformers_line,
+        f"vLLM: `use_index_cache` is true and `index_topk_pattern` overrides freq/offset, so it runs {trained}; the "
+        "MTP layer keeps its own indexer.",
+        f"SGLang: reads `indexer_types` first, so it runs {trained}.",
+        megatron_line,
+    ]
+
+
+def _model_card(
+    source: _Source,
+    pattern: IndexCachePattern,
+    model_type: str,
+    keep_shared: bool,
+    summary: Mapping[str, Any],
+    groups: tuple[str, ...],
+) -> str:
+    shared_note = (
+        "kept unchanged (transformers builds an indexer on every deepseek_v32 layer; IndexCache engines skip them)"
+        if keep_shared
+        else "removed"
+    )
+    trained_note = {
+        ("indexers",): "the F-layer indexers carry the trained values; every other tensor",
+        ("base",): "the base weights carry the trained values; every other tensor (indexers included)",
+    }.get(groups, "the F-layer indexers and the base weights carry the trained values; every other tensor")
+    lines = [
+        "---",
+        "tags: [indexcache, sparse-attention]",
+        "---",
+        f"# IndexCache export of `{source.directory.name}`",
+        "",
+        f"A `{model_type}` checkpoint where {len(pattern.full_layers)} of {pattern.num_layers} DSA layers keep their "
+        f"lightning indexer (F, retention {pattern.retention:.1%}); every other layer (S) reuses the top-k indices of "
+        "the nearest preceding F layer. The F indexers were trained to serve all the layers they cover.",
+        "",
+        f"- pattern (`index_topk_pattern`): `{pattern.value}`",
+        f"- F layers: {', '.join(map(str, pattern.full_layers))}",
+        f"- trained tensor groups: {', '.join(groups)}",
+        f"- S-layer indexer tensors: {shared_note}",
+        f"- source: `{source.directory}` (config.json sha256 `{source.config_sha256}`); {trained_note} (the MTP "
+        "layer included) is byte-identical to it",
+        "",
+        "`config.json` carries `indexer_types`, `index_topk_pattern` and `use_index_cache`; `indexcache.json` holds "
+        f"the groups, training summary and metrics; `{CHECKSUM_FILE}` the sha256 of every tensor. Check the files "
+        "with `python -m indexcache.validate_export DIR`.",
+        "",
+        "## Serving engines",
+        "",
+    ]
+    lines += [f"- {note}" for note in serving_notes(pattern, model_type)]
+    metrics = summary.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in metrics.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _copy_side_files(source_dir: Path, staging: Path) -> None:
+    """Tokenizer, generation config, chat template, licence...: every top-level file that is not a weight."""
+    for path in sorted(source_dir.iterdir()):
+        if path.is_file() and path.name not in _WRITTEN_HERE and not path.name.endswith(_WEIGHT_SUFFIXES):
+            _copy_file(path, staging / path.name)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # an unchanged shard costs no space or time
+    except OSError:  # another filesystem, or hard links not permitted
+        _copy_file(source, target)
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "x") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _move_into_place(staging: Path, target_dir: Path, overwrite: bool) -> None:
+    if not (target_dir.exists() or target_dir.is_symlink()):
+        os.rename(staging, target_dir)
+    elif not overwrite:  # it appeared while the export was being written
+        raise ExportExistsError(
+            f"export target {target_dir} already exists: choose a new directory, delete it, or pass overwrite=True"
+        )
+    else:
+        aside = target_dir.parent / f".{target_dir.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(target_dir, aside)
+        try:
+            os.rename(staging, target_dir)
+        except BaseException:
+            os.rename(aside, target_dir)
+            raise
+        try:
+            shutil.rmtree(aside)
+        except OSError as err:  # the new export is in place; only the old copy's space is lost
+            logger.warning("replaced %s but could not delete its old copy %s: %s", target_dir, aside, err)
+    fsync_dir(target_dir.parent)

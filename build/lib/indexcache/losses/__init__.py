@@ -1,0 +1,59 @@
+"""Multi-layer KL distillation loss for IndexCache (DESIGN.md section 1).
+
+    loss = mean over valid query rows of (1/G) sum_j KL(p_j || q_idx)
+
+with q_idx the F layer's indexer distribution and p_j the head-averaged attention of served layer j, both over
+the keys a row sees (causal, non-padding, and in the sparse variant the row's top-k set). Implementations:
+`reference` (materialising, fp64-capable, tests only), `chunked` (PyTorch, memory O(chunk x T)), `fused`
+(Triton, CUDA). Triton is imported only when the fused path is chosen, so this package imports without it.
+
+The sparse stage's own form (`sparse.py`): the teachers arrive as probabilities on the top-k slots, handed over by
+the sparse attention, and the student is gathered at those slots: O(T x K) (`SparseGroupKL`,
+`sparse_multi_layer_kl`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from indexcache.losses.chunked import chunked_multi_layer_kl
+from indexcache.losses.interface import IndexerOutputs, KLResult, TeacherInputs, validate_inputs
+from indexcache.losses.reference import reference_multi_layer_kl
+from indexcache.losses.sparse import SparseGroupKL, sparse_multi_layer_kl
+
+__all__ = ["IndexerOutputs", "KLResult", "SparseGroupKL", "TeacherInputs", "multi_layer_kl", "sparse_multi_layer_kl"]
+
+IMPLEMENTATIONS = ("auto", "reference", "chunked", "fused")
+
+
+def multi_layer_kl(
+    indexer: IndexerOutputs,
+    teachers: list[TeacherInputs],
+    attention_mask: Tensor | None,
+    topk_indices: Tensor | None = None,
+    impl: str = "auto",
+    chunk_size: int = 1024,
+) -> KLResult:
+    """KL of one F group; `teachers[0]` is the F layer itself, then the layers that reuse its indices."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl={impl!r} is unknown: use one of {IMPLEMENTATIONS}")
+    validate_inputs(indexer, teachers, attention_mask, topk_indices)
+    if impl == "auto":
+        impl = "fused" if _fused_usable(indexer, teachers) else "chunked"
+    if impl == "reference":
+        return reference_multi_layer_kl(indexer, teachers, attention_mask, topk_indices)
+    if impl == "chunked":
+        return chunked_multi_layer_kl(indexer, teachers, attention_mask, topk_indices, chunk_size)
+    from indexcache.losses.fused import fused_multi_layer_kl  # lazy: needs triton and CUDA
+
+    return fused_multi_layer_kl(indexer, teachers, attention_mask, topk_indices)
+
+
+def _fused_usable(indexer: IndexerOutputs, teachers: list[TeacherInputs]) -> bool:
+    if not indexer.q.is_cuda:
+        return False
+    try:
+        from indexcache.losses.fused import fused_supports
+    except ImportError:  # no triton on this machine
+        return False
+    return fused_supports(indexer, teachers)

@@ -1,0 +1,82 @@
+"""Training entry point: compose config -> build run -> train -> export.
+
+    indexcache-train [preset=<name>] [key=value ...]            (console script)
+    python train/main.py ...  |  deepspeed [--num_gpus N] train/main.py conf=<preset> ...
+
+`main` is Hydra's command line (indexcache/cli.py); `train_job` is one job, callable in-process with a composed
+config (the tests do).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack, suppress
+from pathlib import Path
+
+from indexcache.cli import hydra_main, user_error
+from indexcache.config import ConfigError, RunConfig
+
+PROG = "indexcache"
+
+
+def train_job(cfg: RunConfig) -> int:
+    """One training job. Returns 0 (finished or stopped as asked), or 2 after printing a user error."""
+    from indexcache.distributed import init_distributed
+    from indexcache.run import build_run, export_run
+    from indexcache.trainer import train
+
+    dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)
+    with ExitStack() as stack:
+        try:
+            run = build_run(cfg, dist, stack)
+        except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
+            _remove_if_empty(Path(cfg.run_dir))
+            return user_error(PROG, error)
+        finished = train(run)
+        exported = export_run(run) if finished and cfg.export.enabled else None
+    if dist.is_main:
+        print(summary_line(run, finished, exported))
+    return 0
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Hydra creates the job's directory before the job runs: a job refused while building leaves nothing."""
+    with suppress(OSError):  # not empty (an earlier run's files) or already gone: leave it
+        run_dir.rmdir()
+
+
+def summary_line(run, finished: bool, exported: Path | None) -> str:
+    if not finished:
+        return f"{PROG}: stopped after step {run.cfg.train.stop_after_steps}; the same command resumes"
+    final = run.history[-1]["metrics"] if run.history else {}
+    start = run.history[-1].get("start_metrics", {}) if run.history else {}
+    parts = [f"pattern {run.pattern} ({len(run.pattern.full_layers)}/{run.pattern.num_layers} F)"]
+    if final:
+        parts.append(
+            f"eval LM loss dense {final['eval/lm_loss_dense']:.4f}, sparse {final['eval/lm_loss_sparse']:.4f}"
+            f" (gap {final['eval/lm_loss_gap']:+.4f}), KL {final['eval/kl_loss']:.4f}"
+        )
+    if "eval/stage_start/lm_loss_sparse" in start:
+        parts.append(
+            f"last stage: sparse LM loss {start['eval/stage_start/lm_loss_sparse']:.4f} -> "
+            f"{final['eval/lm_loss_sparse']:.4f}, KL {start['eval/stage_start/kl_loss']:.4f} -> "
+            f"{final['eval/kl_loss']:.4f}"
+        )
+    if exported:
+        parts.append(f"export {exported}")
+    return f"{PROG}: done ({run.run_dir}): " + "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from indexcache.distributed import shutdown
+
+    try:
+        from indexcache.run import precheck
+
+        return hydra_main(train_job, argv, prog=PROG, precheck=precheck)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

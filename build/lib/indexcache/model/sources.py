@@ -1,0 +1,97 @@
+"""Where a run's DSA checkpoint folder comes from: the real SmolLM2 (converted), a tiny model, or a local folder.
+
+Every source ends as a local HF folder with safetensors weights and a tokenizer, because export copies the
+source's shards and the folder is what a run and its resumption both load. Converted and generated folders
+are cached (written to a temporary sibling, then renamed) so later runs start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, ByT5Tokenizer
+
+from indexcache.config import ModelConfig
+from indexcache.model.convert import DsaIndexConfig, convert_dense_to_dsa, converters
+from indexcache.model.tiny import tiny_model
+from indexcache.paths import cache_root
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Atomically move a finished folder into place; a concurrent writer that won the race is kept."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def tiny_source(cfg: ModelConfig) -> Path:
+    """A tiny model of `cfg.tiny_family` with a byte-level tokenizer (real, file-free: ByT5's), saved once."""
+    final = cache_root(cfg.cache_dir) / f"tiny-{cfg.tiny_family}-topk{cfg.index_topk}-seed{cfg.seed}"
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = ByT5Tokenizer()
+    model = tiny_model(cfg.tiny_family, seed=cfg.seed, vocab_size=len(tokenizer), index_topk=cfg.index_topk)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    return _publish(tmp, final)
+
+
+def read_config(folder: Path) -> dict:
+    with open(folder / "config.json") as fh:
+        return json.load(fh)
+
+
+def resolve_source(cfg: ModelConfig) -> Path:
+    """The local DSA checkpoint folder this run trains from (converting a dense model once, cached)."""
+    if cfg.source == "tiny":
+        return tiny_source(cfg)
+    if cfg.source == "smollm2":
+        from indexcache.model.smollm2 import smollm2_dsa_path
+
+        return smollm2_dsa_path(cfg.cache_dir, index_config(cfg))
+    folder = Path(cfg.source).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.source={folder} has no config.json: point it at a HF checkpoint folder")
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"model.source={folder} has no *.safetensors weights: convert the checkpoint first")
+    config = read_config(folder)
+    # A dense model (no indexer yet) is converted once; an already converted folder carries `index_topk`.
+    if config["model_type"] in converters() and "index_topk" not in config:
+        return convert_cached(folder, cfg)
+    return folder
+
+
+def index_config(cfg: ModelConfig) -> DsaIndexConfig:
+    return DsaIndexConfig(
+        index_topk=cfg.index_topk, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, seed=cfg.seed
+    )
+
+
+def convert_cached(folder: Path, cfg: ModelConfig) -> Path:
+    """Dense folder -> DSA folder (fresh indexers) by `convert_dense_to_dsa`, converted once per (source, shape)."""
+    index_cfg = index_config(cfg)
+    key = hashlib.sha256(f"{folder}|{index_cfg}".encode()).hexdigest()[:16]
+    final = cache_root(cfg.cache_dir) / f"converted-{folder.name}-{key}"
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent)) / "out"
+    convert_dense_to_dsa(folder, tmp, index_cfg)
+    published = _publish(tmp, final)
+    shutil.rmtree(tmp.parent, ignore_errors=True)
+    return published
+
+
+def load_tokenizer(folder: Path):
+    return AutoTokenizer.from_pretrained(folder)
