@@ -108,8 +108,8 @@ def hydra_main(
     return max(codes, default=0)
 
 
-def user_error(prog: str, error: Exception) -> int:
-    """One line on stderr for a user error found after composition (a model, data or run-directory problem)."""
+def user_error(prog: str, error: Exception, code: int = 2) -> int:
+    """One line on stderr for an error found after composition (a model, data or run-directory problem)."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
     print(f"{prog}: {message}", file=sys.stderr)
-    return 2
+    return code

@@ -21,7 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from indexcache.data import DataConfig
@@ -66,7 +66,7 @@ def _positive(key: str, value: float) -> None:
 class ModelConfig:
     # "smollm2": the real SmolLM2-135M shipped offline as GGUF, converted to DSA; "tiny": a tiny model built from
     # config (`tiny_family`); anything else: a local HF folder (glm_moe_dsa, deepseek_v32, llama, glm4_moe_lite).
-    source: str = "smollm2"
+    source: str = MISSING  # the model group's options and the presets set it; a real preset requires it
     tiny_family: str = "glm_moe_dsa"
     index_topk: int = 64
     # Indexer shape for dense-to-DSA conversion (ignored for models that already have indexers).
@@ -81,7 +81,7 @@ class ModelConfig:
         _at_least("model.index_n_heads", self.index_n_heads, 1)
         _at_least("model.index_head_dim", self.index_head_dim, 2)
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        if self.source not in ("smollm2", "tiny") and not Path(self.source).is_dir():
+        if self.source not in ("smollm2", "tiny", MISSING) and not Path(self.source).is_dir():
             raise ConfigError(
                 f"model.source={self.source} is not 'smollm2', 'tiny' or an existing model folder: fix the path"
             )

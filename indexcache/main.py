@@ -23,7 +23,7 @@ def train_job(cfg: RunConfig) -> int:
     """One training job. Returns 0 (finished or stopped as asked), or 2 after printing a user error."""
     from indexcache.distributed import init_distributed
     from indexcache.run import build_run, export_run
-    from indexcache.trainer import train
+    from indexcache.trainer import NonFiniteLossError, train
 
     dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)
     with ExitStack() as stack:
@@ -32,8 +32,17 @@ def train_job(cfg: RunConfig) -> int:
         except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
             _remove_if_empty(Path(cfg.run_dir))
             return user_error(PROG, error)
-        finished = train(run)
-        exported = export_run(run) if finished and cfg.export.enabled else None
+        try:
+            finished = train(run)
+            exported = export_run(run) if finished and cfg.export.enabled else None
+        except NonFiniteLossError as error:
+            return user_error(PROG, error, code=3)
+        except OSError as error:  # disk full, quota, a vanished mount: what was complete stays complete
+            return user_error(
+                PROG,
+                OSError(f"cannot write ({error}); the last complete checkpoint is kept: free space, then re-run"),
+                code=4,
+            )
     if dist.is_main:
         print(summary_line(run, finished, exported))
     return 0

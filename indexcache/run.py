@@ -114,6 +114,7 @@ def precheck(cfg: RunConfig) -> None:
     found = source_layer_count(cfg)
     if found is not None:
         try:
+            get_family(found[1]["model_type"])
             build_pattern(cfg.pattern, *found)
         except ValueError as error:
             raise ConfigError(str(error)) from error
@@ -179,8 +180,15 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
         first_stage = next(iter(cfg.stage.values()))
         hf_ds_config = HfDeepSpeedConfig(deepspeed_config(cfg.deepspeed, first_stage.grad_clip, dist.device))
     hf_model = family.load(source_dir, model_dtype(cfg.model.dtype, dist.device)).to(dist.device)
-    model = IndexCacheModel(hf_model)
-    pattern = build_pattern(cfg.pattern, model.num_dsa_layers, source_config)
+    num_layers = len(family.dsa_attentions(hf_model))
+    pattern = build_pattern(cfg.pattern, num_layers, source_config)
+    if resume is not None and resume.state.pattern and resume.state.pattern != str(pattern):
+        # Even with train.allow_config_change: the checkpoint holds the other pattern's F-layer indexers.
+        raise ConfigError(
+            f"resume refused: the checkpoint {resume.path} trained pattern {resume.state.pattern}, this run's is "
+            f"{pattern}; use a new run_dir"
+        )
+    model = IndexCacheModel(hf_model, pattern)
     if cfg.pattern.kind == "source" and dist.is_main:
         print(f"indexcache: pattern from the source checkpoint's config: {pattern}", file=sys.stderr)
     plans = build_plans(cfg, pattern)

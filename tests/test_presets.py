@@ -126,10 +126,6 @@ def test_glm52_preset_takes_the_source_pattern(compose: Callable[..., RunConfig]
     assert compose_preset(compose, "glm52_indexcache", tmp_path).pattern.kind == "source"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`???` cannot unset a schema default when merged: needs ModelConfig.source to default to MISSING",
-)
 @pytest.mark.parametrize("preset", sorted(PRESET_SOURCES))
 def test_preset_requires_model_source(compose: Callable[..., RunConfig], preset: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model\.source is required"):

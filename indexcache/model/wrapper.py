@@ -450,9 +450,12 @@ class IndexCacheModel(nn.Module):
         register_backend()
         hf_model.set_attn_implementation(BACKEND)
         self.num_dsa_layers = len(self.family.dsa_attentions(hf_model))
-        self.pattern = IndexCachePattern.all_full(self.num_dsa_layers)
+        # Without a pattern, start from the layer types the checkpoint carries (all-F for a plain DSA model): a
+        # source that ships IndexCache already (GLM-5.2, our exports) has no S-layer indexer weights to run.
+        source_pattern = IndexCachePattern.from_source_config(hf_model.config.to_dict(), self.num_dsa_layers)
+        self.pattern = source_pattern
         self._mode = _checked_mode(mode)
-        self.apply_pattern(pattern or self.pattern)
+        self.apply_pattern(pattern or source_pattern)
 
     # ---- configuration ------------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,238 @@
+"""Triton kernels of the gather-based sparse attention (forward and teacher pass); imported lazily, on CUDA only.
+
+One program per (query row, block of query heads sharing a KV head, block of value columns). It loads the row's
+queries once, then walks the row's K slots in blocks: gathers the slots' key rows straight from global memory
+(in the MLA latent form one 576-wide row serves every head, and the whole latent cache of a 32K window, 38 MB in
+bf16, stays in the H200's L2), scores them on the tensor cores, and keeps an online softmax. No mask and no
+[T, T] buffer: a slot is attended iff it is >= 0 (`visible_slots` made sure of causality, padding and repeats).
+
+- `_sparse_forward_kernel`: output [B, T, H, D_v] (input dtype) and LSE [B, T, H] (natural log, float32).
+  In the latent form the value is the key's first 512 columns; `V_IS_K` reuses the key tile already loaded.
+- `_sparse_probs_kernel`: the teacher, (1/H) sum_h exp(score - LSE) per slot, [B, T, K] float32 (atomics add the
+  head blocks of a row together).
+The backward is the PyTorch reference's (`sparse_attention._reference_backward`): only the base-training sparse
+stage needs it. Widths: D = D1 + D2 with D1 the largest power of two <= D and the rest padded to a power of two
+(576 = 512 + 64), so the kernel computes no padding columns for the model shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dataclass
+class SparseKernelConfig:
+    """Block shapes; bench/e2e.py times variants (bench/NOTES.md has the measurements)."""
+
+    block_heads: int = 64  # query heads per program (at most, and padded to at least 16 for tl.dot)
+    block_slots: int = 32  # slots per step
+    block_value: int = 512  # value columns per program (< D_v: several programs re-score the same keys)
+    warps: int = 8
+    stages: int = 2
+
+
+CONFIG = SparseKernelConfig()
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _split_width(dim: int) -> tuple[int, int]:
+    main = 1 << (dim.bit_length() - 1)
+    rest = dim - main
+    return main, (0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
+
+
+def triton_supports(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Shapes and dtypes the kernels handle: CUDA, one dtype, q.k width >= 16, key rows contiguous in the width."""
+    tensors = (query, key, value)
+    if not all(x.is_cuda for x in tensors) or query.dtype not in _DTYPES:
+        return False
+    if any(x.dtype != query.dtype or x.stride(-1) != 1 for x in tensors):
+        return False
+    return query.shape[-1] >= 16 and value.shape[-1] >= 16
+
+
+def _head_blocks(heads_per_kv: int, cfg: SparseKernelConfig) -> tuple[int, int]:
+    block = max(16, min(cfg.block_heads, triton.next_power_of_2(heads_per_kv)))
+    return block, triton.cdiv(heads_per_kv, block)
+
+
+@triton.jit
+def _row_scores(
+    q1, q2, k_base, slots_valid, rows, s_kt,
+    D1: tl.constexpr, D2: tl.constexpr, D_REST: tl.constexpr,
+):  # fmt: skip
+    """Scores [BLOCK_H, BLOCK_K] of a row's query heads against the gathered key rows, and the main key tile."""
+    d1 = tl.arange(0, D1)
+    k1 = tl.load(k_base + rows[:, None] * s_kt + d1[None, :], mask=slots_valid[:, None], other=0.0)
+    scores = tl.dot(q1, tl.trans(k1))
+    if D2 > 0:
+        d2 = tl.arange(0, D2)
+        k2 = tl.load(
+            k_base + rows[:, None] * s_kt + D1 + d2[None, :],
+            mask=slots_valid[:, None] & (d2[None, :] < D_REST),
+            other=0.0,
+        )
+        scores += tl.dot(q2, tl.trans(k2))
+    return scores, k1
+
+
+@triton.jit
+def _load_queries(q_row, heads, head_in, s_qh, D1: tl.constexpr, D2: tl.constexpr, D_REST: tl.constexpr):
+    d1 = tl.arange(0, D1)
+    q1 = tl.load(q_row + heads[:, None] * s_qh + d1[None, :], mask=head_in[:, None], other=0.0)
+    q2 = q1
+    if D2 > 0:
+        d2 = tl.arange(0, D2)
+        q2 = tl.load(
+            q_row + heads[:, None] * s_qh + D1 + d2[None, :], mask=head_in[:, None] & (d2[None, :] < D_REST), other=0.0
+        )
+    return q1, q2
+
+
+@triton.jit
+def _sparse_forward_kernel(
+    q_ptr, k_ptr, v_ptr, slot_ptr, out_ptr, lse_ptr,
+    num_slots, heads_per_kv, head_blocks, value_blocks, scale_log2,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_it, s_ob, s_ot, s_oh, s_lb, s_lt,
+    D1: tl.constexpr, D2: tl.constexpr, D_REST: tl.constexpr, DV: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, V_IS_K: tl.constexpr,
+):  # fmt: skip
+    t, pid, b = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    value_block = pid % value_blocks
+    head_block = (pid // value_blocks) % head_blocks
+    kv = pid // (value_blocks * head_blocks)
+    local = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_in = local < heads_per_kv
+    heads = kv * heads_per_kv + local
+    q1, q2 = _load_queries(q_ptr + b * s_qb + t * s_qt, heads, head_in, s_qh, D1, D2, D_REST)
+    k_base = k_ptr + b * s_kb + kv * s_kh
+    v_base = v_ptr + b * s_vb + kv * s_vh
+    dv = value_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    slot_row = slot_ptr + b * s_ib + t * s_it
+    for start in range(0, num_slots, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        slots = tl.load(slot_row + ks, mask=ks < num_slots, other=-1)
+        valid = slots >= 0
+        rows = tl.maximum(slots, 0).to(tl.int64)
+        scores, k1 = _row_scores(q1, q2, k_base, valid, rows, s_kt, D1, D2, D_REST)
+        scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        alpha = tl.exp2(running_max - safe_max)
+        running_sum = running_sum * alpha + tl.sum(probs, 1)
+        if V_IS_K:
+            values = k1
+        else:
+            values = tl.load(v_base + rows[:, None] * s_vt + dv[None, :], mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values)
+        running_max = new_max
+    has_key = running_sum > 0
+    out = acc / tl.where(has_key, running_sum, 1.0)[:, None]
+    out_ptrs = out_ptr + b * s_ob + t * s_ot + heads[:, None] * s_oh + dv[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_in[:, None] & (dv[None, :] < DV))
+    if value_block == 0:
+        lse = tl.where(has_key, (running_max + tl.log2(tl.where(has_key, running_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + b * s_lb + t * s_lt + heads, lse, mask=head_in)
+
+
+@triton.jit
+def _sparse_probs_kernel(
+    q_ptr, k_ptr, slot_ptr, lse_ptr, probs_ptr,
+    num_slots, heads_per_kv, head_blocks, scale_log2, inv_heads,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_ib, s_it, s_lb, s_lt, s_pb, s_pt,
+    D1: tl.constexpr, D2: tl.constexpr, D_REST: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+):  # fmt: skip
+    t, pid, b = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    head_block = pid % head_blocks
+    kv = pid // head_blocks
+    local = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_in = local < heads_per_kv
+    heads = kv * heads_per_kv + local
+    q1, q2 = _load_queries(q_ptr + b * s_qb + t * s_qt, heads, head_in, s_qh, D1, D2, D_REST)
+    lse = tl.load(lse_ptr + b * s_lb + t * s_lt + heads, mask=head_in, other=float("-inf")) * 1.4426950408889634
+    # Heads with no key (or padding heads of the block) add nothing: their LSE is -inf.
+    head_ok = lse > float("-inf")
+    lse = tl.where(head_ok, lse, 0.0)
+    k_base = k_ptr + b * s_kb + kv * s_kh
+    slot_row = slot_ptr + b * s_ib + t * s_it
+    out_row = probs_ptr + b * s_pb + t * s_pt
+    for start in range(0, num_slots, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        slots = tl.load(slot_row + ks, mask=ks < num_slots, other=-1)
+        valid = slots >= 0
+        rows = tl.maximum(slots, 0).to(tl.int64)
+        scores, _ = _row_scores(q1, q2, k_base, valid, rows, s_kt, D1, D2, D_REST)
+        probs = tl.exp2(scores * scale_log2 - lse[:, None])
+        probs = tl.where(head_ok[:, None] & valid[None, :], probs, 0.0)
+        head_mean = tl.sum(probs, 0) * inv_heads
+        if ATOMIC:
+            tl.atomic_add(out_row + ks, head_mean, mask=ks < num_slots)
+        else:
+            tl.store(out_row + ks, head_mean, mask=ks < num_slots)
+
+
+def triton_sparse_forward(
+    query: Tensor, key: Tensor, value: Tensor, slots: Tensor, scaling: float, cfg: SparseKernelConfig = CONFIG
+) -> tuple[Tensor, Tensor]:
+    """Output [B, T, H, D_v] and LSE [B, T, H] float32 of `sparse_attention` (see the module doc)."""
+    batch, seq, heads, dim = query.shape
+    kv_heads, value_dim = value.shape[2], value.shape[3]
+    heads_per_kv = heads // kv_heads
+    block_h, head_blocks = _head_blocks(heads_per_kv, cfg)
+    d1, d2 = _split_width(dim)
+    block_dv = min(cfg.block_value, triton.next_power_of_2(value_dim))
+    value_blocks = triton.cdiv(value_dim, block_dv)
+    # The latent form: the value is a view of the key's leading columns, and one value block covers the key tile.
+    v_is_k = (
+        value.data_ptr() == key.data_ptr() and value.stride() == key.stride() and value_dim == d1 == block_dv
+    )
+    out = torch.empty(batch, seq, heads, value_dim, dtype=query.dtype, device=query.device)
+    lse = torch.empty(batch, seq, heads, dtype=torch.float32, device=query.device)
+    grid = (seq, kv_heads * head_blocks * value_blocks, batch)
+    _sparse_forward_kernel[grid](
+        query, key, value, slots, out, lse,
+        slots.shape[-1], heads_per_kv, head_blocks, value_blocks, scaling * LOG2E,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), slots.stride(0), slots.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        D1=d1, D2=d2, D_REST=dim - d1, DV=value_dim, BLOCK_H=block_h, BLOCK_K=cfg.block_slots, BLOCK_DV=block_dv,
+        V_IS_K=v_is_k, num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def triton_sparse_probs(
+    query: Tensor, key: Tensor, slots: Tensor, lse: Tensor, scaling: float, cfg: SparseKernelConfig = CONFIG
+) -> Tensor:
+    """[B, T, K] float32 head-averaged probabilities of `sparse_attention_probs` (see the module doc)."""
+    batch, seq, heads, dim = query.shape
+    kv_heads = key.shape[2]
+    heads_per_kv = heads // kv_heads
+    block_h, head_blocks = _head_blocks(heads_per_kv, cfg)
+    d1, d2 = _split_width(dim)
+    atomic = kv_heads * head_blocks > 1
+    probs = (torch.zeros if atomic else torch.empty)(slots.shape, dtype=torch.float32, device=query.device)
+    lse = lse.float()
+    grid = (seq, kv_heads * head_blocks, batch)
+    _sparse_probs_kernel[grid](
+        query, key, slots, lse, probs,
+        slots.shape[-1], heads_per_kv, head_blocks, scaling * LOG2E, 1.0 / heads,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        slots.stride(0), slots.stride(1), lse.stride(0), lse.stride(1), probs.stride(0), probs.stride(1),
+        D1=d1, D2=d2, D_REST=dim - d1, BLOCK_H=block_h, BLOCK_K=cfg.block_slots, ATOMIC=atomic,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    return probs

@@ -1,0 +1,151 @@
+"""The sparse stage's GPU paths at a real T, within stated bf16 bounds (skipped without CUDA).
+
+- the Triton sparse attention (output, LSE, teacher probabilities) against the float64 reference on the same
+  bf16 inputs: GLM-5 latent shapes (64 heads, 576-wide shared key, 512-wide value), DeepSeek-V3.2 latent shapes
+  (128 heads: two head blocks and atomics in the teacher pass), SmolLM2 GQA shapes;
+- its backward (the chunked reference on the GPU) against float64 autograd;
+- the gathered sparse KL on the GPU against `losses.reference` in float64;
+- the bf16 tiny models in sparse mode: loss and metrics equal the reference on the layers' own query/key.
+
+Bounds (relative L2 error, bf16 inputs, float32 accumulation): output 1e-2, LSE 1e-3, probabilities 1e-2,
+gradients 2e-2; fp32 reference-path checks 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from indexcache.kernels import sparse_attention, sparse_attention_probs, visible_slots
+from indexcache.losses import IndexerOutputs, TeacherInputs, multi_layer_kl, sparse_multi_layer_kl
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(actual))
+    a, e = actual[finite].double(), expected[finite].double()
+    return float((a - e).norm() / e.norm())
+
+
+def topk_like(batch: int, seq: int, topk: int, device: str = "cuda") -> torch.Tensor:
+    """Random visible keys per row with -1 slots for rows that see fewer than K keys, like `select_topk`."""
+    scores = torch.rand(batch, seq, seq, device="cpu").tril_()
+    scores = scores.masked_fill(torch.ones(seq, seq).triu(1).bool(), -1.0)
+    values, indices = scores.topk(min(topk, seq), dim=-1)
+    return indices.masked_fill(values < 0, -1).to(device)
+
+
+SHAPES = {
+    # heads, kv_heads, q.k width, value width, latent (value = the key's leading columns)
+    "glm5_latent": (64, 1, 576, 512, True),
+    "deepseek_v32_latent": (128, 1, 576, 512, True),
+    "smollm2_gqa": (9, 3, 64, 64, False),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_triton_sparse_attention_matches_float64_reference(shape: str):
+    heads, kv_heads, dim, value_dim, latent = SHAPES[shape]
+    torch.manual_seed(0)
+    batch, seq, topk = 1, 4096, 2048
+    query = (torch.randn(batch, seq, heads, dim, device="cuda") * 2).bfloat16()
+    key = torch.randn(batch, seq, kv_heads, dim, device="cuda").bfloat16()
+    value = key[..., :value_dim] if latent else torch.randn(batch, seq, kv_heads, value_dim, device="cuda").bfloat16()
+    real = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    real[:, -100:] = False  # right padding
+    slots = visible_slots(topk_like(batch, seq, topk), real)
+    scaling = dim**-0.5
+    out, lse = sparse_attention(query, key, value, slots, scaling, impl="triton")
+    probs = sparse_attention_probs(query, key, slots, lse, scaling, impl="triton")
+    rows = slice(0, 1024)  # the float64 reference on the first rows (a quarter of the cost)
+    q64, k64, v64 = query[:, rows].double(), key.double(), value.double()
+    sub = slots[:, rows]
+    ref_out, ref_lse = sparse_attention(q64, k64[:, :1024], v64[:, :1024], sub, scaling, impl="reference")
+    ref_probs = sparse_attention_probs(q64, k64[:, :1024], sub, ref_lse, scaling, impl="reference")
+    assert rel(out[:, rows], ref_out) < 1e-2
+    assert rel(lse[:, rows], ref_lse) < 1e-3
+    assert rel(probs[:, rows], ref_probs) < 1e-2
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]), rtol=0, atol=2e-2)
+
+
+def test_sparse_attention_backward_on_gpu_matches_float64():
+    torch.manual_seed(1)
+    batch, seq, topk, heads, dim, value_dim = 1, 1024, 256, 16, 576, 512
+    query = (torch.randn(batch, seq, heads, dim, device="cuda") * 2).bfloat16().requires_grad_()
+    latent = torch.randn(batch, seq, 1, dim, device="cuda").bfloat16().requires_grad_()
+    slots = visible_slots(topk_like(batch, seq, topk), None)
+    d_out = torch.randn(batch, seq, heads, value_dim, device="cuda").bfloat16()
+    out, _ = sparse_attention(query, latent, latent[..., :value_dim], slots, dim**-0.5)
+    grads = torch.autograd.grad(out, [query, latent], d_out)
+    q64, k64 = query.detach().double().requires_grad_(), latent.detach().double().requires_grad_()
+    ref, _ = sparse_attention(q64, k64, k64[..., :value_dim], slots, dim**-0.5, impl="reference")
+    expected = torch.autograd.grad(ref, [q64, k64], d_out.double())
+    for got, want in zip(grads, expected, strict=True):
+        assert rel(got, want) < 2e-2
+
+
+def test_gathered_sparse_kl_on_gpu_matches_reference():
+    torch.manual_seed(2)
+    batch, seq, topk, idx_heads, idx_dim, heads, dim = 1, 2048, 256, 8, 64, 8, 64
+    indexer = IndexerOutputs(
+        q=torch.randn(batch, seq, idx_heads, idx_dim, device="cuda").bfloat16().requires_grad_(),
+        k=torch.randn(batch, seq, idx_dim, device="cuda").bfloat16().requires_grad_(),
+        w=(torch.rand(batch, seq, idx_heads, device="cuda") * 0.1).requires_grad_(),
+    )
+    teachers = [
+        TeacherInputs(
+            torch.randn(batch, heads, seq, dim, device="cuda").bfloat16(),
+            torch.randn(batch, 1, seq, dim, device="cuda").bfloat16(),
+            dim**-0.5,
+        )
+        for _ in range(3)
+    ]
+    topk_indices = topk_like(batch, seq, topk)
+    slots = visible_slots(topk_indices, None)
+    probs = []
+    for teacher in teachers:
+        q, k = teacher.query.transpose(1, 2), teacher.key.transpose(1, 2)
+        _, lse = sparse_attention(q, k, k, slots, teacher.scaling)
+        probs.append(sparse_attention_probs(q, k, slots, lse, teacher.scaling))
+    got = sparse_multi_layer_kl(indexer, probs, None, topk_indices)
+    doubled = IndexerOutputs(*(x.detach().double().requires_grad_() for x in (indexer.q, indexer.k, indexer.w)))
+    plain = [TeacherInputs(t.query.double(), t.key.double(), t.scaling) for t in teachers]
+    expected = multi_layer_kl(doubled, plain, None, topk_indices, impl="chunked", chunk_size=512)
+    assert rel(got.kl_per_layer, expected.kl_per_layer) < 1e-2
+    assert rel(got.teacher_entropy, expected.teacher_entropy) < 1e-3
+    grads = torch.autograd.grad(got.loss, [indexer.q, indexer.k, indexer.w])
+    expected_grads = torch.autograd.grad(expected.loss, [doubled.q, doubled.k, doubled.w])
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert rel(g, e) < 2e-2
+
+
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "deepseek_v32", "llama"])
+def test_bf16_model_sparse_loss_equals_reference_on_its_own_teachers(model_type: str):
+    from indexcache.model import IndexCacheModel
+    from indexcache.model.tiny import tiny_model
+    from indexcache.pattern import IndexCachePattern
+
+    pattern = IndexCachePattern("FSSF")
+    model = IndexCacheModel(tiny_model(model_type, index_topk=16).cuda().bfloat16(), pattern, mode="sparse")
+    input_ids = torch.randint(0, 256, (2, 512), device="cuda")
+    groups: list[list] = []
+
+    def observe(layer_idx, selection, teacher, mask) -> None:
+        if layer_idx == pattern.owner(layer_idx):
+            groups.append([selection, []])
+        groups[-1][1].append(teacher)
+
+    out = model(input_ids, observer=observe, labels=input_ids)
+    out.kl_loss.backward()
+    assert out.metrics["indexcache/teacher_lse_from_attention"] == 1.0
+    for owner, (selection, teachers) in zip(pattern.full_layers, groups, strict=True):
+        plain = [TeacherInputs(t.query.float(), t.key.float(), t.scaling) for t in teachers]
+        outputs = IndexerOutputs(*(x.detach().float() for x in (selection.outputs.q, selection.outputs.k, selection.outputs.w)))
+        reference = multi_layer_kl(outputs, plain, None, selection.topk_indices, impl="chunked")
+        got = out.metrics[f"indexcache/kl/layer_{owner}"]
+        assert got == pytest.approx(float(reference.loss), rel=2e-2)
