@@ -19,8 +19,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch
 
-from indexcache.kernels import sparse_attention, sparse_attention_probs, visible_slots
-from indexcache.kernels import triton_sparse
+from indexcache.kernels import sparse_attention, sparse_attention_probs, triton_sparse, visible_slots
 
 BOUND = 1e-5  # float32 inputs, float32 accumulation, against float64
 

@@ -35,6 +35,7 @@ __all__ = [
     "LayerStatsObserver",
     "attention_metrics",
     "chunked_layer_stats",
+    "layer_metrics",
     "overlap_matrix",
     "reference_layer_stats",
     "sample_rows",
@@ -245,21 +246,34 @@ class LayerStatsObserver:
         return overlap_matrix([torch.cat(self.sampled_topk[layer]) for layer in layers])
 
     def metrics(self, prefix: str = "indexcache") -> dict[str, float]:
-        """`{prefix}/recall/layer_{i}`, `{prefix}/coverage/layer_{i}` for every observed layer, plus a summary:
-        `{prefix}/furthest_layer` (the layer whose attended set misses most of its dense attention mass) and its
-        coverage and recall, and the mean recall/coverage over layers."""
-        out: dict[str, float] = {}
-        for layer in sorted(self.stats):
-            out[f"{prefix}/recall/layer_{layer}"] = self.stats[layer].recall
-            out[f"{prefix}/coverage/layer_{layer}"] = self.stats[layer].coverage
-        if self.stats:
-            worst = min(sorted(self.stats), key=lambda layer: self.stats[layer].coverage)
-            out[f"{prefix}/furthest_layer"] = float(worst)
-            out[f"{prefix}/furthest_layer_coverage"] = self.stats[worst].coverage
-            out[f"{prefix}/furthest_layer_recall"] = self.stats[worst].recall
-            out[f"{prefix}/mean_recall"] = sum(s.recall for s in self.stats.values()) / len(self.stats)
-            out[f"{prefix}/mean_coverage"] = sum(s.coverage for s in self.stats.values()) / len(self.stats)
-        return out
+        """Per-layer recall and coverage plus the furthest-layer summary (`layer_metrics`) of what was observed."""
+        layers = sorted(self.stats)
+        return layer_metrics(
+            {layer: self.stats[layer].recall for layer in layers},
+            {layer: self.stats[layer].coverage for layer in layers},
+            prefix,
+        )
+
+
+def layer_metrics(recall: dict[int, float], coverage: dict[int, float], prefix: str = "indexcache") -> dict[str, float]:
+    """`{prefix}/recall/layer_{i}`, `{prefix}/coverage/layer_{i}`, and which layer is furthest from its teacher.
+
+    `{prefix}/furthest_layer` is the layer whose attended set misses the most of its own dense attention mass
+    (lowest coverage; ties: the lowest layer), with its `_coverage` and `_recall`; `mean_recall`/`mean_coverage`
+    average over layers. Pure, so multi-rank callers can reduce the per-layer values first and call it after.
+    """
+    out: dict[str, float] = {}
+    for layer in sorted(recall):
+        out[f"{prefix}/recall/layer_{layer}"] = recall[layer]
+        out[f"{prefix}/coverage/layer_{layer}"] = coverage[layer]
+    if recall:
+        worst = min(sorted(coverage), key=lambda layer: coverage[layer])
+        out[f"{prefix}/furthest_layer"] = float(worst)
+        out[f"{prefix}/furthest_layer_coverage"] = coverage[worst]
+        out[f"{prefix}/furthest_layer_recall"] = recall[worst]
+        out[f"{prefix}/mean_recall"] = sum(recall.values()) / len(recall)
+        out[f"{prefix}/mean_coverage"] = sum(coverage.values()) / len(coverage)
+    return out
 
 
 @torch.no_grad()

@@ -96,8 +96,9 @@ def collect_trained_tensors(model: IndexCacheModel, groups: Sequence[str]) -> It
     Parameters are taken one by one from `model.trainable_parameters(groups)`. A ZeRO-3 partitioned parameter is
     gathered alone, copied to CPU and released before the next is gathered, and the consumer (the export's spool)
     writes each value before asking for the next: memory stays at one full parameter whatever the model's size.
-    The gathers are collectives, so under ZeRO-3 every rank must run this generator to its end, in step: the
-    writing rank hands it to `export_checkpoint`, the others just iterate it.
+    The gathers are collectives, so under ZeRO-3 every rank takes part, in step: the writing rank hands this
+    generator to `export_checkpoint` (which runs it to its end even when it fails), the others call
+    `join_trained_gathers` with the same model and groups.
 
     Fused parameters (transformers 5.23 stores a layer's experts as one `gate_up_proj` / `down_proj` tensor) come
     out in the checkpoint's layout and names (`mlp.experts.{e}.gate_proj.weight`, ...), converted by transformers'
@@ -112,6 +113,22 @@ def collect_trained_tensors(model: IndexCacheModel, groups: Sequence[str]) -> It
         value = _full_cpu_copy(param)
         yield from revert_weight_conversion(model.hf_model, {name: value}).items()
         del value
+
+
+def join_trained_gathers(model: IndexCacheModel, groups: Sequence[str]) -> None:
+    """On a rank that does not write the export: take part in each ZeRO-3 gather `collect_trained_tensors` makes.
+
+    Same parameters, same order, so the collectives pair up; nothing is copied or kept (on GLM-5 one layer's fused
+    experts are about 13 GB, which only the writing rank needs on the host). Without ZeRO-3 it does nothing.
+    """
+    partitioned = [param for _, param in model.trainable_parameters(tuple(groups)) if hasattr(param, "ds_id")]
+    if not partitioned:
+        return
+    import deepspeed
+
+    for param in partitioned:
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            pass
 
 
 def _full_cpu_copy(param: torch.nn.Parameter) -> torch.Tensor:
@@ -186,6 +203,8 @@ def _export(
     source_tensors = all_tensors(source.shards)
     if "indexers" in groups:
         _check_indexers_take_values(source_tensors, pattern)
+    if "base" in groups:
+        _check_base_takes_values(source_tensors, pattern)
 
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     # One export per target directory at a time; under the lock no live export's staging can be mistaken for stale.
@@ -303,6 +322,19 @@ def _check_indexers_take_values(source_tensors: Mapping[str, TensorInfo], patter
             raise ExportError(
                 f"source tensor {name} ({info.dtype}) is not one of the indexer's {', '.join(INDEXER_PARTS)}: "
                 "a quantised indexer cannot take trained values; export from the BF16/FP32 checkpoint"
+            )
+
+
+def _check_base_takes_values(source_tensors: Mapping[str, TensorInfo], pattern: IndexCachePattern) -> None:
+    """Refuse a quantised base before anything is gathered or written (a 744B stream would fail hours in)."""
+    for name, info in source_tensors.items():
+        mtp = re.match(r"model\.layers\.(\d+)\.", name)
+        if info.dtype in _TORCH_DTYPES or (mtp is not None and int(mtp.group(1)) >= pattern.num_layers):
+            continue
+        if indexer_layer(name, pattern.num_layers) is None and info.dtype not in ("I64", "I32", "U8", "BOOL"):
+            raise ExportError(
+                f"source tensor {name} is stored as {info.dtype}: a trained base cannot be cast into it; "
+                "export from the BF16/FP32 checkpoint"
             )
 
 

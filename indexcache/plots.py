@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: these run on clusters and in tests, never on a display
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -63,6 +64,7 @@ def plot_search_curve(
     for (label, (num_full, value)), marker in zip((references or {}).items(), "*sDP^", strict=False):
         ax.plot([num_full], [value], marker, markersize=11, linestyle="none", label=f"{label}: {value:.4f}")
     ax.invert_xaxis()  # the search runs from all-F (left) towards fewer indexers (right)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"layers keeping an indexer (F) of {num_layers}   [label: layer switched to S at that step]")
     ax.set_ylabel("LM loss (nats/token), sparse mode")
     ax.set_title(title)
@@ -136,7 +138,7 @@ def plot_layer_bars(
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(metric)
         ax.grid(axis="y", alpha=0.3, zorder=1)
-    axes[0].legend(loc="lower left", fontsize=8, ncols=len(names))
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: never hides a bar
     axes[0].set_title(f"{title}\n(shaded: F layers; other layers reuse the top-k of the F layer before them)")
     _mark_full_layers(axes[1], pattern, "x")
     axes[1].set_xlabel("layer (bold: F)")

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from indexcache.losses import TeacherInputs
-from indexcache.losses.linear_ce import causal_lm_loss
 from indexcache.model.indexer import IndexerSelection
 from indexcache.model.wrapper import IndexCacheModel
 from indexcache.pattern import IndexCachePattern
@@ -132,7 +131,7 @@ class SearchModel(IndexCacheModel):
                 context.finish()
         hidden = self.hf_model.get_decoder().norm(hidden)
         weight = self.hf_model.get_output_embeddings().weight
-        return float(causal_lm_loss(hidden, weight, labels, chunk_size=self.lm_chunk_size))
+        return float(self.causal_lm_loss(hidden, weight, labels))  # the LM loss `forward` computes
 
 
 @contextmanager

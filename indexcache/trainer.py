@@ -65,6 +65,7 @@ class Trainer:
         self.dist = run.dist
         self.global_step = run.resume.state.global_step if run.resume else 0
         self.fingerprint = result_fingerprint(run.cfg)
+        self.skipped_steps = 0  # non-finite steps skipped so far, logged with the next metrics line
 
     # ---- the story ----------------------------------------------------------------------------------------------
     def train(self) -> bool:
@@ -180,7 +181,9 @@ class Trainer:
         finite = True
         for _ in range(accum):
             batch = _to_device(next(iterator), self.dist.device)
-            out = engine(**_model_inputs(batch), labels=batch["input_ids"], with_lm_loss=plan.with_lm_loss)
+            # Labels only when the LM loss trains the base: an indexer-only stage never runs the LM head.
+            labels = batch["input_ids"] if plan.with_lm_loss else None
+            out = engine(**_model_inputs(batch), labels=labels, with_lm_loss=plan.with_lm_loss)
             loss = out.loss.item()
             if not math.isfinite(loss):
                 finite = False
@@ -213,7 +216,7 @@ class Trainer:
         )
         if self.dist.is_main:
             print(message, file=sys.stderr)
-        self.run.logger.log(self.global_step, {"train/nonfinite_skipped": float(in_a_row)})
+        self.skipped_steps += 1
         if in_a_row >= limit:
             raise NonFiniteLossError(
                 f"{in_a_row} non-finite losses in a row at stage {plan.name}: stopping with the last checkpoint "
@@ -251,6 +254,8 @@ class Trainer:
 
     def log(self, plan: StagePlan, metrics: dict[str, float]) -> None:
         metrics["train/stage"] = float(plan.index)
+        if self.skipped_steps:
+            metrics["train/nonfinite_skipped_total"] = float(self.skipped_steps)
         if "train/loss" in metrics:
             self.run.logger.progress(
                 self.global_step, self.run.total_steps, metrics["train/loss"], metrics["perf/tokens_per_s"]

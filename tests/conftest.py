@@ -18,6 +18,13 @@ from indexcache.config import RunConfig, compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "train" / "main.py"
+# Lines a test wants in the session's output whatever its verbosity (trial and case counts), printed at the end.
+SUMMARY_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in SUMMARY_LINES:
+        terminalreporter.write_line(f"indexcache summary: {line}")
 
 
 @pytest.fixture(scope="session")

@@ -772,3 +772,25 @@ def test_a_replaced_exports_old_copy_is_removed_only_once_the_new_one_is_in_plac
     assert old.is_dir()  # there was no "export" when this one started: the old copy may have been the only one
     export_checkpoint(glm_source.directory, export, PATTERN, "glm_moe_dsa", trained, {}, overwrite=True)
     assert leftovers(tmp_path) == ["export"]
+
+
+def test_a_quantised_base_is_refused_before_anything_is_gathered(glm_source, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(glm_source.directory, source)
+    _rewrite(source, "model.norm.weight", glm_source.stored["model.norm.weight"].to(torch.float8_e4m3fn))
+    consumed = []
+
+    def stream():  # a trained-tensor stream that records how far the export read it
+        for name, value in trained_indexers(glm_source, PATTERN).items():
+            consumed.append(name)
+            yield name, value
+
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"model\.norm\.weight is stored as F8_E4M3.*BF16/FP32 checkpoint") as info:
+        export_checkpoint(
+            source, out / "export", PATTERN, "glm_moe_dsa", stream(), {}, trained_groups=("indexers", "base")
+        )
+    assert "\n" not in str(info.value)
+    assert not out.exists() or leftovers(out) == []
+    # The stream was still run to its end, so ranks gathering in step with this one are not left waiting.
+    assert len(consumed) == len(PATTERN.full_layers) * len(INDEXER_PARTS)

@@ -87,7 +87,10 @@ def _eval_loss(model: torch.nn.Module, run_dir: Path) -> float:
         batches = iter(ResumableBatches(splits.validation, saved.deepspeed.micro_batch_size, 0, rank, world_size))
         with torch.no_grad():
             losses = [
-                model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"]).loss.item()
+                # Packed windows come without a mask (no padding), as the trainer feeds them.
+                model(
+                    batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["input_ids"]
+                ).loss.item()
                 for batch in (next(batches) for _ in range(saved.train.eval_batches))
             ]
         per_rank.append(sum(losses) / len(losses))

@@ -12,8 +12,8 @@ from indexcache.model.indexer import (
     TrainableGlmMoeDsaIndexer,
     index_scores,
     key_padding_mask,
-    select_topk,
     rebuild_as,
+    select_topk,
 )
 from indexcache.model.tiny import tiny_model
 

@@ -71,7 +71,9 @@ def observed_groups(pattern: IndexCachePattern) -> tuple[list[SimpleNamespace], 
 
     def observe(layer_idx, selection, teacher, mask) -> None:
         if layer_idx == pattern.owner(layer_idx):
-            groups.append(SimpleNamespace(indexer=selection.outputs, teachers=[], topk=selection.topk_indices, mask=mask))
+            groups.append(
+                SimpleNamespace(indexer=selection.outputs, teachers=[], topk=selection.topk_indices, mask=mask)
+            )
         groups[-1].teachers.append(teacher)
 
     return groups, observe

@@ -145,7 +145,9 @@ def test_bf16_model_sparse_loss_equals_reference_on_its_own_teachers(model_type:
     assert out.metrics["indexcache/teacher_lse_from_attention"] == 1.0
     for owner, (selection, teachers) in zip(pattern.full_layers, groups, strict=True):
         plain = [TeacherInputs(t.query.float(), t.key.float(), t.scaling) for t in teachers]
-        outputs = IndexerOutputs(*(x.detach().float() for x in (selection.outputs.q, selection.outputs.k, selection.outputs.w)))
+        outputs = IndexerOutputs(
+            *(x.detach().float() for x in (selection.outputs.q, selection.outputs.k, selection.outputs.w))
+        )
         reference = multi_layer_kl(outputs, plain, None, selection.topk_indices, impl="chunked")
         got = out.metrics[f"indexcache/kl/layer_{owner}"]
         assert got == pytest.approx(float(reference.loss), rel=2e-2)

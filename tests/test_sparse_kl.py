@@ -33,7 +33,9 @@ def random_group(seed: int, kv_heads: int, padding: bool, num_layers: int = 3):
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
 
-    indexer = IndexerOutputs(q=randn(batch, seq, idx_heads, idx_dim), k=randn(batch, seq, idx_dim), w=randn(batch, seq, idx_heads, scale=0.5))
+    indexer = IndexerOutputs(
+        q=randn(batch, seq, idx_heads, idx_dim), k=randn(batch, seq, idx_dim), w=randn(batch, seq, idx_heads, scale=0.5)
+    )
     teachers = [
         TeacherInputs(
             query=torch.randn(batch, heads, seq, dim, generator=gen, dtype=torch.float64) * 1.5,

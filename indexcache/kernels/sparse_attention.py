@@ -52,7 +52,9 @@ def _gather_rows(tensor_BTX: Tensor, slots: Tensor) -> Tensor:
     return tensor_BTX[rows, flat].view(*slots.shape, *tensor_BTX.shape[2:])
 
 
-def _chunk_probs(query: Tensor, keys: Tensor, slots: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _chunk_probs(
+    query: Tensor, keys: Tensor, slots: Tensor, scaling: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Per-head probabilities [B, c, H, K] and LSE [B, c, H] of one chunk (query [B, c, H, D], keys [B, c, K, H_kv, D]).
 
     Rows without a slot get probabilities 0 and LSE -inf, not NaN.
@@ -74,11 +76,15 @@ def _reference_forward(
     kv_heads, value_dim = value.shape[2], value.shape[3]
     dtype = compute_dtype(query.dtype)
     out = query.new_empty(batch, seq, heads, value_dim)
-    lse = torch.empty(batch, seq, heads, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=query.device)
+    lse = torch.empty(
+        batch, seq, heads, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=query.device
+    )
     for start in range(0, seq, rows_per_chunk):
         stop = min(start + rows_per_chunk, seq)
         chunk_slots = slots[:, start:stop]
-        probs, chunk_lse = _chunk_probs(query[:, start:stop], _gather_rows(key, chunk_slots), chunk_slots, scaling, dtype)
+        probs, chunk_lse = _chunk_probs(
+            query[:, start:stop], _gather_rows(key, chunk_slots), chunk_slots, scaling, dtype
+        )
         values = _gather_rows(value, chunk_slots).to(dtype)
         grouped = probs.view(batch, stop - start, kv_heads, heads // kv_heads, -1)
         out[:, start:stop] = torch.einsum("bcgnk,bckgv->bcgnv", grouped, values).reshape(batch, -1, heads, value_dim)
@@ -232,7 +238,9 @@ def sparse_attention_probs(
     batch, seq, heads, _ = query.shape
     dtype = compute_dtype(query.dtype)
     rows_per_chunk = _rows_per_chunk(query, key, key, slots.shape[-1], chunk_size)
-    probs = torch.zeros(slots.shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=query.device)
+    probs = torch.zeros(
+        slots.shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=query.device
+    )
     for start in range(0, seq, rows_per_chunk):
         stop = min(start + rows_per_chunk, seq)
         chunk_slots = slots[:, start:stop]
@@ -243,6 +251,8 @@ def sparse_attention_probs(
         chunk_lse = lse[:, start:stop].to(dtype)
         finite_lse = torch.where(torch.isfinite(chunk_lse), chunk_lse, torch.zeros_like(chunk_lse))
         head_probs = (scores * scaling - finite_lse[..., None]).exp_()
-        head_probs = head_probs.masked_fill_((chunk_slots < 0)[:, :, None, :] | ~torch.isfinite(chunk_lse)[..., None], 0.0)
+        head_probs = head_probs.masked_fill_(
+            (chunk_slots < 0)[:, :, None, :] | ~torch.isfinite(chunk_lse)[..., None], 0.0
+        )
         probs[:, start:stop] = head_probs.mean(dim=2)
     return probs

@@ -135,7 +135,9 @@ def _sparse_forward_kernel(
         if V_IS_K:
             values = k1
         else:
-            values = tl.load(v_base + rows[:, None] * s_vt + dv[None, :], mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+            values = tl.load(
+                v_base + rows[:, None] * s_vt + dv[None, :], mask=valid[:, None] & (dv[None, :] < DV), other=0.0
+            )
         acc = acc * alpha[:, None] + tl.dot(probs.to(values.dtype), values)
         running_max = new_max
     has_key = running_sum > 0
@@ -143,7 +145,9 @@ def _sparse_forward_kernel(
     out_ptrs = out_ptr + b * s_ob + t * s_ot + heads[:, None] * s_oh + dv[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_in[:, None] & (dv[None, :] < DV))
     if value_block == 0:
-        lse = tl.where(has_key, (running_max + tl.log2(tl.where(has_key, running_sum, 1.0))) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(
+            has_key, (running_max + tl.log2(tl.where(has_key, running_sum, 1.0))) * 0.6931471805599453, float("-inf")
+        )
         tl.store(lse_ptr + b * s_lb + t * s_lt + heads, lse, mask=head_in)
 
 
@@ -196,9 +200,7 @@ def triton_sparse_forward(
     block_dv = min(cfg.block_value, triton.next_power_of_2(value_dim))
     value_blocks = triton.cdiv(value_dim, block_dv)
     # The latent form: the value is a view of the key's leading columns, and one value block covers the key tile.
-    v_is_k = (
-        value.data_ptr() == key.data_ptr() and value.stride() == key.stride() and value_dim == d1 == block_dv
-    )
+    v_is_k = value.data_ptr() == key.data_ptr() and value.stride() == key.stride() and value_dim == d1 == block_dv
     out = torch.empty(batch, seq, heads, value_dim, dtype=query.dtype, device=query.device)
     lse = torch.empty(batch, seq, heads, dtype=torch.float32, device=query.device)
     grid = (seq, kv_heads * head_blocks * value_blocks, batch)

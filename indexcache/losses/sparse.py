@@ -51,7 +51,9 @@ class SparseGroupKL:
     ) -> None:
         batch, seq = indexer.q.shape[:2]
         if tuple(slots.shape[:2]) != (batch, seq) or slots.dtype != torch.long:
-            raise ValueError(f"slots must be int64 [B={batch}, T={seq}, K] from visible_slots, got {tuple(slots.shape)}")
+            raise ValueError(
+                f"slots must be int64 [B={batch}, T={seq}, K] from visible_slots, got {tuple(slots.shape)}"
+            )
         self.indexer, self.slots, self.num_layers = indexer, slots, num_layers
         self.dtype = compute_dtype(indexer.q.dtype)
         self.rows = key_mask(real, batch, seq, slots.device) & (slots >= 0).any(dim=-1)
@@ -69,7 +71,9 @@ class SparseGroupKL:
         if len(self._kl) == self.num_layers:
             raise AssertionError(f"the group serves {self.num_layers} layers; got one more teacher")
         if probs.shape != self.slots.shape:
-            raise ValueError(f"teacher probabilities must be [B, T, K]={tuple(self.slots.shape)}, got {tuple(probs.shape)}")
+            raise ValueError(
+                f"teacher probabilities must be [B, T, K]={tuple(self.slots.shape)}, got {tuple(probs.shape)}"
+            )
         probs = probs.detach().to(self.dtype)
         kl, entropy = self._layer_sums(probs)
         self._kl.append(kl)
@@ -100,7 +104,8 @@ class SparseGroupKL:
         return range(0, self.slots.shape[1], self.chunk_size)
 
     def _student(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One chunk's gathered indexer keys [B, c, K, D_I], relu scores [B, c, H_I, K] and log q [B, c, K] (0 off-set)."""
+        """One chunk's gathered indexer keys [B, c, K, D_I], relu scores [B, c, H_I, K], log q [B, c, K] (0 off the
+        set) and the valid-slot mask."""
         q, k, w = self.indexer.q.detach(), self.indexer.k.detach(), self.indexer.w.detach()
         slots = self.slots[:, start:stop]
         batch = slots.shape[0]

@@ -54,7 +54,9 @@ class LatentMlaAttention:
         q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))
         q_states = self.q_b_proj(q_resid).view(batch, seq, -1, self.qk_head_dim).transpose(1, 2)
         q_pass, q_rot = torch.split(q_states, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        kv_pass, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv_pass, k_rot = torch.split(
+            self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
+        )
         k_pass = self.kv_a_layernorm(kv_pass).view(batch, 1, seq, self.kv_lora_rank)
         cos, sin = position_embeddings
         q_rot, k_rot = rope(q_rot, k_rot.view(batch, 1, seq, self.qk_rope_head_dim), cos, sin)
@@ -84,14 +86,30 @@ class LatentMlaAttention:
             key = torch.cat((k_pass, k_rot), dim=-1)  # [B, 1, T, 576]: one head, so token-major already
             value = key[..., : self.kv_lora_rank]
             latent_out, weights = interface(
-                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, indices=selection, **kwargs
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=self.scaling,
+                indices=selection,
+                **kwargs,
             )
             output = torch.einsum("bthc,hvc->bthv", latent_out, w_uv)
         else:
             query = torch.cat((q_pass, q_rot), dim=-1)
             key, value = self.expand_kv(k_pass, k_rot)
             output, weights = interface(
-                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, indices=selection, **kwargs
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=self.scaling,
+                indices=selection,
+                **kwargs,
             )
         return self.o_proj(output.reshape(batch, seq, -1)), weights
 

@@ -109,9 +109,7 @@ GLM_MOE_DSA = register_family(
         load=_load,
         tiny_config=tiny_glm_moe_dsa_config,
         dsa_attentions=decoder_attentions,
-        install_indexers=indexer_installer(
-            GlmMoeDsaIndexer, TrainableGlmMoeDsaIndexer, IndexCacheGlmMoeDsaAttention
-        ),
+        install_indexers=indexer_installer(GlmMoeDsaIndexer, TrainableGlmMoeDsaIndexer, IndexCacheGlmMoeDsaAttention),
         apply_pattern=_apply_pattern,
         keeps_shared_indexer_tensors=False,
     )

@@ -54,6 +54,7 @@ def _checked_mode(mode: str) -> str:
         raise ValueError(f"mode={mode!r} is unknown: use 'dense' (warm-up) or 'sparse'")
     return mode
 
+
 __all__ = [
     "BACKEND",
     "ForwardContext",

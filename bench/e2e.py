@@ -1,0 +1,339 @@
+"""End-to-end training steps on one GPU: dense and sparse stages of a reduced GLM-5-width model, no checkpoint.
+
+    python bench/e2e.py [--shape glm5|dsv32] [--stages dense sparse] [--lengths 8192 32768 ...] [--out FILE]
+    python bench/e2e.py --kernels [--lengths 32768]        # the sparse attention and sparse KL alone
+
+The model is built from config with random weights (bf16): `glm5` = glm_moe_dsa at GLM-5 width (hidden 6144, 64
+heads, q.k 192+64, v 256, q_lora 2048, kv_lora 512, indexer 32 x 128, top-k 2048), 1 dense + 4 MoE layers of 8
+experts, all active, pattern FFSSS (one G=4 group); `dsv32` = deepseek_v32 at DeepSeek-V3.2 width (7168, 128 heads,
+128+64, v 128, q_lora 1536, indexer 64 x 128), same layers and pattern. Steps run as the trainer runs them: packed
+windows (no attention mask), labels given (the LM loss is reported; trained only with `--train-base`), only the
+F layers' indexers train (torch AdamW).
+
+Per step (CUDA events around module forwards, median of the timed steps): base forward (decoder minus attention),
+indexer top-k (the F layers' indexers), attention (self-attention minus indexer minus loss), loss (each layer's
+teacher hand-over and its group's KL), LM CE (the chunked LM loss after the decoder), backward, optimizer; and
+peak memory above the model and optimizer state. Prints a table last and writes JSON lines to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indexcache.model import IndexCacheModel, get_family
+from indexcache.model.wrapper import ForwardContext
+from indexcache.pattern import IndexCachePattern
+
+COMMON = {
+    "num_hidden_layers": 5,
+    "first_k_dense_replace": 1,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 8,  # all active
+    "n_group": 1,
+    "topk_group": 1,
+    "n_shared_experts": 1,
+    "index_topk": 2048,
+    "max_position_embeddings": 524288,
+    "initializer_range": 0.02,
+}
+SHAPES = {
+    "glm5": dict(
+        model_type="glm_moe_dsa", vocab_size=154880, hidden_size=6144, intermediate_size=12288,
+        moe_intermediate_size=2048, num_attention_heads=64, num_key_value_heads=64, q_lora_rank=2048,
+        kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, index_n_heads=32,
+        index_head_dim=128,
+    ),
+    "dsv32": dict(
+        model_type="deepseek_v32", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, index_n_heads=64,
+        index_head_dim=128,
+    ),
+}  # fmt: skip
+PATTERN = "FFSSS"
+
+
+class TimedContext(ForwardContext):
+    """The wrapper's per-forward context with CUDA events around `record` (the teacher hand-over and group loss)."""
+
+    def __init__(self, spans: list) -> None:
+        super().__init__()
+        self.spans = spans
+
+    def record(self, *args, **kwargs) -> None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        super().record(*args, **kwargs)
+        end.record()
+        self.spans.append(("loss", start, end))
+
+
+def build_model(shape: str, mode: str, train_base: bool) -> IndexCacheModel:
+    fields = {**COMMON, **SHAPES[shape]}
+    family = get_family(fields.pop("model_type"))
+    config = type(family.tiny_config())(**fields)  # the family's config class, without the tiny defaults
+    if hasattr(config, "indexer_types"):
+        config.indexer_types = ["full"] * config.num_hidden_layers
+    with torch.device("cuda"):
+        hf_model = family.build(config)
+    hf_model = hf_model.to(torch.bfloat16)
+    for name, module in hf_model.named_modules():
+        if name.endswith("indexer.weights_proj"):
+            module.float()  # as the checkpoints keep it (transformers' _keep_in_fp32_modules)
+    model = IndexCacheModel(hf_model, IndexCachePattern(PATTERN), mode=mode)
+    trainable = ("indexers", "base") if train_base else ("indexers",)
+    model.configure(IndexCachePattern(PATTERN), mode, lm_weight=1.0, trainable=trainable)
+    return model
+
+
+def instrument(model: IndexCacheModel) -> list:
+    """CUDA-event spans of each step: decoder, attention modules, F-layer indexers, loss (via the context)."""
+    spans: list = []
+    # Bench-only instrumentation: the same context with timing around `record`; re-applying the pattern hands it
+    # to the S layers' stand-ins too.
+    model._context = TimedContext(spans)
+    model.apply_pattern(model.pattern)
+    open_events: dict[int, torch.cuda.Event] = {}
+
+    def bracket(module: nn.Module, label: str) -> None:
+        def pre(*_: object, **__: object) -> None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            open_events[id(module)] = event
+
+        def post(*_: object, **__: object) -> None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            spans.append((label, open_events.pop(id(module)), event))
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    bracket(model.hf_model.get_decoder(), "decoder")
+    for layer in model.hf_model.get_decoder().layers:
+        bracket(layer.self_attn, "self_attn")
+    for layer_idx in model.pattern.full_layers:
+        bracket(model._indexer_pool[layer_idx], "indexer")
+    return spans
+
+
+def step(model, optimizer, input_ids, spans, train_base: bool) -> dict:
+    spans.clear()
+    events = {name: torch.cuda.Event(enable_timing=True) for name in ("start", "forward", "backward", "optimizer")}
+    events["start"].record()
+    out = model(input_ids, labels=input_ids, with_lm_loss=train_base)
+    events["forward"].record()
+    out.loss.backward()
+    events["backward"].record()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    events["optimizer"].record()
+    torch.cuda.synchronize()
+    sums: dict[str, float] = defaultdict(float)
+    decoder_end = None
+    for label, start, end in spans:
+        sums[label] += start.elapsed_time(end) / 1e3
+        if label == "decoder":
+            decoder_end = end
+    forward = events["start"].elapsed_time(events["forward"]) / 1e3
+    split = {
+        "base_forward": sums["decoder"] - sums["self_attn"],
+        "indexer_topk": sums["indexer"],
+        "attention": sums["self_attn"] - sums["indexer"] - sums["loss"],
+        "loss": sums["loss"],
+        "lm_ce": decoder_end.elapsed_time(events["forward"]) / 1e3,
+        "backward": events["forward"].elapsed_time(events["backward"]) / 1e3,
+        "optimizer": events["backward"].elapsed_time(events["optimizer"]) / 1e3,
+        "forward": forward,
+        "step": events["start"].elapsed_time(events["optimizer"]) / 1e3,
+    }
+    split["kl"] = float(out.kl_loss.detach())
+    return split
+
+
+def run_case(shape: str, mode: str, seq: int, steps: int, train_base: bool) -> dict:
+    row = {"shape": shape, "mode": mode, "seq": seq, "train_base": train_base}
+    model = optimizer = None
+    try:
+        model = build_model(shape, mode, train_base)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        spans = instrument(model)
+        input_ids = torch.randint(0, model.hf_model.config.vocab_size, (1, seq), device="cuda")
+        step(model, optimizer, input_ids, spans, train_base)  # warm-up: compiles kernels, creates optimizer state
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        results = [step(model, optimizer, input_ids, spans, train_base) for _ in range(steps)]
+        row["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        for key in results[0]:
+            row[key] = statistics.median(r[key] for r in results)
+    except torch.cuda.OutOfMemoryError as error:
+        row["error"] = "OOM: " + str(error).split("\n")[0][:160]
+    finally:
+        del model, optimizer
+        torch.cuda.empty_cache()
+    return row
+
+
+# ---- kernels alone ----------------------------------------------------------------------------------------------
+def matmul_rate() -> float:
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / timed(lambda: a @ b)
+
+
+def timed(fn, repeats: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def attention_rows(name: str, heads: int, seq: int, slots: torch.Tensor, rate: float) -> list[dict]:
+    """The latent sparse attention at `heads` heads: Triton variants, the teacher pass, the PyTorch reference."""
+    import dataclasses
+
+    from indexcache.kernels import sparse_attention, sparse_attention_probs, triton_sparse
+
+    topk, scaling = slots.shape[-1], 576**-0.5
+    query = torch.randn(1, seq, heads, 576, device="cuda", dtype=torch.bfloat16)
+    latent = torch.randn(1, seq, 1, 576, device="cuda", dtype=torch.bfloat16)
+    value = latent[..., :512]
+    flops = 2 * heads * seq * topk * (576 + 512)
+    variants = {
+        "default": triton_sparse.CONFIG,
+        "h32": dataclasses.replace(triton_sparse.CONFIG, block_heads=32),
+        "k64": dataclasses.replace(triton_sparse.CONFIG, block_slots=64),
+        "k16": dataclasses.replace(triton_sparse.CONFIG, block_slots=16),
+        "dv256": dataclasses.replace(triton_sparse.CONFIG, block_value=256),
+        "w4": dataclasses.replace(triton_sparse.CONFIG, warps=4),
+    }
+    rows = []
+    for variant, cfg in variants.items():
+        label = f"sparse_fwd {name} {variant}"
+        try:
+            seconds = timed(
+                lambda cfg=cfg: triton_sparse.triton_sparse_forward(query, latent, value, slots, scaling, cfg)
+            )
+            rows.append({"kernel": label, "seq": seq, "ms": seconds * 1e3, "floor_ms": flops / rate * 1e3})
+        except Exception as error:  # a variant that does not compile (shared memory) is reported, not fatal
+            rows.append({"kernel": label, "seq": seq, "error": str(error)[:200]})
+    _, lse = sparse_attention(query, latent, value, slots, scaling)
+    seconds = timed(lambda: sparse_attention_probs(query, latent, slots, lse, scaling))
+    floor = 2 * heads * seq * topk * 576 / rate
+    rows.append({"kernel": f"sparse_probs {name}", "seq": seq, "ms": seconds * 1e3, "floor_ms": floor * 1e3})
+    if seq <= 8192:
+        seconds = timed(lambda: sparse_attention(query, latent, value, slots, scaling, impl="reference"), repeats=2)
+        rows.append({"kernel": f"sparse_fwd {name} pytorch-reference", "seq": seq, "ms": seconds * 1e3})
+    return rows
+
+
+def kernel_rows(seq: int, rate: float) -> list[dict]:
+    """Sparse attention (latent, GLM-5 and DeepSeek-V3.2 widths) and the G=4 sparse KL at T=seq, against floors."""
+    from indexcache.kernels import visible_slots
+    from indexcache.losses import IndexerOutputs, SparseGroupKL
+
+    topk = 2048
+    scores = torch.rand(1, seq, topk, device="cuda")
+    # Random visible keys: row t picks uniformly among 0..t (early rows repeat, which visible_slots drops).
+    indices = (scores * (torch.arange(seq, device="cuda")[None, :, None] + 1)).long()
+    slots = visible_slots(indices, None)
+    rows = attention_rows("glm5", 64, seq, slots, rate) + attention_rows("dsv32", 128, seq, slots, rate)
+    # The G=4 sparse KL of a GLM-5 group, teachers handed over: its floor is DESIGN.md's with K keys per row.
+    idx_heads, idx_dim, heads, head_dim, layers = 32, 128, 64, 256, 4
+    q = torch.randn(1, seq, idx_heads, idx_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, seq, idx_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(1, seq, idx_heads, device="cuda", requires_grad=True)
+    probs = torch.rand(1, seq, topk, device="cuda").masked_fill_(slots < 0, 0.0)
+    probs /= probs.sum(-1, keepdim=True)
+
+    def kl_step() -> None:
+        group = SparseGroupKL(IndexerOutputs(q, k, w), slots, None, layers)
+        for _ in range(layers):
+            group.add_layer(probs)
+        group.result().loss.backward()
+
+    seconds = timed(kl_step)
+    floor = (layers * heads * seq * topk * head_dim * 2 + 3 * idx_heads * seq * topk * idx_dim * 2) / rate
+    rows.append(
+        {"kernel": "sparse_kl G=4 (teachers handed over)", "seq": seq, "ms": seconds * 1e3, "floor_ms": floor * 1e3}
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="glm5")
+    parser.add_argument("--stages", nargs="+", choices=["dense", "sparse"], default=["dense", "sparse"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--train-base", action="store_true", help="sparse stage: the base trains with the LM loss")
+    parser.add_argument("--kernels", action="store_true", help="time the sparse attention and sparse KL alone")
+    parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True  # the top-k scoring's float32 products (indexer scores)
+    gpu = torch.cuda.get_device_name()
+    rate = matmul_rate()
+    print(f"{gpu}: bf16 8192^3 matmul {rate / 1e12:.0f} TFLOP/s; torch {torch.__version__}", flush=True)
+    rows = []
+    if args.kernels:
+        for seq in args.lengths:
+            for row in kernel_rows(seq, rate):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    else:
+        for seq in args.lengths:
+            for mode in args.stages:
+                started = time.time()
+                row = run_case(args.shape, mode, seq, args.steps, args.train_base and mode == "sparse")
+                row.update(gpu=gpu, wall_s=round(time.time() - started, 1))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        with args.out.open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+    print_table(rows, args.kernels)
+
+
+def print_table(rows: list[dict], kernels: bool) -> None:
+    if kernels:
+        print(f"{'kernel':<44}{'T':>8}{'ms':>10}{'floor ms':>10}{'ratio':>8}")
+        for row in rows:
+            if "error" in row:
+                print(f"{row['kernel']:<44}{row['seq']:>8}  {row['error'][:60]}")
+                continue
+            floor = row.get("floor_ms")
+            ratio = f"{row['ms'] / floor:>8.2f}" if floor else ""
+            floor_text = f"{floor:>10.1f}" if floor else f"{'':>10}"
+            print(f"{row['kernel']:<44}{row['seq']:>8}{row['ms']:>10.1f}{floor_text}{ratio}")
+        return
+    cols = ["step", "base_forward", "indexer_topk", "attention", "loss", "lm_ce", "backward", "optimizer"]
+    print(f"{'shape':<6}{'stage':<8}{'T':>7}" + "".join(f"{c[:10]:>11}" for c in cols) + f"{'peak GiB':>10}")
+    for row in rows:
+        head = f"{row['shape']:<6}{row['mode'] + ('+base' if row['train_base'] else ''):<8}{row['seq']:>7}"
+        if "error" in row:
+            print(head + "  " + row["error"][:100])
+            continue
+        print(head + "".join(f"{row[c]:>11.3f}" for c in cols) + f"{row['peak_extra_gib']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
