@@ -79,8 +79,8 @@ class TimedContext(ForwardContext):
         self.spans.append(("loss", start, end))
 
 
-def build_model(shape: str, mode: str, train_base: bool) -> IndexCacheModel:
-    fields = {**COMMON, **SHAPES[shape]}
+def build_model(shape: str, mode: str, train_base: bool, experts: str) -> IndexCacheModel:
+    fields = {**COMMON, **SHAPES[shape], "experts_implementation": experts}
     family = get_family(fields.pop("model_type"))
     config = type(family.tiny_config())(**fields)  # the family's config class, without the tiny defaults
     if hasattr(config, "indexer_types"):
@@ -162,11 +162,11 @@ def step(model, optimizer, input_ids, spans, train_base: bool) -> dict:
     return split
 
 
-def run_case(shape: str, mode: str, seq: int, steps: int, train_base: bool) -> dict:
-    row = {"shape": shape, "mode": mode, "seq": seq, "train_base": train_base}
+def run_case(shape: str, mode: str, seq: int, steps: int, train_base: bool, experts: str) -> dict:
+    row = {"shape": shape, "mode": mode, "seq": seq, "train_base": train_base, "experts": experts}
     model = optimizer = None
     try:
-        model = build_model(shape, mode, train_base)
+        model = build_model(shape, mode, train_base, experts)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         spans = instrument(model)
@@ -220,11 +220,8 @@ def attention_rows(name: str, heads: int, seq: int, slots: torch.Tensor, rate: f
     flops = 2 * heads * seq * topk * (576 + 512)
     variants = {
         "default": triton_sparse.CONFIG,
+        "k128": dataclasses.replace(triton_sparse.CONFIG, block_slots=128),
         "h32": dataclasses.replace(triton_sparse.CONFIG, block_heads=32),
-        "k64": dataclasses.replace(triton_sparse.CONFIG, block_slots=64),
-        "k16": dataclasses.replace(triton_sparse.CONFIG, block_slots=16),
-        "dv256": dataclasses.replace(triton_sparse.CONFIG, block_value=256),
-        "w4": dataclasses.replace(triton_sparse.CONFIG, warps=4),
     }
     rows = []
     for variant, cfg in variants.items():
@@ -287,6 +284,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--train-base", action="store_true", help="sparse stage: the base trains with the LM loss")
     parser.add_argument("--kernels", action="store_true", help="time the sparse attention and sparse KL alone")
+    # transformers' default MoE path (grouped_mm) copies every token once per active expert, with float32 buffers
+    # of [T * top_k, hidden] (24 GiB at 128K with 8 of 8 active); the per-expert loop ("eager") holds one [T, hidden].
+    parser.add_argument("--experts", choices=["eager", "grouped_mm"], default="eager", help="MoE implementation")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True  # the top-k scoring's float32 products (indexer scores)
@@ -303,7 +303,7 @@ def main() -> None:
         for seq in args.lengths:
             for mode in args.stages:
                 started = time.time()
-                row = run_case(args.shape, mode, seq, args.steps, args.train_base and mode == "sparse")
+                row = run_case(args.shape, mode, seq, args.steps, args.train_base and mode == "sparse", args.experts)
                 row.update(gpu=gpu, wall_s=round(time.time() - started, 1))
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -90,16 +90,23 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)  # leftovers of a kill mid-save
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, exclude_frozen_parameters=True, save_latest=False)
-        torch.save(_rng_state(), self.root / tmp_tag / f"rng_rank{self.dist.rank}.pt")
-        barrier()
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp_tag, exclude_frozen_parameters=True, save_latest=False)
+            torch.save(_rng_state(), self.root / tmp_tag / f"rng_rank{self.dist.rank}.pt")
+            barrier()
+            if self.dist.is_main:
+                state_path = self.root / tmp_tag / STATE_FILE
+                with open(state_path, "w") as fh:
+                    json.dump(asdict(state), fh, indent=1)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                fsync_dir(self.root / tmp_tag)
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+            # A failed write (disk full, quota) leaves no partial folder; the last complete checkpoint stays.
+            shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise OSError(f"checkpoint {name} could not be written: {first_line}") from error
         if self.dist.is_main:
-            state_path = self.root / tmp_tag / STATE_FILE
-            with open(state_path, "w") as fh:
-                json.dump(asdict(state), fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            fsync_dir(self.root / tmp_tag)
             if final.exists():  # a re-run of the same step after a resume: replace it
                 shutil.rmtree(final)
             os.rename(self.root / tmp_tag, final)

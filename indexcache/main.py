@@ -19,8 +19,12 @@ from indexcache.config import ConfigError, RunConfig
 PROG = "indexcache"
 
 
+# Exit codes: 2 a user error (config, model, data, run directory), 3 too many non-finite losses, 4 a failed write.
+WRITE_FAILED = "cannot write ({error}); the last complete checkpoint is kept: free space, then re-run"
+
+
 def train_job(cfg: RunConfig) -> int:
-    """One training job. Returns 0 (finished or stopped as asked), or 2 after printing a user error."""
+    """One training job. Returns 0 (finished, or stopped as asked) or an exit code after printing one line."""
     from indexcache.distributed import init_distributed
     from indexcache.run import build_run, export_run
     from indexcache.trainer import NonFiniteLossError, train
@@ -32,17 +36,16 @@ def train_job(cfg: RunConfig) -> int:
         except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
             _remove_if_empty(Path(cfg.run_dir))
             return user_error(PROG, error)
+        except OSError as error:  # disk full while preparing data: nothing of the run exists yet
+            _remove_if_empty(Path(cfg.run_dir))
+            return user_error(PROG, OSError(WRITE_FAILED.format(error=error)), code=4)
         try:
             finished = train(run)
             exported = export_run(run) if finished and cfg.export.enabled else None
         except NonFiniteLossError as error:
             return user_error(PROG, error, code=3)
         except OSError as error:  # disk full, quota, a vanished mount: what was complete stays complete
-            return user_error(
-                PROG,
-                OSError(f"cannot write ({error}); the last complete checkpoint is kept: free space, then re-run"),
-                code=4,
-            )
+            return user_error(PROG, OSError(WRITE_FAILED.format(error=error)), code=4)
     if dist.is_main:
         print(summary_line(run, finished, exported))
     return 0

@@ -41,10 +41,12 @@ def plot_search_curve(
     path: Path,
     title: str = "Greedy IndexCache search",
     references: dict[str, tuple[int, float]] | None = None,
+    lines: dict[str, float] | None = None,
 ) -> Path:
     """Calibration LM loss against the number of F layers, one point per step, labelled with the switched layer.
 
-    `references` adds named points (e.g. the uniform pattern of the same retention: label -> (num_full, loss)).
+    `references` adds named points (e.g. the uniform pattern: label -> (num_full, loss)); `lines` horizontal
+    reference losses (e.g. the dense model's).
     """
     num_layers = len(curve[0]["pattern"])
     full = [entry["num_full"] for entry in curve]
@@ -63,6 +65,8 @@ def plot_search_curve(
         )
     for (label, (num_full, value)), marker in zip((references or {}).items(), "*sDP^", strict=False):
         ax.plot([num_full], [value], marker, markersize=11, linestyle="none", label=f"{label}: {value:.4f}")
+    for (label, value), style in zip((lines or {}).items(), ("--", ":", "-."), strict=False):
+        ax.axhline(value, linestyle=style, color="#777777", label=f"{label}: {value:.4f}")
     ax.invert_xaxis()  # the search runs from all-F (left) towards fewer indexers (right)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"layers keeping an indexer (F) of {num_layers}   [label: layer switched to S at that step]")

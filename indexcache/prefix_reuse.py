@@ -182,7 +182,7 @@ class SearchObjective:
         self.model.apply_pattern(pattern)
         self.naive_layer_forwards += self.model.num_dsa_layers * len(self._device_batches)
         if not self.prefix_reuse:
-            return self._full(pattern)
+            return self.full_loss(pattern)
         losses, self.caches = [], []
         for batch in self._device_batches:
             loss, cache = self.model.capture(batch["input_ids"], batch["attention_mask"])
@@ -190,12 +190,13 @@ class SearchObjective:
             self.caches.append(cache)
         return self._mean(losses)
 
-    def _full(self, pattern: IndexCachePattern) -> float:
+    def full_loss(self, pattern: IndexCachePattern, mode: str = "sparse") -> float:
+        """Loss of `pattern` by full forwards in `mode` (no caches touched): the reference, and the dense loss."""
         self.model.apply_pattern(pattern)
         losses = []
         with torch.no_grad():
             for batch in self._device_batches:
-                out = self.model(batch["input_ids"], batch["attention_mask"], labels=batch["input_ids"], mode="sparse")
+                out = self.model(batch["input_ids"], batch["attention_mask"], labels=batch["input_ids"], mode=mode)
                 losses.append(float(out.lm_loss))
         return self._mean(losses)
 
@@ -203,7 +204,7 @@ class SearchObjective:
         """Loss of `candidate`, which equals `current` below layer `lowest_change` (caches describe `current`)."""
         self.naive_layer_forwards += self.model.num_dsa_layers * len(self._device_batches)
         if not self.prefix_reuse:
-            return self._full(candidate)
+            return self.full_loss(candidate)
         self.model.apply_pattern(candidate)
         try:
             return self._mean([self.model.run_from(lowest_change, cache) for cache in self.caches])
@@ -221,7 +222,7 @@ class SearchObjective:
                 self.model.apply_pattern(new)
                 return known_loss
             self.naive_layer_forwards += self.model.num_dsa_layers * len(self._device_batches)
-            return self._full(new)
+            return self.full_loss(new)
         if known_loss is None:
             self.naive_layer_forwards += self.model.num_dsa_layers * len(self._device_batches)
         self.model.apply_pattern(new)

@@ -179,7 +179,13 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
 
         first_stage = next(iter(cfg.stage.values()))
         hf_ds_config = HfDeepSpeedConfig(deepspeed_config(cfg.deepspeed, first_stage.grad_clip, dist.device))
-    hf_model = family.load(source_dir, model_dtype(cfg.model.dtype, dist.device)).to(dist.device)
+    try:
+        hf_model = family.load(source_dir, model_dtype(cfg.model.dtype, dist.device)).to(dist.device)
+    except Exception as error:  # transformers/safetensors raise their own types for a broken checkpoint
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"model.source={source_dir} could not be loaded ({first_line}): check that its shards are complete"
+        ) from error
     num_layers = len(family.dsa_attentions(hf_model))
     pattern = build_pattern(cfg.pattern, num_layers, source_config)
     if resume is not None and resume.state.pattern and resume.state.pattern != str(pattern):
@@ -273,7 +279,7 @@ def export_run(run: Run) -> Path | None:
     base when a stage trained it. Trained tensors stream out one parameter at a time (gathered one by one under
     ZeRO-3), so every rank runs the stream in step; only rank 0 writes.
     """
-    from indexcache.export import collect_trained_tensors, export_checkpoint
+    from indexcache.export import collect_trained_tensors, export_checkpoint, join_trained_gathers
 
     cfg = run.cfg
     target = Path(cfg.export.dir or run.run_dir / "export").resolve()
@@ -293,21 +299,19 @@ def export_run(run: Run) -> Path | None:
             print(f"indexcache: export already complete at {target}")
         exported = target
     else:
-        stream = collect_trained_tensors(run.model, groups)
         if run.dist.is_main:
             exported = export_checkpoint(
                 run.source_dir,
                 target,
                 run.model.pattern,
                 read_config(run.source_dir)["model_type"],
-                stream,
+                collect_trained_tensors(run.model, groups),
                 summary,
                 trained_groups=groups,
                 overwrite=cfg.export.overwrite,
             )
         else:
-            for _ in stream:  # the gathers are collectives: keep in step with rank 0
-                pass
+            join_trained_gathers(run.model, groups)  # the gathers are collectives: keep in step with rank 0
     barrier()
     return exported
 

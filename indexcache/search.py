@@ -371,6 +371,11 @@ def run_search(cfg: RunConfig) -> SearchResult:
         objective.close()
     if not result.finished:
         return result
+    # What a user compares the curve with, on the same calibration batches: the dense model (no top-k at all) and
+    # the uniform schedule of the run's pattern settings (the engines' formula; freq 4 offset 2 by default).
+    freq, offset = (cfg.pattern.freq, cfg.pattern.offset) if cfg.pattern.kind == "uniform" else (4, 2)
+    uniform = IndexCachePattern.uniform(num_layers, freq, offset)
+    dense_loss, uniform_loss = objective.full_loss(uniform, mode="dense"), objective.full_loss(uniform)
     summary = {
         "pattern": result.pattern,
         "num_layers": num_layers,
@@ -385,11 +390,21 @@ def run_search(cfg: RunConfig) -> SearchResult:
             "note": "decoder-layer forwards counted in this process (a resumed search counts its own part)",
         },
         "config": asdict(cfg.search),
+        "references": {
+            "dense": dense_loss,
+            "uniform": {"pattern": uniform.value, "num_full": len(uniform.full_layers), "loss": uniform_loss},
+        },
         "curve": result.curve,
     }
     atomic_write_text(out_dir / PATTERN_FILE, result.pattern + "\n")
     atomic_write_text(out_dir / CURVE_FILE, json.dumps(summary, indent=1))
-    plot_search_curve(result.curve, out_dir / CURVE_PNG, title=f"Greedy IndexCache search ({num_layers} layers)")
+    plot_search_curve(
+        result.curve,
+        out_dir / CURVE_PNG,
+        title=f"Greedy IndexCache search ({num_layers} layers; {len(batches)} calibration batches)",
+        references={f"uniform freq={freq} offset={offset}": (len(uniform.full_layers), uniform_loss)},
+        lines={"dense (no top-k)": dense_loss},
+    )
     _log_to_wandb(cfg, out_dir, result)
     return result
 

@@ -28,8 +28,7 @@ def quiet_local_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("INDEXCACHE_CACHE", str(tmp_path.parent / "indexcache-cache"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # each test's config names its W&B mode
 
 
 def text_batches(count: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:

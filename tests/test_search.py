@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
 from indexcache.prefix_reuse import SearchModel, SearchObjective
 from indexcache.search import SearchConfig, greedy_search, main, pinned_layers, run_search, switch
+from tests.conftest import subprocess_env
 
 FAMILIES = ["glm_moe_dsa", "deepseek_v32", "llama"]
 
@@ -42,8 +47,7 @@ def quiet_local_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("INDEXCACHE_CACHE", str(tmp_path.parent / "indexcache-cache"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # each test's config names its W&B mode
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -187,15 +191,9 @@ def test_pinned_layers_and_pipeline_stages_stay_full():
 
 
 def search_config(tmp_path: Path, *overrides: str):
+    defaults = ["search.calibration_tokens=128", "search.batch_size=2"]
     return load_config(
-        [
-            "preset=tiny",
-            f"run_dir={tmp_path / 'run'}",
-            "search.calibration_tokens=128",
-            "search.batch_size=2",
-            "logger.wandb.mode=offline",
-            *overrides,
-        ]
+        ["preset=tiny", f"run_dir={tmp_path / 'run'}", "logger.wandb.mode=offline", *defaults, *overrides]
     )
 
 
@@ -252,3 +250,30 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, overr
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_search_process_continues_to_the_same_result(tmp_path, cache_dir):
+    """SIGKILL the real entry point after its first step; the same command then finishes with the same result."""
+    overrides = ["search.calibration_tokens=4096", "search.batch_size=1"]
+    whole = run_search(search_config(tmp_path / "whole", *overrides))
+    run_dir = tmp_path / "killed" / "run"
+    argv = [sys.executable, "-m", "indexcache.search", "preset=tiny", f"run_dir={run_dir}", "logger.wandb.mode=offline"]
+    argv += ["search.calibration_tokens=4096", "search.batch_size=1"]
+    state = run_dir / "search" / "search_state.json"
+    env = {**subprocess_env(cache_dir), "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.is_file() and len(json.loads(state.read_text())["curve"]) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the search finished before it could be killed: give it more work"
+    assert not (run_dir / "search" / "pattern.txt").exists()
+    resumed = run_search(search_config(tmp_path / "killed", *overrides))
+    assert resumed.pattern == whole.pattern
+    assert [e["loss"] for e in resumed.curve] == [e["loss"] for e in whole.curve]

@@ -33,7 +33,7 @@ class SparseKernelConfig:
     """Block shapes; bench/e2e.py times variants (bench/NOTES.md has the measurements)."""
 
     block_heads: int = 64  # query heads per program (at most, and padded to at least 16 for tl.dot)
-    block_slots: int = 32  # slots per step
+    block_slots: int = 64  # slots per step (32K, H200: 64 -> 39 ms, 32 -> 52, 16 -> 82; bench/NOTES.md)
     block_value: int = 512  # value columns per program (< D_v: several programs re-score the same keys)
     warps: int = 8
     stages: int = 2

@@ -104,18 +104,35 @@ def select_topk(
         torch.ones(batch, seq, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask.bool()
     )
     out = torch.full((batch, seq, num_keep), -1, dtype=torch.long, device=q.device)
+    fused = _triton_index_usable(q, k)
     for start in range(0, seq, chunk_size):
         stop = min(start + chunk_size, seq)
         # Causality: rows [start, stop) never see keys at or beyond `stop`, so they are not scored at all.
-        scores = index_scores(q[:, start:stop], k[:, :stop], w[:, start:stop])
-        query_pos = torch.arange(start, stop, device=q.device)[:, None]
-        key_pos = torch.arange(stop, device=q.device)[None, :]
-        visible = (key_pos <= query_pos)[None] & real_BS[:, None, :stop]
-        scores = scores.masked_fill(~visible, float("-inf"))
+        if fused:
+            from indexcache.kernels.triton_index import triton_index_scores
+
+            scores = triton_index_scores(q, k, w, attention_mask, start, stop)
+        else:
+            scores = index_scores(q[:, start:stop], k[:, :stop], w[:, start:stop])
+            query_pos = torch.arange(start, stop, device=q.device)[:, None]
+            key_pos = torch.arange(stop, device=q.device)[None, :]
+            visible = (key_pos <= query_pos)[None] & real_BS[:, None, :stop]
+            scores = scores.masked_fill(~visible, float("-inf"))
         values, indices = scores.topk(min(num_keep, stop), dim=-1)
         # Only invisible keys score -inf (visible scores are finite sums of relus): those slots become -1.
         out[:, start:stop, : indices.shape[-1]] = indices.masked_fill(values == float("-inf"), -1)
     return out
+
+
+def _triton_index_usable(q: Tensor, k: Tensor) -> bool:
+    """Whether the masked scores come from the Triton kernel (CUDA, bf16/fp16): one pass instead of one per head."""
+    if not q.is_cuda:
+        return False
+    try:
+        from indexcache.kernels.triton_index import triton_index_supports
+    except ImportError:  # no triton on this machine
+        return False
+    return triton_index_supports(q, k)
 
 
 def key_padding_mask(attention_mask: Tensor | None) -> Tensor | None:
