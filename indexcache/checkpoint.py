@@ -1,10 +1,10 @@
 """Resume state: DeepSpeed engine state + data position + RNG + step, written so a kill at any moment is safe.
 
-Resume state is not an export (STYLE.md 7): it holds only what the optimizer trains (frozen base weights are
+Resume state is not an export: it holds only what the optimizer trains (frozen base weights are
 excluded and come back from the source checkpoint), and it is never handed to a serving engine.
 
 A checkpoint is written under `.tmp-step_XXXXXXXX/` and renamed to `step_XXXXXXXX/` only after every rank has
-finished and rank 0 has written `trainer_state.json`; `latest()` only ever considers renamed folders that hold
+finished and rank 0 has written `trainer_state.json`; `newest()` only ever considers renamed folders that hold
 that file, so a checkpoint being written is never mistaken for a complete one.
 """
 

@@ -1,4 +1,4 @@
-"""Serving checkpoint export (DESIGN.md section 3): the source's shards with only what the run trained changed.
+"""Serving checkpoint export (docs/DESIGN.md section 3): the source's shards with only what the run trained changed.
 
 Every tensor the run did not train is copied byte for byte at the safetensors level, never through
 `save_pretrained` (which drops the MTP layer `model.layers.{num_hidden_layers}.*` and re-lays out experts). Trained

@@ -25,7 +25,8 @@ search from its last finished step, and the result is the same as an uninterrupt
 
 Outputs (in `search.out_dir`, default `<run_dir>/search`), each written atomically: `pattern.txt` (for
 `pattern=file pattern.path=...`), `search_curve.json` and `search_curve.png` (the loss after each step: what users
-read to pick a retention), and a W&B run with the curve, a table and the PNG.
+read to pick a retention; with the dense model's loss and the uniform schedule's on the same batches for
+comparison), and a W&B run with the curve, a table and the PNG.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Check an IndexCache serving export against the contract of DESIGN.md section 3.
+"""Check an IndexCache serving export against the contract of docs/DESIGN.md section 3.
 
 This module owns the contract (indexer tensor names, the config edit, which families keep S-layer indexers, the
 checksum record); `indexcache.export` produces it and runs `validate_export` on the temporary directory before

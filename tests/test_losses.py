@@ -99,7 +99,7 @@ def assert_same(actual, expected, indexer: IndexerOutputs, bound: float = F64_BO
 
 
 def loop_oracle(indexer: IndexerOutputs, teachers, mask, topk=None) -> torch.Tensor:
-    """DESIGN.md section 1 written row by row, sharing no code with the implementations."""
+    """docs/DESIGN.md section 1 written row by row, sharing no code with the implementations."""
     q, k, w = indexer.q, indexer.k, indexer.w
     total, rows = q.new_zeros(()), 0
     for b in range(q.shape[0]):

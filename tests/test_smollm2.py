@@ -113,7 +113,7 @@ def test_cached_folder_is_the_gguf_model_with_sane_perplexity():
         f"first use {first_use_s:.1f} s, cached load {cached_load_s:.2f} s"
     )
     assert abs(loss - gguf_loss) < 1e-5
-    assert 3.0 < math.exp(loss) < 30.0  # ASSETS.md: ~7.6 on code; a random model is ~49152
+    assert 3.0 < math.exp(loss) < 30.0  # a trained model: ~7.6 on code; a random one ~49152
     assert cached_load_s < 15.0
 
 

@@ -1,1 +1,0 @@
-"""indexcache's Hydra config files, installed as the package data `indexcache.conf`."""
