@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from indexcache.fsutil import dir_lock, fsync_dir
+from indexcache.fsutil import STAGING_TAG, dir_lock, staged_dir
 from indexcache.pattern import IndexCachePattern
 from indexcache.safetensors_io import ShardHeader, TensorInfo, tensor_sha256, write_safetensors
 from indexcache.validate_export import (
@@ -62,7 +61,6 @@ _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _WRITTEN_HERE = frozenset({"config.json", INDEX_FILE, RECORD_FILE, CHECKSUM_FILE, "README.md"})
 _SPOOL = ".trained-values.spool"  # raw bytes of the trained tensors, inside the staging directory
-_STAGING_TAG = re.compile(r"[0-9a-f]{12}")
 
 TrainedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
@@ -210,27 +208,26 @@ def _export(
     # One export per target directory at a time; under the lock no live export's staging can be mistaken for stale.
     with dir_lock(target_dir.parent):
         _remove_stale_staging(target_dir)
-        # A sibling on the same filesystem, so the final os.rename is atomic; the dot hides it from globbing readers.
-        staging = target_dir.parent / f".{target_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
         try:
-            spooled = _spool_trained(staging / _SPOOL, trained, source_tensors, pattern, groups)
-            plans = _plan_shards(source, pattern, keep_shared, spooled)
-            checksums = _write_shards(staging, source, plans, spooled)
-            (staging / _SPOOL).unlink()
-            checksum_text = json.dumps({"algorithm": "sha256", "tensors": checksums}, indent=1) + "\n"
-            _write_text(staging / CHECKSUM_FILE, checksum_text)
-            record = _record_json(source, pattern, model_type, summary, groups, checksum_text, checksums)
-            _write_text(staging / "config.json", json.dumps(serving_config(source.config, pattern), indent=2) + "\n")
-            _write_text(staging / RECORD_FILE, record)
-            _write_text(staging / "README.md", _model_card(source, pattern, model_type, keep_shared, summary, groups))
-            _copy_side_files(source_dir, staging)
-            validate_export(staging, source_dir)
-            fsync_dir(staging)
-            _move_into_place(staging, target_dir, overwrite)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            with staged_dir(target_dir, if_exists="replace" if overwrite else "error") as staging:
+                spooled = _spool_trained(staging / _SPOOL, trained, source_tensors, pattern, groups)
+                plans = _plan_shards(source, pattern, keep_shared, spooled)
+                checksums = _write_shards(staging, source, plans, spooled)
+                (staging / _SPOOL).unlink()
+                checksum_text = json.dumps({"algorithm": "sha256", "tensors": checksums}, indent=1) + "\n"
+                _write_text(staging / CHECKSUM_FILE, checksum_text)
+                record = _record_json(source, pattern, model_type, summary, groups, checksum_text, checksums)
+                config_text = json.dumps(serving_config(source.config, pattern), indent=2) + "\n"
+                _write_text(staging / "config.json", config_text)
+                _write_text(staging / RECORD_FILE, record)
+                card = _model_card(source, pattern, model_type, keep_shared, summary, groups)
+                _write_text(staging / "README.md", card)
+                _copy_side_files(source_dir, staging)
+                validate_export(staging, source_dir)
+        except FileExistsError:  # it appeared while the export was being written
+            raise ExportExistsError(
+                f"export target {target_dir} already exists: choose a new directory, delete it, or pass overwrite=True"
+            ) from None
     return target_dir
 
 
@@ -245,7 +242,7 @@ def _remove_stale_staging(target_dir: Path) -> None:
         kind, _, tag = path.name.removeprefix(f".{target_dir.name}.").partition("-")
         if not path.name.startswith(f".{target_dir.name}.") or kind not in ("tmp", "old"):
             continue
-        if not _STAGING_TAG.fullmatch(tag) or path.is_symlink() or not path.is_dir():
+        if not STAGING_TAG.fullmatch(tag) or path.is_symlink() or not path.is_dir():
             continue
         if kind == "old" and not target_dir.is_dir():
             logger.warning("%s may hold the only complete export of %s: kept; rename it back if so", path, target_dir)
@@ -630,25 +627,3 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _move_into_place(staging: Path, target_dir: Path, overwrite: bool) -> None:
-    if not (target_dir.exists() or target_dir.is_symlink()):
-        os.rename(staging, target_dir)
-    elif not overwrite:  # it appeared while the export was being written
-        raise ExportExistsError(
-            f"export target {target_dir} already exists: choose a new directory, delete it, or pass overwrite=True"
-        )
-    else:
-        aside = target_dir.parent / f".{target_dir.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(target_dir, aside)
-        try:
-            os.rename(staging, target_dir)
-        except BaseException:
-            os.rename(aside, target_dir)
-            raise
-        try:
-            shutil.rmtree(aside)
-        except OSError as err:  # the new export is in place; only the old copy's space is lost
-            logger.warning("replaced %s but could not delete its old copy %s: %s", target_dir, aside, err)
-    fsync_dir(target_dir.parent)

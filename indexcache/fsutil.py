@@ -5,11 +5,16 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
+import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "dir_lock", "fsync_dir"]
+__all__ = ["STAGING_TAG", "atomic_write_text", "dir_lock", "fsync_dir", "sibling", "staged_dir"]
+
+STAGING_TAG = re.compile(r"[0-9a-f]{12}")  # the random part of every staging/aside name written here
 
 logger = logging.getLogger(__name__)
 
@@ -51,3 +56,59 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def sibling(final: Path, kind: str) -> Path:
+    """A hidden, unique sibling of `final` (`.{name}.{kind}-{12 hex}`): same filesystem, so renames are atomic."""
+    return final.parent / f".{final.name}.{kind}-{uuid.uuid4().hex[:12]}"
+
+
+@contextmanager
+def staged_dir(final: Path, if_exists: str = "error") -> Iterator[Path]:
+    """Build a folder in a hidden temporary sibling, then rename it to `final` in one step.
+
+    The one "write to a temporary directory, then rename" routine of the project (converted sources, cached tiny
+    models, exports). Readers see no `final` or a complete one, never a half-written one; on any failure the
+    temporary folder is removed. When `final` exists at the rename: "error" raises FileExistsError, "keep" keeps
+    it (a concurrent writer of the same cache entry won) and drops ours, "replace" swaps ours in (the old copy is
+    renamed aside first, so a failure puts it back).
+    """
+    if if_exists not in ("error", "keep", "replace"):
+        raise ValueError(f"if_exists={if_exists!r}: use 'error', 'keep' or 'replace'")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = sibling(final, "tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        fsync_dir(staging)
+        _rename_into_place(staging, final, if_exists)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def _rename_into_place(staging: Path, final: Path, if_exists: str) -> None:
+    if not (final.exists() or final.is_symlink()):
+        try:
+            os.rename(staging, final)
+            return
+        except OSError:
+            if not final.exists():
+                raise  # not a lost race: a real failure
+    if if_exists == "keep":
+        shutil.rmtree(staging, ignore_errors=True)
+    elif if_exists == "error":
+        raise FileExistsError(f"{final} already exists")
+    else:
+        aside = sibling(final, "old")
+        os.rename(final, aside)
+        try:
+            os.rename(staging, final)
+        except BaseException:
+            os.rename(aside, final)
+            raise
+        try:
+            shutil.rmtree(aside)
+        except OSError as err:  # the new folder is in place; only the old copy's space is lost
+            logger.warning("replaced %s but could not delete its old copy %s: %s", final, aside, err)

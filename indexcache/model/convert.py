@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
+from indexcache.fsutil import staged_dir
 from indexcache.safetensors_io import read_header
 
 __all__ = [
@@ -180,10 +181,7 @@ def write_dsa_folder(
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists: choose a new output folder (conversions never overwrite)")
     shards = _source_shards(source_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Same filesystem as the target, so the final rename is atomic: readers never see a half-written folder.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:  # readers never see a half-written folder
         weight_map: dict[str, str] = {}
         total_size = 0
         for shard in shards:
@@ -209,10 +207,6 @@ def write_dsa_folder(
         config.save_pretrained(staging)
         (staging / CONVERSION_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
         make_shareable(staging)
-        os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -21,9 +21,6 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from indexcache.fsutil import staged_dir
 from indexcache.model.convert import DsaIndexConfig, make_shareable
 from indexcache.model.llama_dsa import SMOLLM2_INDEX, convert_llama_to_dsa
 from indexcache.paths import cache_root
@@ -137,9 +135,7 @@ def _plain_copy(gguf_model: PreTrainedModel) -> PreTrainedModel:
 
 def _convert_into(target: Path) -> None:
     folder, name = gguf_location()
-    # The temporary sibling lives on the same filesystem as the target, so the final rename is atomic.
-    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as staging:  # readers never see a half-converted folder
         # fp32 keeps the dequantised 4-bit values exact (bf16 would round them), so the cached folder has the same
         # perplexity as the GGUF.
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -149,7 +145,3 @@ def _convert_into(target: Path) -> None:
         provenance = {"gguf_file": str(folder / name), "gguf_bytes": (folder / name).stat().st_size, "dtype": "float32"}
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         make_shareable(staging)
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer, ByT5Tokenizer
 
 from indexcache.config import ModelConfig
+from indexcache.fsutil import staged_dir
 from indexcache.model.convert import DsaIndexConfig, convert_dense_to_dsa, converters
 from indexcache.model.tiny import tiny_model
 from indexcache.paths import cache_root
-
-
-def _publish(tmp: Path, final: Path) -> Path:
-    """Atomically move a finished folder into place; a concurrent writer that won the race is kept."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def tiny_source(cfg: ModelConfig) -> Path:
@@ -38,13 +25,12 @@ def tiny_source(cfg: ModelConfig) -> Path:
     final = cache_root(cfg.cache_dir) / f"tiny-{cfg.tiny_family}-topk{cfg.index_topk}-seed{cfg.seed}"
     if (final / "config.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = ByT5Tokenizer()
     model = tiny_model(cfg.tiny_family, seed=cfg.seed, vocab_size=len(tokenizer), index_topk=cfg.index_topk)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    return _publish(tmp, final)
+    with staged_dir(final, if_exists="keep") as staging:  # a concurrent builder of the same entry may win
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return final
 
 
 def read_config(folder: Path) -> dict:
@@ -85,12 +71,12 @@ def convert_cached(folder: Path, cfg: ModelConfig) -> Path:
     final = cache_root(cfg.cache_dir) / f"converted-{folder.name}-{key}"
     if (final / "config.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent)) / "out"
-    convert_dense_to_dsa(folder, tmp, index_cfg)
-    published = _publish(tmp, final)
-    shutil.rmtree(tmp.parent, ignore_errors=True)
-    return published
+    try:
+        return convert_dense_to_dsa(folder, final, index_cfg)
+    except FileExistsError:  # a concurrent conversion of the same source published it first
+        if (final / "config.json").is_file():
+            return final
+        raise
 
 
 def load_tokenizer(folder: Path):

@@ -356,10 +356,10 @@ def _masked_attention_with_lse(
 ) -> tuple[Tensor, Tensor]:
     """Attention over the `allowed` keys ([B, 1, T, S] bool) and each head's natural-log LSE [B, H, T], detached.
 
-    The memory-efficient kernel is the one sdpa runs for a boolean mask on a GPU. Called directly it also returns
-    the LSE, which in sparse mode is over each row's top-k set, as the sparse loss needs. The mask becomes the
-    additive bias sdpa would build from it, in the same memory, with rows padded to 16 elements as that kernel
-    requires.
+    Dense mode with padding only (sparse mode gathers its keys and builds no mask). The memory-efficient kernel is
+    the one sdpa runs for a boolean mask on a GPU; called directly it also returns the LSE the fused loss takes. The
+    mask becomes the additive bias sdpa would build from it, in the same memory, with rows padded to 16 elements as
+    that kernel requires.
     """
     batch, heads, seq, _ = query.shape
     num_keys = allowed.shape[-1]
