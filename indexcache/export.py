@@ -33,10 +33,17 @@ import torch
 
 from indexcache.fsutil import STAGING_TAG, dir_lock, staged_dir
 from indexcache.pattern import IndexCachePattern
-from indexcache.safetensors_io import ShardHeader, TensorInfo, tensor_sha256, write_safetensors
+from indexcache.safetensors_io import (
+    FLOAT_DTYPES,
+    INDEX_FILE,
+    ShardHeader,
+    TensorInfo,
+    tensor_sha256,
+    torch_dtype,
+    write_safetensors,
+)
 from indexcache.validate_export import (
     CHECKSUM_FILE,
-    INDEX_FILE,
     INDEXER_PARTS,
     KEEPS_SHARED_INDEXERS,
     RECORD_FILE,
@@ -56,7 +63,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Weight files of any format are never copied: the export's weights are exactly its safetensors shards.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _WRITTEN_HERE = frozenset({"config.json", INDEX_FILE, RECORD_FILE, CHECKSUM_FILE, "README.md"})
@@ -326,7 +332,7 @@ def _check_base_takes_values(source_tensors: Mapping[str, TensorInfo], pattern: 
     """Refuse a quantised base before anything is gathered or written (a 744B stream would fail hours in)."""
     for name, info in source_tensors.items():
         mtp = re.match(r"model\.layers\.(\d+)\.", name)
-        if info.dtype in _TORCH_DTYPES or (mtp is not None and int(mtp.group(1)) >= pattern.num_layers):
+        if info.dtype in FLOAT_DTYPES or (mtp is not None and int(mtp.group(1)) >= pattern.num_layers):
             continue
         if indexer_layer(name, pattern.num_layers) is None and info.dtype not in ("I64", "I32", "U8", "BOOL"):
             raise ExportError(
@@ -366,7 +372,7 @@ def _spool_trained(
     groups: tuple[str, ...],
 ) -> dict[str, _Spooled]:
     """Check each trained value, cast it to the stored dtype and append its bytes to `spool`, one at a time."""
-    float_dtypes = Counter(info.dtype for info in source_tensors.values() if info.dtype in _TORCH_DTYPES)
+    float_dtypes = Counter(info.dtype for info in source_tensors.values() if info.dtype in FLOAT_DTYPES)
     # Dense-to-DSA conversions have no source indexer: new tensors take the checkpoint's prevailing dtype.
     default_dtype = float_dtypes.most_common(1)[0][0] if float_dtypes else "F32"
     shapes_of_new: dict[str, tuple[int, ...]] = {}
@@ -397,14 +403,14 @@ def _spool_trained(
                     "every F layer's indexer must have the same shapes"
                 )
             dtype = source.dtype if source is not None else default_dtype
-            if dtype not in _TORCH_DTYPES:
+            if dtype not in FLOAT_DTYPES:
                 raise ExportError(
                     f"the source stores {name} as {dtype}; trained values can only be cast to "
-                    f"{', '.join(_TORCH_DTYPES)}: export from the BF16/FP32 checkpoint"
+                    f"{', '.join(FLOAT_DTYPES)}: export from the BF16/FP32 checkpoint"
                 )
             if not bool(torch.isfinite(value).all()):
                 raise ExportError(f"trained {name} has non-finite values: export an earlier, finite checkpoint")
-            stored = value.detach().to(device="cpu", dtype=_TORCH_DTYPES[dtype]).contiguous()
+            stored = value.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous()
             data = stored.reshape(-1).view(torch.uint8).numpy()
             start = out.tell()
             out.write(memoryview(data))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+INDEX_FILE = "model.safetensors.index.json"  # the hub's shard index (weight_map: tensor name -> shard file)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes the project reads into torch and writes back
 _HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
 _COPY_CHUNK = 64 * 1024 * 1024
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
@@ -161,3 +163,13 @@ def _copy_range(source: BinaryIO, start: int, nbytes: int, out: BinaryIO, digest
         out.write(chunk)
         digest.update(chunk)
         remaining -= len(chunk)
+
+
+def torch_dtype(dtype: str):
+    """The torch dtype of a safetensors float dtype string ("BF16" -> torch.bfloat16)."""
+    import torch
+
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"safetensors dtype {dtype} is not a float dtype the project handles: one of {FLOAT_DTYPES}")
+    return table[dtype]

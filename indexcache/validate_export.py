@@ -23,14 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from indexcache.pattern import IndexCachePattern
-from indexcache.safetensors_io import SafetensorsFormatError, ShardHeader, TensorInfo, read_header, tensor_sha256
+from indexcache.safetensors_io import (
+    INDEX_FILE,
+    SafetensorsFormatError,
+    ShardHeader,
+    TensorInfo,
+    read_header,
+    tensor_sha256,
+)
 
 INDEXER_PARTS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
 # transformers builds deepseek_v32's indexer on every layer, so its S layers keep theirs (unused at serving time);
 # glm_moe_dsa builds none on S layers, and the dense-to-DSA conversions follow glm_moe_dsa.
 KEEPS_SHARED_INDEXERS = {"glm_moe_dsa": False, "deepseek_v32": True, "llama": False, "glm4_moe_lite": False}
 PATTERN_KEYS = ("indexer_types", "index_topk_pattern", "use_index_cache", "index_topk_freq", "index_skip_topk_offset")
-INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 RECORD_FILE = "indexcache.json"
 CHECKSUM_FILE = "indexcache.tensors.json"

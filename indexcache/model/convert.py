@@ -28,12 +28,12 @@ from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
 from indexcache.fsutil import staged_dir
-from indexcache.safetensors_io import read_header
+from indexcache.safetensors_io import INDEX_FILE, read_header, torch_dtype
 
 __all__ = [
     "CONVERSION_RECORD",
     "INDEXER_SHARD",
-    "WEIGHTS_INDEX",
+    "INDEX_FILE",
     "Converter",
     "DsaIndexConfig",
     "TensorRewrite",
@@ -47,9 +47,7 @@ __all__ = [
 ]
 
 INDEXER_SHARD = "model-indexer.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 CONVERSION_RECORD = "indexcache_conversion.json"
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -199,8 +197,8 @@ def write_dsa_folder(
         weight_map.update(dict.fromkeys(indexer_tensors, INDEXER_SHARD))
         total_size += sum(t.numel() * t.element_size() for t in indexer_tensors.values())
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        skip = {"config.json", WEIGHTS_INDEX, *(s.name for s in shards)}
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        skip = {"config.json", INDEX_FILE, *(s.name for s in shards)}
         for path in source_dir.iterdir():
             if path.is_file() and path.name not in skip and not path.name.endswith((".bin", ".pt", ".pth")):
                 shutil.copy2(path, staging / path.name)
@@ -227,19 +225,19 @@ def base_dtype(source_dir: Path) -> torch.dtype:
     for shard in _source_shards(Path(source_dir)):
         tensors = read_header(shard).tensors
         if "model.embed_tokens.weight" in tensors:
-            return _SAFETENSORS_DTYPES[tensors["model.embed_tokens.weight"].dtype]
+            return torch_dtype(tensors["model.embed_tokens.weight"].dtype)
     raise ValueError(f"{source_dir} has no model.embed_tokens.weight")
 
 
 def _source_shards(source_dir: Path) -> list[Path]:
-    index_path = source_dir / WEIGHTS_INDEX
+    index_path = source_dir / INDEX_FILE
     if index_path.is_file():
         weight_map = json.loads(index_path.read_text())["weight_map"]
         return [source_dir / name for name in sorted(set(weight_map.values()))]
     single = source_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    raise FileNotFoundError(f"{source_dir} has no safetensors weights (model.safetensors or {WEIGHTS_INDEX})")
+    raise FileNotFoundError(f"{source_dir} has no safetensors weights (model.safetensors or {INDEX_FILE})")
 
 
 def _tensor_nbytes(shard: Path) -> dict[str, int]:

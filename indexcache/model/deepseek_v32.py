@@ -86,6 +86,5 @@ DEEPSEEK_V32 = register_family(
             DeepseekV32Indexer, TrainableDeepseekV32Indexer, IndexCacheDeepseekV32Attention
         ),
         apply_pattern=swap_in_stand_ins,
-        keeps_shared_indexer_tensors=True,
     )
 )

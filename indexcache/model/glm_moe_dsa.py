@@ -111,6 +111,5 @@ GLM_MOE_DSA = register_family(
         dsa_attentions=decoder_attentions,
         install_indexers=indexer_installer(GlmMoeDsaIndexer, TrainableGlmMoeDsaIndexer, IndexCacheGlmMoeDsaAttention),
         apply_pattern=_apply_pattern,
-        keeps_shared_indexer_tensors=False,
     )
 )

@@ -104,12 +104,17 @@ class LlamaIndexerConfig:
         )
 
 
+def llama_index_rope_dim(index_cfg: DsaIndexConfig) -> int:
+    """The llama conversion's roped indexer width: `index_rope_head_dim`, by default half the indexer head."""
+    return index_cfg.index_rope_head_dim or index_cfg.index_head_dim // 2
+
+
 def llama_dsa_config(config: LlamaConfig, index_cfg: DsaIndexConfig) -> LlamaConfig:
     """A copy of a dense llama config with the DSA keys added (every layer "full" and "indexed_attention")."""
     if config.model_type != "llama":
         raise ValueError(f"expected a llama config, got model_type={config.model_type!r}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = index_cfg.index_rope_head_dim or index_cfg.index_head_dim // 2
+    rope = llama_index_rope_dim(index_cfg)
     _check_rope_subsampling(head_dim, rope)
     fields = config.to_dict()
     fields.pop("architectures", None)
@@ -404,6 +409,5 @@ LLAMA_DSA = register_family(
         install_indexers=indexer_installer(DeepseekV32Indexer, TrainableDeepseekV32Indexer),
         apply_pattern=_apply_pattern,
         # Our loader builds no indexer on S layers (like glm_moe_dsa), so exports need none there.
-        keeps_shared_indexer_tensors=False,
     )
 )

@@ -43,7 +43,6 @@ class ModelFamily:
             names; returns them by layer. The wrapper keeps this pool so a pattern can be changed later.
         apply_pattern: (model, pattern, indexers from `install_indexers`, factory for S-layer stand-ins): F layers
             get their pool indexer, S layers no indexer parameters (a stand-in, or the family's own sharing).
-        keeps_shared_indexer_tensors: whether an export keeps S layers' indexer tensors (DESIGN.md section 3).
     """
 
     model_type: str
@@ -53,7 +52,6 @@ class ModelFamily:
     dsa_attentions: Callable[[PreTrainedModel], list[nn.Module]]
     install_indexers: Callable[[PreTrainedModel], dict[int, nn.Module]]
     apply_pattern: Callable[[PreTrainedModel, IndexCachePattern, dict[int, nn.Module], SharedIndexerFactory], None]
-    keeps_shared_indexer_tensors: bool
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

