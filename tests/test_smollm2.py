@@ -23,11 +23,22 @@ from indexcache.model.smollm2 import (
     MODEL_DIRNAME,
     PROVENANCE_FILE,
     gguf_location,
-    load_smollm2,
     smollm2_dsa_path,
+    smollm2_path,
 )
 from indexcache.model.wrapper import IndexCacheModel
 from indexcache.paths import CACHE_ENV, cache_root
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The plain SmolLM2-135M-Instruct (the converted GGUF) as a stock `LlamaForCausalLM`, and its tokenizer.
+
+    Eager attention, as `load_llama_dsa` loads the converted model, so the two compare bitwise.
+    """
+    folder = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SEQ, RECALL_K = 256, 32

@@ -337,7 +337,8 @@ def load_llama_dsa(
     """Rebuild a converted (or IndexCache-exported) llama DSA model from its folder, in eval mode.
 
     Raises if a tensor the model needs is missing from the folder (transformers would silently initialise it).
-    eager by default: the teacher distributions need attention maps.
+    Eager attention by default: transformers' plain reference kernel, which can also return attention maps;
+    `IndexCacheModel` replaces it with its own backend.
     """
     model, info = LlamaDsaForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from indexcache.fsutil import staged_dir
 from indexcache.model.convert import DsaIndexConfig, make_shareable
@@ -87,21 +87,6 @@ def smollm2_dsa_path(cache_dir: str | Path | None = None, index_cfg: DsaIndexCon
         if not target.is_dir():
             convert_llama_to_dsa(source, target, index_cfg)  # atomic: the folder appears complete or not at all
     return target
-
-
-def load_smollm2(
-    cache_dir: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "eager",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """SmolLM2-135M-Instruct as a `LlamaForCausalLM` in eval mode, plus its tokenizer.
-
-    eager attention by default because the teacher distributions need the attention maps.
-    """
-    folder = smollm2_path(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model.eval(), tokenizer
 
 
 def _is_complete(folder: Path) -> bool:
