@@ -9,7 +9,7 @@ chunked at 4K (loss and gradients) before timing. `--lse-lengths` adds dense row
 log-sum-exp (as the model's attention kernel returns it), so pass A is skipped. `--baseline FILE` times a saved
 copy of fused.py (an earlier version) in the same run. `--v32-lengths` adds DeepSeek-V3.2 rows (H=128, D=192,
 H_I=64), with and without the LSE. `--profile T` splits one step into kernels and idle gaps. Writes the table
-and raw numbers to --out (default $OUT).
+and raw numbers to --out (default: $OUT when set, else the current folder).
 """
 
 from __future__ import annotations

@@ -51,3 +51,4 @@ if (( SECONDS < 430 )); then
     export.enabled=false run_dir=/tmp/runs/probe 2>&1 | grep -v Warning | tail -25; echo "rc=$?"
 fi
 python3 bench/multi_gpu.py summary $R2 /tmp/runs/h200x1
+sleep 2

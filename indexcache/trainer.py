@@ -56,6 +56,21 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | No
     return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
 
+class _Clock:
+    """Wall time between laps; on a GPU each lap first waits for the queued kernels (the split is then honest)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
 class Trainer:
     """Runs a run's stage plans in order. Each stage: configure → (evaluate) → steps → evaluate → checkpoint."""
 
@@ -179,12 +194,15 @@ class Trainer:
         # The lr this step's optimizer update uses (the scheduler has already set it on the param groups).
         metrics: dict[str, float] = {"train/lr": engine.optimizer.param_groups[0]["lr"]}
         finite = True
+        split = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
+        clock = _Clock(self.dist.device)
         for _ in range(accum):
             batch = _to_device(next(iterator), self.dist.device)
             # Labels only when the LM loss trains the base: an indexer-only stage never runs the LM head.
             labels = batch["input_ids"] if plan.with_lm_loss else None
             out = engine(**_model_inputs(batch), labels=labels, with_lm_loss=plan.with_lm_loss)
-            loss = out.loss.item()
+            loss = out.loss.item()  # the KL is computed inside the forward, group by group
+            split["forward"] += clock.lap()
             if not math.isfinite(loss):
                 finite = False
                 if accum == 1:
@@ -193,15 +211,20 @@ class Trainer:
                 engine.step()
                 continue
             engine.backward(out.loss)
+            split["backward"] += clock.lap()
             engine.step()
+            split["optimizer"] += clock.lap()
             micro = {"train/loss": loss, "train/kl_loss": out.kl_loss.item(), **out.metrics}
             if out.lm_loss is not None:
                 micro["train/lm_loss"] = out.lm_loss.item()
             for key, value in micro.items():  # the logged step value is the mean over micro-batches
                 metrics[key] = metrics.get(key, 0.0) + value / accum
+        metrics.update({f"perf/{part}_s": seconds for part, seconds in split.items()})
         elapsed = time.perf_counter() - started
         tokens = self.cfg.train.seq_len * self.cfg.deepspeed.micro_batch_size * accum * self.dist.world_size
         metrics.update({"perf/tokens_per_s": tokens / elapsed, "perf/step_time_s": elapsed})
+        if self.dist.device.type == "cuda":
+            metrics["perf/gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         return metrics, finite or accum > 1
 
     @staticmethod
@@ -228,20 +251,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, engine: Any, plan: StagePlan) -> dict[str, float]:
-        """Validation KL in the stage's mode and LM loss with dense and with IndexCache-sparse attention.
-
-        The mode is passed per call: the model's configured stage is never changed behind the trainer's back.
+        """Validation KL in the stage's mode, LM loss with dense and with IndexCache-sparse attention, and each
+        layer's top-k recall and attention-mass coverage in sparse mode (which served layer is furthest from its
+        teacher). The mode is passed per call: the model's configured stage is never changed behind its back.
         """
+        from indexcache.attention_stats import LayerStatsObserver, layer_metrics
+
         model = self.run.model
         was_training = model.training
         model.eval()
+        observer = LayerStatsObserver()  # fed by the sparse forwards: no extra pass
         try:
             sums: dict[str, float] = {}
             iterator = iter(self.batches(validation=True))
             for _ in range(self.cfg.train.eval_batches):
                 batch = _to_device(next(iterator), self.dist.device)
                 for mode in ("dense", "sparse"):
-                    out = engine(**_model_inputs(batch), labels=batch["input_ids"], with_lm_loss=True, mode=mode)
+                    out = engine(
+                        **_model_inputs(batch),
+                        labels=batch["input_ids"],
+                        with_lm_loss=True,
+                        mode=mode,
+                        observer=observer if mode == "sparse" else None,
+                    )
                     sums[f"eval/lm_loss_{mode}"] = sums.get(f"eval/lm_loss_{mode}", 0.0) + out.lm_loss.item()
                     if mode == plan.mode:
                         sums["eval/kl_loss"] = sums.get("eval/kl_loss", 0.0) + out.kl_loss.item()
@@ -250,6 +282,10 @@ class Trainer:
         n = self.cfg.train.eval_batches
         metrics = {k: all_reduce_mean(v / n, self.dist.device) for k, v in sums.items()}
         metrics["eval/lm_loss_gap"] = metrics["eval/lm_loss_sparse"] - metrics["eval/lm_loss_dense"]
+        layers = sorted(observer.stats)
+        recall = {i: all_reduce_mean(observer.stats[i].recall, self.dist.device) for i in layers}
+        coverage = {i: all_reduce_mean(observer.stats[i].coverage, self.dist.device) for i in layers}
+        metrics.update(layer_metrics(recall, coverage, prefix="eval"))
         return metrics
 
     def log(self, plan: StagePlan, metrics: dict[str, float]) -> None:

@@ -70,6 +70,13 @@ def test_single_process_run_trains_only_f_layer_indexers(tmp_path, train_tiny):
     assert [line["step"] for line in lines] == [1, 2, 3, 4], "one metrics line per logged step"
     assert all(line["train/kl_loss"] > 0 for line in lines)
     assert "eval/lm_loss_sparse" in lines[-1] and "eval/kl_loss" in lines[-1]
+    # Each layer's recall and coverage of its own dense attention; the dashboard's "furthest from its teacher".
+    for layer in range(4):
+        assert 0.0 <= lines[-1][f"eval/recall/layer_{layer}"] <= 1.0
+        assert 0.0 < lines[-1][f"eval/coverage/layer_{layer}"] <= 1.0
+    coverages = [lines[-1][f"eval/coverage/layer_{layer}"] for layer in range(4)]
+    assert lines[-1]["eval/furthest_layer"] == float(coverages.index(min(coverages)))
+    assert all(lines[0][f"perf/{part}_s"] > 0 for part in ("forward", "backward", "optimizer"))
     assert (run_dir / "config.yaml").is_file()
     assert_only_f_indexers_changed(run_dir, "FFSF")
     summary = json.loads((run_dir / "export" / "indexcache.json").read_text())
