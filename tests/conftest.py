@@ -7,12 +7,15 @@ launcher spawn processes.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from indexcache.config import RunConfig, compose_config
 
@@ -77,3 +80,22 @@ def subprocess_env(cache_dir: Path) -> dict[str, str]:
     env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["INDEXCACHE_CACHE"] = str(cache_dir)
     return env
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors shard in a folder (an export, a converted source)."""
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as fh:
+            out.update({name: fh.get_tensor(name) for name in fh.keys()})  # noqa: SIM118
+    return out
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss of a run."""
+    return {line["step"]: line["train/loss"] for line in read_metrics(run_dir) if "train/loss" in line}

@@ -8,7 +8,6 @@ command to completion, and demands exactly (bitwise) the losses and exported ten
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -18,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from indexcache.config import ConfigError
 from indexcache.run import precheck
-from tests.conftest import MAIN, SUMMARY_LINES, subprocess_env
+from tests.conftest import MAIN, SUMMARY_LINES, folder_tensors, subprocess_env, train_losses
 
 KILL_SEED = 20261130
 # Two stages (all-F warm-up, then the FFSF pattern), a checkpoint every step: kills land in steps, checkpoint
@@ -46,19 +44,6 @@ def spawn(cache_dir: Path, run_dir: Path, *overrides: str) -> subprocess.Popen[b
 def finish(proc: subprocess.Popen[bytes], timeout: float = 900) -> tuple[int, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out.decode() + err.decode()
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line["train/loss"] for line in lines}
-
-
-def export_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as fh:
-            out.update({name: fh.get_tensor(name) for name in fh.keys()})  # noqa: SIM118
-    return out
 
 
 def _reached(run_dir: Path, phase: str, nth: int) -> bool:
@@ -115,7 +100,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path
 
 
 def run_kill_loop(trials: range, reference: Path, cache_dir: Path, tmp_path: Path, label: str) -> None:
-    want_losses, want_tensors = losses(reference), export_tensors(reference / "export")
+    want_losses, want_tensors = train_losses(reference), folder_tensors(reference / "export")
     failures: list[str] = []
     phases: list[str] = []
     for trial in trials:
@@ -123,9 +108,9 @@ def run_kill_loop(trials: range, reference: Path, cache_dir: Path, tmp_path: Pat
         run_dir.parent.mkdir()
         try:
             phases.append(kill_trial(cache_dir, run_dir, trial))
-            got = losses(run_dir)
+            got = train_losses(run_dir)
             assert got == want_losses, f"losses differ: {got} vs {want_losses}"
-            tensors = export_tensors(run_dir / "export")
+            tensors = folder_tensors(run_dir / "export")
             assert tensors.keys() == want_tensors.keys()
             assert all(torch.equal(tensors[k], want_tensors[k]) for k in tensors), "exported tensors differ"
             leftovers = [p.name for p in run_dir.rglob(".*tmp-*")]
@@ -153,8 +138,8 @@ def test_same_config_and_seed_give_bitwise_identical_runs(reference, cache_dir, 
     run_dir = tmp_path / "again"
     code, output = finish(spawn(cache_dir, run_dir, *KILL_RUN))
     assert code == 0, output[-3000:]
-    assert losses(run_dir) == losses(reference)
-    a, b = export_tensors(run_dir / "export"), export_tensors(reference / "export")
+    assert train_losses(run_dir) == train_losses(reference)
+    a, b = folder_tensors(run_dir / "export"), folder_tensors(reference / "export")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for shard in (reference / "export").glob("*.safetensors"):
         assert (run_dir / "export" / shard.name).read_bytes() == shard.read_bytes(), f"{shard.name} differs"
@@ -187,7 +172,7 @@ def test_allowed_config_change_resumes_and_a_free_key_needs_no_permission(tmp_pa
     train_tiny(run_dir, "train.stop_after_steps=2")
     precheck(compose("conf=tiny", f"run_dir={run_dir}", "train.eval_every=2", "logger.progress_bar=false"))
     train_tiny(run_dir, "stage.warmup.lr=2e-3", "train.allow_config_change=true")
-    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
 
 
 def test_another_pattern_is_refused_even_with_the_override(tmp_path, train_tiny, compose, capsys):
@@ -202,7 +187,7 @@ def test_another_pattern_is_refused_even_with_the_override(tmp_path, train_tiny,
     assert train_job(cfg) == 2
     assert "trained pattern FFSF, this run's is FSFF" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == config_before
-    assert sorted(losses(run_dir)) == [1, 2]
+    assert sorted(train_losses(run_dir)) == [1, 2]
 
 
 def test_non_finite_losses_skip_steps_then_abort_with_the_last_checkpoint_kept(tmp_path, cache_dir):
@@ -216,7 +201,7 @@ def test_non_finite_losses_skip_steps_then_abort_with_the_last_checkpoint_kept(t
     assert "2 non-finite losses in a row" in messages[-1] and "last checkpoint kept" in messages[-1]
     assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000001"]
     assert (run_dir / "checkpoints" / "step_00000001" / "trainer_state.json").is_file()
-    assert sorted(losses(run_dir)) == [1], "skipped steps write no metrics line of their own"
+    assert sorted(train_losses(run_dir)) == [1], "skipped steps write no metrics line of their own"
     assert not (run_dir / "export").exists()
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from indexcache.validate_export import validate_export
-from tests.conftest import MAIN, subprocess_env
+from tests.conftest import MAIN, folder_tensors, read_metrics, subprocess_env, train_losses
 
 INDEXER = ".self_attn.indexer."
 
@@ -30,18 +29,6 @@ def spawn(cache_dir: Path, cwd: Path, run_dir: Path, *overrides: str, launcher: 
     return proc.stdout + proc.stderr
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as fh:
-            out.update({name: fh.get_tensor(name) for name in fh.keys()})  # noqa: SIM118
-    return out
-
-
 def source_of(run_dir: Path) -> Path:
     return Path(json.loads((run_dir / "export" / "indexcache.json").read_text())["source"]["path"])
 
@@ -49,7 +36,7 @@ def source_of(run_dir: Path) -> Path:
 def assert_only_f_indexers_changed(run_dir: Path, pattern: str) -> None:
     export, source = run_dir / "export", source_of(run_dir)
     validate_export(export, source_dir=source)  # also checks every non-indexer tensor is byte-identical
-    exported, original = tensors(export), tensors(source)
+    exported, original = folder_tensors(export), folder_tensors(source)
     for name, value in original.items():
         if INDEXER not in name:
             assert torch.equal(exported[name], value), f"base tensor {name} changed"
@@ -66,7 +53,7 @@ def assert_only_f_indexers_changed(run_dir: Path, pattern: str) -> None:
 def test_single_process_run_trains_only_f_layer_indexers(tmp_path, train_tiny):
     run_dir = tmp_path / "run"
     train_tiny(run_dir)
-    lines = metrics(run_dir)
+    lines = read_metrics(run_dir)
     assert [line["step"] for line in lines] == [1, 2, 3, 4], "one metrics line per logged step"
     assert all(line["train/kl_loss"] > 0 for line in lines)
     assert "eval/lm_loss_sparse" in lines[-1] and "eval/kl_loss" in lines[-1]
@@ -81,10 +68,6 @@ def test_single_process_run_trains_only_f_layer_indexers(tmp_path, train_tiny):
     assert_only_f_indexers_changed(run_dir, "FFSF")
     summary = json.loads((run_dir / "export" / "indexcache.json").read_text())
     assert summary["pattern"] == "FFSF"
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {line["step"]: line["train/loss"] for line in metrics(run_dir)}
 
 
 @pytest.mark.parametrize("stop_after", [3, 5], ids=["mid-first-stage", "mid-second-stage"])
@@ -104,11 +87,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, train_tiny, st
     assert checkpoints[-1] != f"step_{stop_after:08d}" or stop_after == 4
     train_tiny(resumed, *stages)
 
-    full_losses, resumed_losses = _losses(full), _losses(resumed)
+    full_losses, resumed_losses = train_losses(full), train_losses(resumed)
     assert sorted(resumed_losses) == list(range(1, 8)), "metrics.jsonl: one line per step after the resume"
     for step, loss in full_losses.items():
         assert resumed_losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), f"step {step} differs"
-    a, b = tensors(full / "export"), tensors(resumed / "export")
+    a, b = folder_tensors(full / "export"), folder_tensors(resumed / "export")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs after resume")
@@ -121,7 +104,7 @@ def test_rerun_of_a_finished_run_is_a_no_op(tmp_path, train_tiny):
     out = train_tiny(run_dir)
     assert "export already complete" in out
     assert (run_dir / "export" / "indexcache.json").read_text() == before
-    assert [line["step"] for line in metrics(run_dir)] == [1, 2, 3, 4]
+    assert [line["step"] for line in read_metrics(run_dir)] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -131,7 +114,7 @@ def test_deepspeed_launcher_two_ranks(tmp_path, cache_dir, zero_stage):
     assert launcher, "the deepspeed launcher is installed with the package"
     run_dir = tmp_path / f"zero{zero_stage}"
     spawn(cache_dir, tmp_path, run_dir, f"deepspeed=zero{zero_stage}", launcher=[launcher, "--num_gpus", "2"])
-    assert [line["step"] for line in metrics(run_dir)] == [1, 2, 3, 4]
+    assert [line["step"] for line in read_metrics(run_dir)] == [1, 2, 3, 4]
     assert_only_f_indexers_changed(run_dir, "FFSF")
     assert json.loads((run_dir / "export" / "indexcache.json").read_text())["summary"]["world_size"] == 2
 
@@ -160,8 +143,8 @@ def test_sigkill_at_an_arbitrary_moment_then_resume_matches(tmp_path, cache_dir,
         proc.wait()
     assert not (killed / "export").exists()
     train_tiny(killed, *overrides)
-    assert [line["step"] for line in metrics(killed)] == list(range(1, 9))
-    a, b = tensors(full / "export"), tensors(killed / "export")
+    assert [line["step"] for line in read_metrics(killed)] == list(range(1, 9))
+    a, b = folder_tensors(full / "export"), folder_tensors(killed / "export")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs after kill")
 
