@@ -31,11 +31,15 @@ from indexcache.search import SearchConfig
 
 
 def _conf_dir() -> Path:
-    """conf/ ships inside the package as `indexcache.conf` (a checkout maps the top-level conf/ to it)."""
+    """conf/ ships inside the package as `indexcache.conf` (an install maps the top-level conf/ to it); a
+    checkout on PYTHONPATH without an install reads its own conf/."""
     spec = find_spec("indexcache.conf")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("indexcache's config files (package indexcache.conf) are not installed: reinstall it")
-    return Path(next(iter(spec.submodule_search_locations)))
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    raise RuntimeError("indexcache's config files (package indexcache.conf) are not installed: reinstall it")
 
 
 CONF_DIR = _conf_dir()

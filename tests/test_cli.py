@@ -96,6 +96,8 @@ def test_every_preset_composes(preset, tmp_path):
     except ConfigError as error:  # a real preset may require more keys: the message must say which
         pytest.fail(f"preset {preset} does not compose: {error}")
     assert cfg.stage, f"preset {preset} has no stage"
+    # A group chosen on the command line beats the preset's choice (W&B off for a smoke run of a real preset).
+    assert compose_config([*overrides, "logger=disabled"]).logger.wandb.mode == "disabled"
 
 
 @pytest.mark.parametrize(

@@ -372,17 +372,18 @@ def _masked_attention_with_lse(
     return output, logsumexp[..., :seq].detach()
 
 
-def _register_head_with_zero3(loss_module: nn.Module, head_weight: nn.Parameter) -> None:
-    """Tell ZeRO-3 that `loss_module` (the LM loss) uses the LM head's weight outside the head's own forward.
+def _register_with_zero3(module: nn.Module, weight: nn.Parameter) -> None:
+    """Tell ZeRO-3 that `module` uses `weight` outside the weight's own module's forward.
 
-    ZeRO-3 gathers a partitioned parameter only around its module's forward and backward; the chunked LM loss
-    reads the weight directly, so it is registered as an external parameter of the loss module, gathered for that
-    module's forward and again before its backward hands the weight its gradient. A no-op for every other ZeRO
-    stage and without DeepSpeed.
+    ZeRO-3 gathers a partitioned parameter only around its module's forward and backward. The chunked LM loss reads
+    the LM head's weight directly, and the latent (weight-absorbed) sparse attention reads `kv_b_proj.weight`
+    without running `kv_b_proj`; each is registered as an external parameter of the module that reads it, gathered
+    for that module's forward and again before its backward hands the weight its gradient. A no-op for every other
+    ZeRO stage and without DeepSpeed.
     """
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-    register_external_parameter(loss_module, head_weight)
+    register_external_parameter(module, weight)
 
 
 def padding_mask(
@@ -437,7 +438,7 @@ class IndexCacheModel(nn.Module):
         # plain linear map that loss computes.
         check_plain_head(hf_model.get_output_embeddings(), hf_model.config)
         self.causal_lm_loss = CausalLMLoss(lm_chunk_size)
-        _register_head_with_zero3(self.causal_lm_loss, hf_model.get_output_embeddings().weight)
+        _register_with_zero3(self.causal_lm_loss, hf_model.get_output_embeddings().weight)
         self.family: ModelFamily = get_family(hf_model.config.model_type)
         self.lm_weight = lm_weight
         self.loss_impl = loss_impl
@@ -451,6 +452,11 @@ class IndexCacheModel(nn.Module):
         register_backend()
         hf_model.set_attn_implementation(BACKEND)
         self.num_dsa_layers = len(self.family.dsa_attentions(hf_model))
+        from indexcache.model.families_common import LatentMlaAttention  # it imports this module
+
+        for attention in self.family.dsa_attentions(hf_model):
+            if isinstance(attention, LatentMlaAttention):  # sparse mode reads kv_b_proj's weight directly
+                _register_with_zero3(attention, attention.kv_b_proj.weight)
         # Without a pattern, start from the layer types the checkpoint carries (all-F for a plain DSA model): a
         # source that ships IndexCache already (GLM-5.2, our exports) has no S-layer indexer weights to run.
         source_pattern = IndexCachePattern.from_source_config(hf_model.config.to_dict(), self.num_dsa_layers)
