@@ -75,7 +75,7 @@ def plot_search_curve(
     secondary = ax.secondary_xaxis("top", functions=(lambda f: f / num_layers, lambda r: r * num_layers))
     secondary.set_xlabel("retention")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
 
 

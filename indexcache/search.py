@@ -377,13 +377,14 @@ def run_search(cfg: RunConfig) -> SearchResult:
     freq, offset = (cfg.pattern.freq, cfg.pattern.offset) if cfg.pattern.kind == "uniform" else (4, 2)
     uniform = IndexCachePattern.uniform(num_layers, freq, offset)
     dense_loss, uniform_loss = objective.full_loss(uniform, mode="dense"), objective.full_loss(uniform)
+    windows = sum(len(b["input_ids"]) for b in batches)
     summary = {
         "pattern": result.pattern,
         "num_layers": num_layers,
         "num_full": result.pattern.count("F"),
         "stop_reason": result.stop_reason,
         "source": str(source_dir),
-        "calibration": {"split": cfg.search.split, "windows": sum(len(b["input_ids"]) for b in batches)},
+        "calibration": {"split": cfg.search.split, "windows": windows},
         "seq_len": cfg.train.seq_len,
         "cost": {
             "layer_forwards": result.layer_forwards,
@@ -402,7 +403,7 @@ def run_search(cfg: RunConfig) -> SearchResult:
     plot_search_curve(
         result.curve,
         out_dir / CURVE_PNG,
-        title=f"Greedy IndexCache search ({num_layers} layers; {len(batches)} calibration batches)",
+        title=f"Greedy IndexCache search, {num_layers} layers (calibration: {windows} x {cfg.train.seq_len} tokens)",
         references={f"uniform freq={freq} offset={offset}": (len(uniform.full_layers), uniform_loss)},
         lines={"dense (no top-k)": dense_loss},
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from indexcache.kernels import sparse_attention, sparse_attention_probs, visible_slots
 from indexcache.losses import IndexerOutputs, TeacherInputs, multi_layer_kl
 from indexcache.losses.reference import reference_multi_layer_kl
 from indexcache.losses.sparse import sparse_multi_layer_kl
@@ -46,7 +47,7 @@ def test_an_all_padding_sequence_carries_no_loss_and_no_gradient():
     assert all(torch.isfinite(g).all() for g in grads)
     assert all(g[1].abs().max() == 0 for g in grads), "padding rows pass no gradient"
     # The loss is the mean over the real rows only: the first sequence on its own.
-    alone = IndexerOutputs(*(x[:1].detach().clone().requires_grad_() for x in indexer))
+    alone = IndexerOutputs(*(x[:1].detach() for x in (indexer.q, indexer.k, indexer.w)))
     solo = [TeacherInputs(t.query[:1], t.key[:1], t.scaling) for t in teachers]
     want = reference_multi_layer_kl(alone, solo, mask[:1])
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-10, atol=0)
@@ -60,13 +61,18 @@ def test_rows_with_no_visible_key_in_their_top_k_set_are_finite():
     got = multi_layer_kl(indexer, teachers, None, topk, impl="chunked", chunk_size=4)
     grads = _grads(got, indexer)
     assert torch.isfinite(got.loss) and all(torch.isfinite(g).all() for g in grads)
-    want = reference_multi_layer_kl(IndexerOutputs(*(x.detach() for x in indexer)), teachers, None, topk)
+    want = reference_multi_layer_kl(
+        IndexerOutputs(*(x.detach() for x in (indexer.q, indexer.k, indexer.w))), teachers, None, topk
+    )
     torch.testing.assert_close(got.loss.detach(), want.loss, rtol=1e-10, atol=1e-12)
     # The sparse stage's own path (teacher probabilities handed over by the attention) agrees.
-    from indexcache.kernels.sparse_attention import sparse_teacher_probs
-
-    probs = [sparse_teacher_probs(t.query, t.key, topk, None, t.scaling) for t in teachers]
-    sparse = sparse_multi_layer_kl(IndexerOutputs(*(x.detach() for x in indexer)), probs, None, topk)
+    slots = visible_slots(topk, None)
+    probs = []
+    for t in teachers:
+        query, key = t.query.transpose(1, 2), t.key.transpose(1, 2)
+        _, lse = sparse_attention(query, key, key, slots, t.scaling, impl="reference")
+        probs.append(sparse_attention_probs(query, key, slots, lse, t.scaling, impl="reference"))
+    sparse = sparse_multi_layer_kl(detached, probs, None, topk)
     assert torch.isfinite(sparse.loss)
     torch.testing.assert_close(sparse.loss, want.loss, rtol=1e-8, atol=1e-10)
 
@@ -80,6 +86,8 @@ def test_indexer_scores_beyond_the_bf16_range_stay_finite():
     got = multi_layer_kl(indexer, teachers, None, impl="chunked", chunk_size=5)
     grads = _grads(got, indexer)
     assert torch.isfinite(got.loss) and all(torch.isfinite(g).all() for g in grads)
-    as64 = IndexerOutputs(*(x.detach().double() for x in indexer))
-    want = reference_multi_layer_kl(as64, [TeacherInputs(t.query.double(), t.key.double(), t.scaling) for t in teachers], None)
+    as64 = IndexerOutputs(*(x.detach().double() for x in (indexer.q, indexer.k, indexer.w)))
+    want = reference_multi_layer_kl(
+        as64, [TeacherInputs(t.query.double(), t.key.double(), t.scaling) for t in teachers], None
+    )
     torch.testing.assert_close(got.loss.double(), want.loss, rtol=1e-3, atol=1e-3)
