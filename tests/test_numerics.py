@@ -61,9 +61,8 @@ def test_rows_with_no_visible_key_in_their_top_k_set_are_finite():
     got = multi_layer_kl(indexer, teachers, None, topk, impl="chunked", chunk_size=4)
     grads = _grads(got, indexer)
     assert torch.isfinite(got.loss) and all(torch.isfinite(g).all() for g in grads)
-    want = reference_multi_layer_kl(
-        IndexerOutputs(*(x.detach() for x in (indexer.q, indexer.k, indexer.w))), teachers, None, topk
-    )
+    detached = IndexerOutputs(*(x.detach() for x in (indexer.q, indexer.k, indexer.w)))
+    want = reference_multi_layer_kl(detached, teachers, None, topk)
     torch.testing.assert_close(got.loss.detach(), want.loss, rtol=1e-10, atol=1e-12)
     # The sparse stage's own path (teacher probabilities handed over by the attention) agrees.
     slots = visible_slots(topk, None)
