@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -95,7 +97,10 @@ def hydra_main(
     def task(composed: DictConfig) -> None:
         cfg = config_from_composed(composed)
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # a sweep's job runs in its own sub-directory
-        codes.append(job(cfg))
+        code = job(cfg)
+        if code != 0:
+            remove_if_empty(Path(cfg.run_dir))
+        codes.append(code)
 
     saved_argv = sys.argv
     sys.argv = [prog, *argv]
@@ -106,6 +111,12 @@ def hydra_main(
     finally:
         sys.argv = saved_argv
     return max(codes, default=0)
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Hydra creates the job's directory before the job runs: a job refused before writing leaves nothing."""
+    with suppress(OSError):  # not empty (an earlier run's files) or already gone: leave it
+        run_dir.rmdir()
 
 
 def user_error(prog: str, error: Exception, code: int = 2) -> int:

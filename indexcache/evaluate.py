@@ -66,6 +66,9 @@ class EvaluateConfig:
     chunk_size: int = 256  # query rows per chunk of the metrics
     search_curve: str | None = None  # a search's search_curve.json, plotted with the report
     out_dir: str | None = None  # default <run_dir>/evaluate
+    # Training ends by evaluating its export (single-process runs; a sharded model is evaluated with this entry
+    # point on its own, where one process can hold it).
+    after_training: bool = True
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "validation"):
@@ -213,7 +216,7 @@ def write_report(
 ) -> dict[str, Any]:
     """Write evaluation.json and the PNGs (atomically) and log them to `logger`'s W&B run; returns the JSON."""
     from indexcache.fsutil import atomic_write_text
-    from indexcache.plots import log_media, plot_layer_bars, plot_overlap, plot_search_curve
+    from indexcache.plots import plot_layer_bars, plot_overlap, plot_search_curve
 
     out_dir.mkdir(parents=True, exist_ok=True)
     images: dict[str, Path] = {}
@@ -247,7 +250,7 @@ def write_report(
         columns = ["layer", "type", "recall", "coverage"] + (
             ["recall_before", "coverage_before"] if baseline is not None else []
         )
-        log_media(logger, step, images, {"eval/layers": (columns, rows)})
+        logger.log_media(step, images, {"eval/layers": (columns, rows)})
     return payload
 
 
@@ -290,8 +293,12 @@ def _baseline_source(cfg: RunConfig, source_dir: Path) -> str | None:
     return path if path and Path(path).is_dir() else None
 
 
-def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
-    """Load the model (and its baseline), evaluate both on the same held-out batches, write the report."""
+def run_evaluation(cfg: RunConfig, logger: Any = None, step: int = 0) -> dict[str, Any]:
+    """Load the model (and its baseline), evaluate both on the same held-out batches, write the report.
+
+    `logger` (a training run's MetricsLogger) receives the report at `step`; without one the report gets a logger
+    of its own in the report's folder.
+    """
     from indexcache.config import to_container
     from indexcache.metrics import MetricsLogger
     from indexcache.run import build_pattern
@@ -321,26 +328,54 @@ def run_evaluation(cfg: RunConfig) -> dict[str, Any]:
         "index_topk": int(source_config.get("index_topk", 0)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    with MetricsLogger(cfg.logger, out_dir, to_container(cfg)) as logger:
-        return write_report(
-            out_dir, report, baseline, meta, Path(ev.search_curve) if ev.search_curve else None, logger=logger
-        )
+    curve = Path(ev.search_curve) if ev.search_curve else None
+    if logger is not None:
+        return write_report(out_dir, report, baseline, meta, curve, logger=logger, step=step)
+    with MetricsLogger(cfg.logger, out_dir, to_container(cfg)) as own_logger:
+        return write_report(out_dir, report, baseline, meta, curve, logger=own_logger)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Compose the config (same Hydra surface as training) and evaluate; 2 and one line on a user error."""
-    from indexcache.config import ConfigError, load_config
+def evaluate_export(cfg: RunConfig, export_dir: Path) -> dict[str, Any] | None:
+    """The end of a training run: its export in its trained pattern against the source it came from.
+
+    The report goes to `<run_dir>/evaluate/` with a metrics log and W&B run of its own (the training run's
+    metrics.jsonl keeps one line per training step). A re-run of a finished run finds the report and does nothing.
+    """
+    from dataclasses import replace
+
+    from indexcache.config import PatternConfig
+
+    exported = replace(
+        cfg,
+        model=replace(cfg.model, source=str(export_dir)),
+        pattern=PatternConfig(kind="source"),
+        evaluate=replace(cfg.evaluate, baseline="auto", out_dir=str(Path(cfg.run_dir) / "evaluate")),
+    )
+    if (Path(cfg.run_dir) / "evaluate" / REPORT_FILE).is_file():
+        return None
+    return run_evaluation(exported)
+
+
+def evaluate_job(cfg: RunConfig) -> int:
+    """One evaluation job. 0 after writing the report; 2 after a user error."""
+    from indexcache.cli import user_error
+    from indexcache.config import ConfigError
 
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else list(argv))
         payload = run_evaluation(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"{PROG}: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
-        return 2
+        return user_error(PROG, error)
     losses = payload["model"]["lm_loss"]
     parts = [f"{mode} {value:.4f}" for mode, value in losses.items() if value is not None]
     print(f"{PROG}: pattern {payload['model']['pattern']}: LM loss {', '.join(parts)}; report in {payload['images']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Hydra's command line, the same config surface as training (`--help`, `--cfg`, `-m`, one-line errors)."""
+    from indexcache.cli import hydra_main
+
+    return hydra_main(evaluate_job, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ config (the tests do).
 from __future__ import annotations
 
 import sys
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from pathlib import Path
 
 from indexcache.cli import hydra_main, user_error
@@ -34,14 +34,16 @@ def train_job(cfg: RunConfig) -> int:
         try:
             run = build_run(cfg, dist, stack)
         except (ConfigError, ValueError, FileNotFoundError, PermissionError) as error:
-            _remove_if_empty(Path(cfg.run_dir))
             return user_error(PROG, error)
         except OSError as error:  # disk full while preparing data: nothing of the run exists yet
-            _remove_if_empty(Path(cfg.run_dir))
             return user_error(PROG, OSError(WRITE_FAILED.format(error=error)), code=4)
         try:
             finished = train(run)
             exported = export_run(run) if finished and cfg.export.enabled else None
+            if exported is not None and cfg.evaluate.after_training and dist.world_size == 1:
+                from indexcache.evaluate import evaluate_export
+
+                evaluate_export(cfg, exported)
         except NonFiniteLossError as error:
             return user_error(PROG, error, code=3)
         except OSError as error:  # disk full, quota, a vanished mount: what was complete stays complete
@@ -49,12 +51,6 @@ def train_job(cfg: RunConfig) -> int:
     if dist.is_main:
         print(summary_line(run, finished, exported))
     return 0
-
-
-def _remove_if_empty(run_dir: Path) -> None:
-    """Hydra creates the job's directory before the job runs: a job refused while building leaves nothing."""
-    with suppress(OSError):  # not empty (an earlier run's files) or already gone: leave it
-        run_dir.rmdir()
 
 
 def summary_line(run, finished: bool, exported: Path | None) -> str:

@@ -102,6 +102,19 @@ class MetricsLogger:
         self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self._bar.update(step - self._bar.n)
 
+    def log_media(
+        self, step: int, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list[Any]]]]
+    ) -> None:
+        """PNGs and tables into the same W&B run as the scalars (nothing when W&B is off or on other ranks)."""
+        if self._wandb_run is None:
+            return
+        import wandb
+
+        payload: dict[str, Any] = {name: wandb.Image(str(image)) for name, image in images.items()}
+        for name, (columns, rows) in tables.items():
+            payload[name] = wandb.Table(columns=columns, data=rows)
+        self._wandb_run.log(payload, step=step)
+
     def close(self) -> None:
         """Finish W&B and close the file and bar; safe to call twice."""
         if self._bar is not None:

@@ -20,9 +20,8 @@ from matplotlib.ticker import MaxNLocator
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from indexcache.metrics import MetricsLogger
 
-__all__ = ["log_media", "plot_layer_bars", "plot_overlap", "plot_search_curve"]
+__all__ = ["plot_layer_bars", "plot_overlap", "plot_search_curve"]
 
 F_COLOR, S_COLOR = "#1f3b73", "#9db4d8"
 
@@ -130,7 +129,8 @@ def plot_layer_bars(
     num_layers = len(pattern)
     names = list(series)
     width = 0.8 / max(len(names), 1)
-    colors = ["#b0b0b0", F_COLOR, "#e07b39", "#3a923a"]
+    # Grey is for a "before" series; a single series gets the main colour.
+    colors = ["#b0b0b0", F_COLOR, "#e07b39", "#3a923a"] if len(names) > 1 else [F_COLOR]
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.35 * num_layers + 3), 7), sharex=True)
     for ax, metric in zip(axes, ("recall", "coverage"), strict=True):
         for layer, kind in enumerate(pattern):
@@ -147,24 +147,3 @@ def plot_layer_bars(
     _mark_full_layers(axes[1], pattern, "x")
     axes[1].set_xlabel("layer (bold: F)")
     return _save(fig, path)
-
-
-def log_media(
-    logger: MetricsLogger,
-    step: int,
-    images: dict[str, Path],
-    tables: dict[str, tuple[list[str], list[list[Any]]]],
-) -> None:
-    """Log PNGs and tables to the logger's W&B run (nothing when W&B is disabled or on other ranks).
-
-    MetricsLogger's own `log` takes scalars only; media go to the same run so one dashboard shows both.
-    """
-    run = getattr(logger, "_wandb_run", None)
-    if run is None:
-        return
-    import wandb
-
-    payload: dict[str, Any] = {name: wandb.Image(str(image)) for name, image in images.items()}
-    for name, (columns, rows) in tables.items():
-        payload[name] = wandb.Table(columns=columns, data=rows)
-    run.log(payload, step=step)

@@ -414,7 +414,6 @@ def run_search(cfg: RunConfig) -> SearchResult:
 def _log_to_wandb(cfg: RunConfig, out_dir: Path, result: SearchResult) -> None:
     from indexcache.config import to_container
     from indexcache.metrics import MetricsLogger
-    from indexcache.plots import log_media
 
     with MetricsLogger(cfg.logger, out_dir, to_container(cfg)) as logger:
         for entry in result.curve:
@@ -430,8 +429,7 @@ def _log_to_wandb(cfg: RunConfig, out_dir: Path, result: SearchResult) -> None:
             [e["step"], e["num_full"], e["retention"], e["loss"], e["pattern"], str(e["switched"])]
             for e in result.curve
         ]
-        log_media(
-            logger,
+        logger.log_media(
             step=len(result.curve) - 1,
             images={"indexcache/search/curve": out_dir / CURVE_PNG},
             tables={
@@ -440,16 +438,15 @@ def _log_to_wandb(cfg: RunConfig, out_dir: Path, result: SearchResult) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Compose the config (same Hydra surface as training), run the search; 2 and one line on a user error."""
-    from indexcache.config import ConfigError, load_config
+def search_job(cfg: RunConfig) -> int:
+    """One search job (Hydra's `-m` runs several). 0 when finished or stopped as asked; 2 after a user error."""
+    from indexcache.cli import user_error
+    from indexcache.config import ConfigError
 
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else list(argv))
         result = run_search(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"{PROG}: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
-        return 2
+        return user_error(PROG, error)
     if not result.finished:
         print(f"{PROG}: {result.stop_reason}; the same command continues the search", file=sys.stderr)
         return 0
@@ -459,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         f"layer-forwards (naive {result.naive_layer_forwards}); outputs in {out_dir_of(cfg)}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Hydra's command line, the same config surface as training (`--help`, `--cfg`, `-m`, one-line errors)."""
+    from indexcache.cli import hydra_main
+
+    return hydra_main(search_job, argv, prog=PROG)
 
 
 if __name__ == "__main__":
