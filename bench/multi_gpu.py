@@ -52,8 +52,10 @@ def build(out: Path, layers: int, experts: int) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     saved = json.loads((out / "config.json").read_text())
-    print(f"built {out}: {n_params / 1e9:.3f} B parameters, {layers} layers, {experts} experts, "
-          f"index_topk {saved.get('index_topk')}, vocab {saved['vocab_size']}, dtype {saved.get('dtype')}")
+    print(
+        f"built {out}: {n_params / 1e9:.3f} B parameters, {layers} layers, {experts} experts, "
+        f"index_topk {saved.get('index_topk')}, vocab {saved['vocab_size']}, dtype {saved.get('dtype')}"
+    )
 
 
 def patch_zero3_latent_weights() -> None:

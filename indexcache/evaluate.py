@@ -96,7 +96,7 @@ def resolve_model_source(cfg: RunConfig, source: str | None = None) -> tuple[Pat
     """The local checkpoint folder of `cfg.model` (or of `source`, e.g. a baseline) and its config.json."""
     from dataclasses import replace
 
-    from indexcache.model.sources import read_config, resolve_source
+    from indexcache.conversion.sources import read_config, resolve_source
 
     source_dir = resolve_source(cfg.model if source is None else replace(cfg.model, source=source))
     return source_dir, read_config(source_dir)
@@ -104,8 +104,8 @@ def resolve_model_source(cfg: RunConfig, source: str | None = None) -> tuple[Pat
 
 def load_data(cfg: RunConfig, source_dir: Path) -> PackedSplits:
     """The `data=` splits tokenised with the checkpoint's own tokenizer, in train.seq_len windows."""
+    from indexcache.conversion.sources import load_tokenizer
     from indexcache.data import build_datasets
-    from indexcache.model.sources import load_tokenizer
 
     return build_datasets(cfg.data, load_tokenizer(source_dir), cfg.train.seq_len)
 

@@ -27,11 +27,11 @@ from indexcache.config import (
     result_fingerprint,
     to_container,
 )
+from indexcache.conversion.sources import load_tokenizer, read_config, resolve_source
 from indexcache.data import PackedSplits, build_datasets
 from indexcache.distributed import DistInfo, barrier
 from indexcache.metrics import MetricsLogger
 from indexcache.model import IndexCacheModel, get_family
-from indexcache.model.sources import load_tokenizer, read_config, resolve_source
 from indexcache.pattern import IndexCachePattern
 from indexcache.stage import StagePlan, build_plans, trained_groups
 

@@ -160,7 +160,7 @@ _results: dict[str, bool] = {}
 
 @pytest.fixture(scope="module")
 def tiny_source(cache_dir: Path) -> Path:
-    script = "from indexcache.config import ModelConfig; from indexcache.model.sources import resolve_source; "
+    script = "from indexcache.config import ModelConfig; from indexcache.conversion.sources import resolve_source; "
     script += "print(resolve_source(ModelConfig(source='tiny', index_topk=8)))"
     out = subprocess.run(
         [sys.executable, "-c", script], check=True, capture_output=True, text=True, env=subprocess_env(cache_dir)

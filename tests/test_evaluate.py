@@ -12,9 +12,9 @@ import torch
 
 from indexcache.attention_stats import attention_metrics
 from indexcache.config import load_config
+from indexcache.conversion.sources import resolve_source
 from indexcache.evaluate import evaluate_model, main, run_evaluation
 from indexcache.model import IndexCacheModel
-from indexcache.model.sources import resolve_source
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
 

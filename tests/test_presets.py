@@ -17,9 +17,9 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from indexcache.config import ConfigError, RunConfig, presets
+from indexcache.conversion.glm4_moe_lite import glm_moe_dsa_config
+from indexcache.conversion.sources import index_config
 from indexcache.model import IndexCacheModel, get_family
-from indexcache.model.glm4_moe_lite import glm_moe_dsa_config
-from indexcache.model.sources import index_config
 from indexcache.model.wrapper import SharedIndexer
 from indexcache.pattern import IndexCachePattern
 

@@ -230,7 +230,7 @@ def test_a_second_job_on_a_running_run_dir_refuses(tmp_path, cache_dir):
 def test_two_processes_converting_one_source_make_one_cache_entry(tmp_path):
     cache = tmp_path / "cache"
     script = (
-        "from indexcache.config import ModelConfig; from indexcache.model.sources import resolve_source; "
+        "from indexcache.config import ModelConfig; from indexcache.conversion.sources import resolve_source; "
         "print(resolve_source(ModelConfig(source='tiny', tiny_family='deepseek_v32', seed=7)))"
     )
     procs = [

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from indexcache.config import load_config
-from indexcache.model.sources import resolve_source
+from indexcache.conversion.sources import resolve_source
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
 from indexcache.prefix_reuse import SearchModel, SearchObjective

@@ -17,15 +17,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from indexcache.model.indexer import indexer_outputs, select_topk
-from indexcache.model.llama_dsa import load_llama_dsa
-from indexcache.model.smollm2 import (
+from indexcache.conversion.smollm2 import (
     MODEL_DIRNAME,
     PROVENANCE_FILE,
     gguf_location,
     smollm2_dsa_path,
     smollm2_path,
 )
+from indexcache.model.indexer import indexer_outputs, select_topk
+from indexcache.model.llama_dsa import load_llama_dsa
 from indexcache.model.wrapper import IndexCacheModel
 from indexcache.paths import CACHE_ENV, cache_root
 
@@ -131,7 +131,7 @@ def test_cached_folder_is_the_gguf_model_with_sane_perplexity():
 @pytest.mark.slow
 def test_concurrent_first_use_converts_once_and_atomically(tmp_path: Path):
     """Two processes ask for the asset in an empty cache: one converts, the other waits and reuses it."""
-    script = "import sys; from indexcache.model.smollm2 import smollm2_path; print(smollm2_path(sys.argv[1]))"
+    script = "import sys; from indexcache.conversion.smollm2 import smollm2_path; print(smollm2_path(sys.argv[1]))"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -13,9 +13,9 @@ config (`LlamaIndexerConfig`) because Llama differs from DeepSeek-V3.2 in two pl
   `head_dim / index_rope_head_dim`-th frequency of the model's own rotary embedding, which for default RoPE is
   exactly RoPE of width `index_rope_head_dim` with the same theta (and any rope scaling carries over).
 
-Default indexer shape for SmolLM2 (`SMOLLM2_INDEX`: 4 heads x 64, 32 roped dims, top-256): the GLM-5 / DeepSeek-V3.2
-proportions scaled down: about half as many indexer heads as attention heads (9), an indexer width equal to the
-attention head width (64), half of it roped (GLM-5: 64 of 128). top-256 is 1/32 of SmolLM2's 8K context; set
+Default indexer shape for SmolLM2 (`conversion.llama.SMOLLM2_INDEX`: 4 heads x 64, 32 roped dims, top-256): the
+GLM-5 / DeepSeek-V3.2 proportions scaled down: about half as many indexer heads as attention heads (9), an
+indexer width equal to the attention head width (64), half of it roped (GLM-5: 64 of 128). top-256 is 1/32 of SmolLM2's 8K context; set
 `index_topk` below the training sequence length or sparse training is dense.
 
 Converted folders keep `model_type: llama`: `config.json` gains `index_topk`, `index_n_heads`, `index_head_dim`,
@@ -31,8 +31,7 @@ shared with `glm4_moe_lite.py`.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -47,7 +46,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, eager_attention_forward
 
-from indexcache.model.convert import DsaIndexConfig, base_dtype, init_indexer_tensors, source_folder, write_dsa_folder
+from indexcache.conversion.convert import DsaIndexConfig
 from indexcache.model.families_common import (
     decoder_attentions,
     indexer_installer,
@@ -59,19 +58,16 @@ from indexcache.model.registry import ModelFamily, SharedIndexerFactory, registe
 from indexcache.pattern import IndexCachePattern
 
 __all__ = [
-    "SMOLLM2_INDEX",
     "LlamaDsaAttention",
     "LlamaDsaForCausalLM",
     "LlamaIndexerConfig",
     "SharedTopk",
-    "convert_llama_to_dsa",
     "llama_dsa_config",
     "load_llama_dsa",
     "tiny_llama_dsa_config",
 ]
 
 INDEX_KEYS = ("index_topk", "index_n_heads", "index_head_dim", "index_rope_head_dim")
-SMOLLM2_INDEX = DsaIndexConfig(index_topk=256, index_n_heads=4, index_head_dim=64, index_rope_head_dim=32)
 
 
 # ---- the llama DSA model -------------------------------------------------------------------------------------------
@@ -92,7 +88,7 @@ class LlamaIndexerConfig:
         if missing:
             raise ValueError(
                 f"llama config has no DSA indexer keys {missing}: convert the checkpoint first with "
-                "indexcache.model.llama_dsa.convert_llama_to_dsa"
+                "indexcache.conversion.llama.convert_llama_to_dsa"
             )
         return cls(
             hidden_size=config.hidden_size,
@@ -303,30 +299,6 @@ class LlamaDsaForCausalLM(LlamaForCausalLM):
 
     def _clear_topk_relay(self, *_: object) -> None:
         self._topk_relay.clear()
-
-
-def convert_llama_to_dsa(
-    model_or_path: PreTrainedModel | str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    index_cfg: DsaIndexConfig = SMOLLM2_INDEX,
-) -> Path:
-    """Dense llama checkpoint (folder or in-memory model) -> DSA llama folder; returns `out_dir`.
-
-    Base tensors are copied byte for byte (an in-memory model is first saved with `save_pretrained`); the indexers
-    are freshly initialised (`init_indexer_tensors`) in the dtype of the base weights; the source's tokenizer files
-    come along. Written atomically; `out_dir` must not exist.
-    """
-    with source_folder(model_or_path) as source_dir:
-        config = LlamaConfig.from_pretrained(source_dir)
-        if any(getattr(config, key, None) is not None for key in INDEX_KEYS):
-            raise ValueError(f"{source_dir} is already a DSA llama (its config has index keys)")
-        dsa_config = llama_dsa_config(config, index_cfg)
-        std = index_cfg.init_std or config.initializer_range
-        tensors = init_indexer_tensors(
-            config.num_hidden_layers, config.hidden_size, config.hidden_size, index_cfg, std, base_dtype(source_dir)
-        )
-        record = {"source": str(model_or_path), "source_model_type": "llama", "index": asdict(index_cfg)}
-        return write_dsa_folder(source_dir, Path(out_dir), dsa_config, tensors, record)
 
 
 def load_llama_dsa(

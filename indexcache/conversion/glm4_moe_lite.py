@@ -34,7 +34,13 @@ import torch
 from torch import Tensor
 from transformers import Glm4MoeLiteConfig, GlmMoeDsaConfig, PreTrainedModel
 
-from indexcache.model.convert import DsaIndexConfig, base_dtype, init_indexer_tensors, source_folder, write_dsa_folder
+from indexcache.conversion.convert import (
+    DsaIndexConfig,
+    base_dtype,
+    init_indexer_tensors,
+    source_folder,
+    write_dsa_folder,
+)
 
 __all__ = [
     "GLM4_MOE_LITE_INDEX",

@@ -6,7 +6,7 @@ to their own shard, and the folder appears atomically. What a family decides (it
 rewrites, its default indexer shape) stays in its own file:
 
     source model_type   converter                                             target model_type
-    llama               llama_dsa.convert_llama_to_dsa                        llama (our LlamaDsaForCausalLM)
+    llama               conversion.llama.convert_llama_to_dsa                 llama (our LlamaDsaForCausalLM)
     glm4_moe_lite       glm4_moe_lite.convert_glm4_moe_lite_to_dsa            glm_moe_dsa (stock transformers)
 """
 
@@ -89,8 +89,8 @@ Converter = Callable[[PreTrainedModel | str | os.PathLike[str], str | os.PathLik
 def converters() -> dict[str, Converter]:
     """The converter of each dense source `model_type` that can become DSA (the table in the module doc)."""
     # Imported on use: both families build on the helpers below, so importing them at the top would be circular.
-    from indexcache.model.glm4_moe_lite import convert_glm4_moe_lite_to_dsa
-    from indexcache.model.llama_dsa import convert_llama_to_dsa
+    from indexcache.conversion.glm4_moe_lite import convert_glm4_moe_lite_to_dsa
+    from indexcache.conversion.llama import convert_llama_to_dsa
 
     return {"llama": convert_llama_to_dsa, "glm4_moe_lite": convert_glm4_moe_lite_to_dsa}
 
