@@ -15,8 +15,8 @@ config (`LlamaIndexerConfig`) because Llama differs from DeepSeek-V3.2 in two pl
 
 Default indexer shape for SmolLM2 (`conversion.llama.SMOLLM2_INDEX`: 4 heads x 64, 32 roped dims, top-256): the
 GLM-5 / DeepSeek-V3.2 proportions scaled down: about half as many indexer heads as attention heads (9), an
-indexer width equal to the attention head width (64), half of it roped (GLM-5: 64 of 128). top-256 is 1/32 of SmolLM2's 8K context; set
-`index_topk` below the training sequence length or sparse training is dense.
+indexer width equal to the attention head width (64), half of it roped (GLM-5: 64 of 128). top-256 is 1/32 of
+SmolLM2's 8K context; set `index_topk` below the training sequence length or sparse training is dense.
 
 Converted folders keep `model_type: llama`: `config.json` gains `index_topk`, `index_n_heads`, `index_head_dim`,
 `index_rope_head_dim`, `indexer_types` (all "full" after conversion) and `layer_types` ("indexed_attention", which
