@@ -254,7 +254,7 @@ def kernel_rows(seq: int, rate: float) -> list[dict]:
     indices = (scores * (torch.arange(seq, device="cuda")[None, :, None] + 1)).long()
     slots = visible_slots(indices, None)
     rows = attention_rows("glm5", 64, seq, slots, rate) + attention_rows("dsv32", 128, seq, slots, rate)
-    # The G=4 sparse KL of a GLM-5 group, teachers handed over: its floor is DESIGN.md's with K keys per row.
+    # The G=4 sparse KL of a GLM-5 group, teachers handed over: its floor is docs/DESIGN.md's with K keys per row.
     idx_heads, idx_dim, heads, head_dim, layers = 32, 128, 64, 256, 4
     q = torch.randn(1, seq, idx_heads, idx_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, seq, idx_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -1,4 +1,4 @@
-"""Fused multi-layer KL (fwd + bwd) against the DESIGN.md section 4 floor, GLM-5 group shapes, B=1.
+"""Fused multi-layer KL (fwd + bwd) against the docs/DESIGN.md section 4 floor, GLM-5 group shapes, B=1.
 
     python bench/kernel_kl.py [--lengths 4096 8192 ...] [--tune] [--out DIR]
 
@@ -43,7 +43,7 @@ def matmul_rate() -> float:
 
 
 def floor_flops(seq: int, sparse_k: int | None, shape: dict) -> float:
-    # DESIGN.md: causal pairs for dense; the sparse floor counts K keys for every row.
+    # docs/DESIGN.md: causal pairs for dense; the sparse floor counts K keys for every row.
     pairs = seq * (seq + 1) / 2 if sparse_k is None else seq * sparse_k
     teacher = shape["layers"] * shape["heads"] * pairs * shape["head_dim"] * 2
     indexer = 3 * shape["idx_heads"] * pairs * shape["idx_dim"] * 2

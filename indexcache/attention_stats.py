@@ -1,7 +1,7 @@
 """Per-layer attention statistics: top-k recall, attention-mass coverage and the cross-layer top-k overlap.
 
 For a layer l with dense attention p_l[t, :] = (1/H) sum_h softmax_s(Q_l[h,t] . K_l[h,s] * scale) (causal, padding
-keys excluded; DESIGN.md section 1) and the set A_l[t] of K keys the layer attends to in sparse mode (its F layer's
+keys excluded; docs/DESIGN.md section 1) and the set A_l[t] of K keys the layer attends to in sparse mode (its F layer's
 top-k):
 
     recall_l   = mean_t |A_l[t] ∩ topK(p_l[t, :])| / K

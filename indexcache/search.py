@@ -1,4 +1,4 @@
-"""Training-free greedy pattern search (DESIGN.md section 2) on the user's own calibration data.
+"""Training-free greedy pattern search (docs/DESIGN.md section 2) on the user's own calibration data.
 
     python -m indexcache.search [key=value ...]        (console script: indexcache-search)
 

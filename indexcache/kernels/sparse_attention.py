@@ -7,7 +7,7 @@ over the slots k with idx[t, k] >= 0, g(h) = h // (H / H_kv) the KV head of quer
 A row with no slot left gets output 0 and LSE -inf (such rows carry no loss, and no real row reads them).
 
 Layouts are token-major: query [B, T, H, D], key [B, T, H_kv, D], value [B, T, H_kv, D_v], indices [B, T, K]. The
-MLA families call this in the weight-absorbed form (DESIGN.md section 5): one KV head whose key is the 576-wide
+MLA families call this in the weight-absorbed form (docs/DESIGN.md section 5): one KV head whose key is the 576-wide
 latent (kv_lora 512 + rope 64) and whose value is the key's first 512 columns (a view, not a copy).
 
 Two implementations of the same maths:

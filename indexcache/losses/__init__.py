@@ -1,4 +1,4 @@
-"""Multi-layer KL distillation loss for IndexCache (DESIGN.md section 1).
+"""Multi-layer KL distillation loss for IndexCache (docs/DESIGN.md section 1).
 
     loss = mean over valid query rows of (1/G) sum_j KL(p_j || q_idx)
 

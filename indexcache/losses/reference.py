@@ -1,4 +1,4 @@
-"""Materialising reference of the multi-layer KL (DESIGN.md section 1): the slow exact oracle for tests.
+"""Materialising reference of the multi-layer KL (docs/DESIGN.md section 1): the slow exact oracle for tests.
 
 Every score tensor is built whole ([B, T, T] for the indexer, [B, H, T, T] per teacher) in the inputs' dtype, so
 tests can run it in float64 and plain autograd supplies the gradient the fast paths are checked against.

@@ -1,4 +1,4 @@
-"""Sparse-stage KL on the top-k set, from teacher probabilities the attention hands over (DESIGN.md section 1).
+"""Sparse-stage KL on the top-k set, from teacher probabilities the attention hands over (docs/DESIGN.md section 1).
 
 In the sparse stage every served layer attends to its F layer's top-k set, and the sparse attention gives that
 layer's head-averaged probabilities on the set, p_j [B, T, K] (`indexcache.kernels.sparse_attention_probs`). So the

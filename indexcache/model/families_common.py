@@ -35,7 +35,7 @@ class LatentMlaAttention:
 
     The stock forward expands every token's latent into per-head keys and values (`expand_kv`, through
     `kv_b_proj`) before the attention function sees them, so a gather-based sparse kernel would read each
-    (row, head)'s own keys. In sparse mode this attends in the weight-absorbed form serving engines use (DESIGN.md
+    (row, head)'s own keys. In sparse mode this attends in the weight-absorbed form serving engines use (docs/DESIGN.md
     section 5): each head's no-RoPE query goes through the key half of `kv_b_proj` (W_uk) into the latent space, the
     key is the token's shared 576-wide latent (normed kv_lora 512 + RoPE 64, one KV head), the value the latent's
     first 512 columns, and the 512-wide output of each head comes back through the value half (W_uv). Scores,

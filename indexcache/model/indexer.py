@@ -1,6 +1,6 @@
 """Lightning-indexer maths shared by every DSA family: the scorer, memory-bounded top-k, trainable indexers.
 
-    I[t, s] = sum_j w[t, j] * relu(q[t, j] . k[s])        (DESIGN.md section 1; causal: s <= t)
+    I[t, s] = sum_j w[t, j] * relu(q[t, j] . k[s])        (docs/DESIGN.md section 1; causal: s <= t)
 
 `w` carries every scale (the checkpoints' `softmax_scale = D_I^-0.5` and the `H_I^-0.5` head average), folded in
 because relu(c * x) = c * relu(x) for c > 0: the scores, and so the top-k, are those of the stock indexers.

@@ -21,7 +21,7 @@ teachers are alive at a time. Sparse: the attention's own head-averaged probabil
 (a second pass over the same gathered keys, normalised by the forward's LSE) go into the group's `SparseGroupKL`,
 which logs each layer's KL and entropy as it runs and keeps one running [B, T, K] sum for the gradient.
 
-Losses (DESIGN.md section 1): each group's loss is the mean over valid (non-padding) query rows of
+Losses (docs/DESIGN.md section 1): each group's loss is the mean over valid (non-padding) query rows of
 (1/G) sum_j KL(p_j || q_f); `kl_loss` is the sum over F layers of their group's loss.
 """
 
