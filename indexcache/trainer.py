@@ -56,6 +56,15 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | No
     return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
 
+def _local_gradients_finite(engine: Any) -> bool:
+    """Whether the gradients held on the parameters are finite (fp32 without ZeRO, where the optimizer reads
+    them there). Optimizers that keep their own gradient buffers (ZeRO, bf16) report a norm after the step."""
+    if engine.zero_optimization() or engine.bfloat16_enabled():
+        return True
+    grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
 class _Clock:
     """Wall time between laps; on a GPU each lap first waits for the queued kernels (the split is then honest)."""
 
@@ -187,7 +196,9 @@ class Trainer:
 
         A micro-batch whose loss is not finite gets no backward pass: with one micro-batch per step the step is
         skipped whole (parameters, optimizer state and schedule untouched); with accumulation its gradient share
-        is zero and the others still apply.
+        is zero and the others still apply. Non-finite gradients are skipped the same way where the optimizer
+        reads them from the parameters (fp32 without ZeRO); elsewhere a non-finite gradient norm stops the run
+        before a checkpoint is written.
         """
         started = time.perf_counter()
         accum = self.cfg.deepspeed.gradient_accumulation_steps
@@ -212,8 +223,19 @@ class Trainer:
                 continue
             engine.backward(out.loss)
             split["backward"] += clock.lap()
+            if accum == 1 and not _local_gradients_finite(engine):
+                engine.zero_grad()  # the optimizer never sees them: a skipped step, like a non-finite loss
+                return {}, False
             engine.step()
             split["optimizer"] += clock.lap()
+            norm = engine.get_global_grad_norm()
+            if norm is not None and not math.isfinite(float(norm)):
+                # ZeRO and bf16 optimizers own their gradients and have applied them by now: stop before the
+                # poisoned weights reach a checkpoint.
+                raise NonFiniteLossError(
+                    f"non-finite gradient norm at stage {plan.name}: stopping with the last checkpoint kept; "
+                    "lower the learning rate or check the data, then re-run to resume"
+                )
             micro = {"train/loss": loss, "train/kl_loss": out.kl_loss.item(), **out.metrics}
             if out.lm_loss is not None:
                 micro["train/lm_loss"] = out.lm_loss.item()
@@ -234,7 +256,7 @@ class Trainer:
     def report_nonfinite(self, plan: StagePlan, stage_step: int, in_a_row: int) -> None:
         limit = self.cfg.train.max_nonfinite_steps
         message = (
-            f"indexcache: non-finite loss at stage {plan.name} step {stage_step + 1}: step skipped "
+            f"indexcache: non-finite loss or gradient at stage {plan.name} step {stage_step + 1}: step skipped "
             f"({in_a_row} in a row, limit train.max_nonfinite_steps={limit})"
         )
         if self.dist.is_main:

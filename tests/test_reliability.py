@@ -20,7 +20,7 @@ import torch
 
 from indexcache.config import ConfigError
 from indexcache.run import precheck
-from tests.conftest import MAIN, SUMMARY_LINES, folder_tensors, subprocess_env, train_losses
+from tests.conftest import MAIN, SUMMARY_LINES, folder_tensors, read_metrics, subprocess_env, train_losses
 
 KILL_SEED = 20261130
 # Two stages (all-F warm-up, then the FFSF pattern), a checkpoint every step: kills land in steps, checkpoint
@@ -203,6 +203,35 @@ def test_non_finite_losses_skip_steps_then_abort_with_the_last_checkpoint_kept(t
     assert (run_dir / "checkpoints" / "step_00000001" / "trainer_state.json").is_file()
     assert sorted(train_losses(run_dir)) == [1], "skipped steps write no metrics line of their own"
     assert not (run_dir / "export").exists()
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_skips_its_step(tmp_path, compose):
+    """A backward that overflows (fault-injected NaN on one indexer weight's gradient, first step only)."""
+    from contextlib import ExitStack
+
+    from indexcache.distributed import init_distributed
+    from indexcache.run import build_run
+    from indexcache.trainer import Trainer
+
+    cfg = compose("conf=tiny", f"run_dir={tmp_path / 'run'}", "stage.warmup.steps=3")
+    dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)
+    with ExitStack() as stack:
+        run = build_run(cfg, dist, stack)
+        _, param = run.model.indexer_parameters()[0]
+        left = [1]
+
+        def poison(grad: torch.Tensor) -> torch.Tensor:
+            if left[0]:
+                left[0] -= 1
+                return grad * float("nan")
+            return grad
+
+        param.register_hook(poison)
+        assert Trainer(run).train()
+    lines = read_metrics(run.run_dir)
+    assert [line["step"] for line in lines] == [1, 2, 3], "the poisoned step was skipped, three steps trained"
+    assert lines[0]["train/nonfinite_skipped_total"] == 1.0
+    assert torch.isfinite(param).all(), "the NaN gradient never reached the weights"
 
 
 def test_a_second_job_on_a_running_run_dir_refuses(tmp_path, cache_dir):
