@@ -251,8 +251,9 @@ def test_unusable_wandb_falls_back_to_offline_and_training_finishes(tmp_path, ca
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # One warning per W&B run that fell back: the training run's, and the run-end evaluation's.
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("indexcache: warning: W&B online")]
-    assert len(warnings) == 1 and "logging offline" in warnings[0]
+    assert 1 <= len(warnings) <= 2 and all("logging offline" in line for line in warnings), proc.stderr[-2000:]
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "the metrics went to an offline run"
 
 

@@ -261,7 +261,8 @@ def test_a_killed_search_process_continues_to_the_same_result(tmp_path, cache_di
     argv = [sys.executable, "-m", "indexcache.search", "preset=tiny", f"run_dir={run_dir}", "logger.wandb.mode=offline"]
     argv += ["search.calibration_tokens=4096", "search.batch_size=1"]
     state = run_dir / "search" / "search_state.json"
-    env = {**subprocess_env(cache_dir), "WANDB_SILENT": "true"}
+    # The same intra-op thread count as this process, so both compute with the same reduction order.
+    env = {**subprocess_env(cache_dir), "WANDB_SILENT": "true", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 300
@@ -276,4 +277,6 @@ def test_a_killed_search_process_continues_to_the_same_result(tmp_path, cache_di
     assert not (run_dir / "search" / "pattern.txt").exists()
     resumed = run_search(search_config(tmp_path / "killed", *overrides))
     assert resumed.pattern == whole.pattern
-    assert [e["loss"] for e in resumed.curve] == [e["loss"] for e in whole.curve]
+    assert [e["switched"] for e in resumed.curve] == [e["switched"] for e in whole.curve]
+    # Steps before the kill were computed in the other process: equal up to float32 round-off across processes.
+    assert [e["loss"] for e in resumed.curve] == pytest.approx([e["loss"] for e in whole.curve], rel=1e-6)
