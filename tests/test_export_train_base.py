@@ -13,7 +13,6 @@ trainer's sparse evaluation (`eval/lm_loss_sparse`, the final stage's evaluation
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from indexcache.data import DataConfig, ResumableBatches, build_datasets
 from indexcache.validate_export import validate_export
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_BASE = [
@@ -40,8 +40,7 @@ TRAIN_BASE = [
 
 def _train(tmp: Path, *overrides: str, launcher: list[str] | None = None) -> Path:
     run_dir = tmp / "run"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    env["INDEXCACHE_CACHE"] = str(tmp / "cache")
+    env = subprocess_env(tmp / "cache")  # without the rendezvous variables of this session's in-process runs
     main = str(REPO / "train" / "main.py")
     cmd = [*(launcher or [sys.executable]), main, "conf=tiny", f"run_dir={run_dir}", *TRAIN_BASE, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp, env=env)
