@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["STAGING_TAG", "atomic_write_text", "dir_lock", "fsync_dir", "sibling", "staged_dir"]
+__all__ = ["STAGING_TAG", "atomic_write_text", "dir_lock", "fsync_dir", "sibling", "staged_dir", "temp_sibling"]
 
 STAGING_TAG = re.compile(r"[0-9a-f]{12}")  # the random part of every staging/aside name written here
 
@@ -47,9 +47,20 @@ def dir_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def temp_sibling(path: Path) -> Path:
+    """`.{name}.tmp-{pid}{suffix}` beside `path`, after removing what a killed writer of `path` left there.
+
+    Callers hold the run directory (its lock) or write caches under a rename, so a stale temporary is never a live
+    writer's.
+    """
+    for stale in path.parent.glob(f".{path.stem}.tmp-*{path.suffix}"):
+        stale.unlink(missing_ok=True)
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file so that readers see the old content or the new, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()

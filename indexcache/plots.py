@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from indexcache.fsutil import temp_sibling
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -28,7 +30,7 @@ F_COLOR, S_COLOR = "#1f3b73", "#9db4d8"
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    tmp = temp_sibling(path)
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
