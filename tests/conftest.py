@@ -44,6 +44,17 @@ def _offline_env(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
 
 
 @pytest.fixture
+def quiet_local_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real W&B runs (offline) whose side files all stay in tmp_path; each test's config names its W&B mode."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+@pytest.fixture
 def compose() -> Callable[..., RunConfig]:
     """compose(*overrides) -> the checked RunConfig, exactly as the command line composes it."""
 

@@ -20,15 +20,7 @@ from indexcache.pattern import IndexCachePattern
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
-
-@pytest.fixture(autouse=True)
-def quiet_local_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
-    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.delenv("WANDB_MODE", raising=False)  # each test's config names its W&B mode
+pytestmark = pytest.mark.usefixtures("quiet_local_wandb")
 
 
 def text_batches(count: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:

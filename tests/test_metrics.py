@@ -17,16 +17,7 @@ from indexcache.metrics import LoggerConfig, MetricsLogger, WandbConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True)
-def quiet_local_wandb(tmp_path, monkeypatch):
-    """Keep every W&B side file inside tmp_path; offline mode never touches the network anyway."""
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
-    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+pytestmark = pytest.mark.usefixtures("quiet_local_wandb")
 
 
 def logger_config(mode: str, progress_bar: bool = False) -> LoggerConfig:

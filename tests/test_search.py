@@ -28,6 +28,8 @@ from tests.conftest import subprocess_env
 
 FAMILIES = ["glm_moe_dsa", "deepseek_v32", "llama"]
 
+pytestmark = pytest.mark.usefixtures("quiet_local_wandb")
+
 
 def text_batches(count: int, batch: int, seq: int, offset: int = 0) -> list[dict[str, torch.Tensor]]:
     """Real text: bytes of os.py as ByT5 ids (byte + 3), cut into [batch, seq] windows."""
@@ -38,16 +40,6 @@ def text_batches(count: int, batch: int, seq: int, offset: int = 0) -> list[dict
 
 def search_model(family: str, layers: int = 5, seed: int = 0) -> SearchModel:
     return SearchModel(tiny_model(family, seed=seed, num_hidden_layers=layers, vocab_size=259))
-
-
-@pytest.fixture(autouse=True)
-def quiet_local_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
-    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    monkeypatch.delenv("WANDB_MODE", raising=False)  # each test's config names its W&B mode
 
 
 @pytest.mark.parametrize("family", FAMILIES)
