@@ -77,7 +77,8 @@ class LatentMlaAttention:
         context = kwargs.get(CONTEXT_KWARG)
         interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = 0.0 if not self.training else self.attention_dropout
-        if context is not None and context.mode == "sparse":
+        latent = context is not None and context.mode == "sparse"
+        if latent:
             kv_b = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
             w_uk, w_uv = kv_b[:, : self.qk_nope_head_dim], kv_b[:, self.qk_nope_head_dim :]
             # Token-major [B, T, H, 576] underneath: the backend's transposes then give contiguous rows to gather.
@@ -85,32 +86,22 @@ class LatentMlaAttention:
             query = torch.cat((q_latent, q_rot.transpose(1, 2)), dim=-1).transpose(1, 2)
             key = torch.cat((k_pass, k_rot), dim=-1)  # [B, 1, T, 576]: one head, so token-major already
             value = key[..., : self.kv_lora_rank]
-            latent_out, weights = interface(
-                self,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=dropout,
-                scaling=self.scaling,
-                indices=selection,
-                **kwargs,
-            )
-            output = torch.einsum("bthc,hvc->bthv", latent_out, w_uv)
         else:
             query = torch.cat((q_pass, q_rot), dim=-1)
             key, value = self.expand_kv(k_pass, k_rot)
-            output, weights = interface(
-                self,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=dropout,
-                scaling=self.scaling,
-                indices=selection,
-                **kwargs,
-            )
+        output, weights = interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=self.scaling,
+            indices=selection,
+            **kwargs,
+        )
+        if latent:  # each head's 512-wide latent output back up through the value half of kv_b_proj
+            output = torch.einsum("bthc,hvc->bthv", output, w_uv)
         return self.o_proj(output.reshape(batch, seq, -1)), weights
 
 
