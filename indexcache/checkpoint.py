@@ -42,6 +42,7 @@ class TrainerState:
     # The result-affecting config of the run that wrote this (config.result_fingerprint): a resume must match it.
     config_fingerprint: dict[str, Any] = field(default_factory=dict)
     pattern: str = ""  # the run's pattern (stages may have trained all-F first)
+    plateau: dict[str, float] = field(default_factory=dict)  # the stage's early-stop watch (trainer.Plateau)
 
 
 def _rng_state() -> dict[str, Any]:

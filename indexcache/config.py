@@ -120,6 +120,9 @@ class PatternConfig:
 
 STAGE_MODES = ("dense", "sparse")
 STAGE_PATTERNS = ("run", "all_full")
+# served: each F indexer learns the multi-layer KL against every layer it serves (IndexCache's training-aware loss);
+# own: against its own layer's attention only (the IndexCache paper's "without cross-layer loss" ablation).
+STAGE_TEACHERS = ("served", "own")
 
 
 @dataclass
@@ -135,12 +138,20 @@ class StageConfig:
     train_base: bool = False  # sparse only: the base also trains, from the LM loss
     lm_loss_weight: float = 1.0
     base_lr: float = 1e-5
+    teachers: str = "served"  # served: multi-layer KL over every layer an F layer serves; own: its own layer only
+    # Early stop: end the stage once held-out mean top-k recall (eval/mean_recall) has not improved by
+    # plateau_min_delta over its best for plateau_patience evaluations in a row (0: off; needs train.eval_every).
+    plateau_patience: int = 0
+    plateau_min_delta: float = 0.002
 
     def check(self, name: str) -> None:
         """Stages are keyed by name (`stage.<name>.*`), so their checks run with it, from RunConfig."""
         key = f"stage.{name}"
         _choice(f"{key}.mode", self.mode, STAGE_MODES)
         _choice(f"{key}.pattern", self.pattern, STAGE_PATTERNS)
+        _choice(f"{key}.teachers", self.teachers, STAGE_TEACHERS)
+        _at_least(f"{key}.plateau_patience", self.plateau_patience, 0)
+        _at_least(f"{key}.plateau_min_delta", self.plateau_min_delta, 0.0, "a number")
         _at_least(f"{key}.steps", self.steps, 1)
         _positive(f"{key}.lr", self.lr)
         _positive(f"{key}.base_lr", self.base_lr)
@@ -231,6 +242,11 @@ class RunConfig:
             raise ConfigError("no training stage configured: select one with stage=<warmup|sparse|convert_distill>")
         for name, stage in self.stage.items():
             stage.check(name)
+            if stage.plateau_patience and not self.train.eval_every:
+                raise ConfigError(
+                    f"stage.{name}.plateau_patience={stage.plateau_patience} needs evaluations to watch: "
+                    "set train.eval_every to a positive number of steps"
+                )
         if self.model.index_topk >= self.train.seq_len:
             raise ConfigError(
                 f"model.index_topk={self.model.index_topk} >= train.seq_len={self.train.seq_len}: every row would "

@@ -48,6 +48,9 @@ class StagePlan:
     weight_decay: float
     grad_clip: float
     schedule: Schedule
+    teachers: str = "served"  # "served": multi-layer KL; "own": each F indexer against its own layer only
+    plateau_patience: int = 0  # evaluations without a mean-recall gain before the stage ends early (0: never)
+    plateau_min_delta: float = 0.0
 
     @property
     def steps(self) -> int:
@@ -66,6 +69,7 @@ class StagePlan:
             "pattern": str(self.pattern),
             "steps": self.steps,
             "trains": list(self.trains),
+            "teachers": self.teachers,
         }
 
 
@@ -83,6 +87,9 @@ def build_plan(index: int, name: str, stage: StageConfig, run_pattern: IndexCach
         weight_decay=stage.weight_decay,
         grad_clip=stage.grad_clip,
         schedule=Schedule(stage.steps, stage.warmup_steps, stage.min_lr_ratio),
+        teachers=stage.teachers,
+        plateau_patience=stage.plateau_patience,
+        plateau_min_delta=stage.plateau_min_delta,
     )
 
 

@@ -65,6 +65,36 @@ def _local_gradients_finite(engine: Any) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
+class Plateau:
+    """A stage's early stop: has held-out mean top-k recall stopped improving?
+
+    Each evaluation either beats the best so far by at least `min_delta` (the best moves, the count resets) or
+    counts as stale; `patience` stale evaluations in a row end the stage. Its state goes into every checkpoint, so
+    a resumed stage stops where an uninterrupted one would. `patience` 0 never stops.
+    """
+
+    METRIC = "eval/mean_recall"
+
+    def __init__(self, patience: int, min_delta: float, state: dict[str, float] | None = None) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best = (state or {}).get("best", -math.inf)
+        self.stale = int((state or {}).get("stale", 0))
+
+    def update(self, metrics: dict[str, float]) -> bool:
+        """Record one evaluation; True when the stage should end here."""
+        if not self.patience:
+            return False
+        value = metrics[self.METRIC]
+        if value >= self.best + self.min_delta:
+            self.best, self.stale = value, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best, "stale": float(self.stale)} if self.patience else {}
+
+
 class _Clock:
     """Wall time between laps; on a GPU each lap first waits for the queued kernels (the split is then honest)."""
 
@@ -117,15 +147,19 @@ class Trainer:
             state = self.run.checkpoints.load(engine, resume.path)
             batches.load_state_dict(state.data_state)
             stage_step, start_metrics, pending = state.stage_step, state.stage_start_metrics, {}
+            plateau = Plateau(plan.plateau_patience, plan.plateau_min_delta, state.plateau)
         else:
             # Where the stage starts from (e.g. the training-free pattern on warmed-up indexers), to compare with
             # its end; logged with the stage's first step.
             before = self.evaluate(engine, plan)
             start_metrics = {f"eval/stage_start/{k.removeprefix('eval/')}": v for k, v in before.items()}
             stage_step, pending = 0, dict(start_metrics)
+            plateau = Plateau(plan.plateau_patience, plan.plateau_min_delta)
+            plateau.update(before)  # the starting point is the first value to beat
         iterator = iter(batches)
         nonfinite_in_a_row = 0
-        while stage_step < plan.steps:
+        last = False
+        while not last:
             metrics, finite = self.step(engine, iterator, plan)
             if not finite:
                 nonfinite_in_a_row += 1
@@ -140,17 +174,22 @@ class Trainer:
             logged = self.reduce(metrics) if stage_step % self.cfg.train.log_every == 0 or last or pending else {}
             logged.update(pending)
             pending = {}
-            # Evaluate every eval_every steps and at the stage's end, joining that step's metrics line.
+            # Evaluate every eval_every steps and at the stage's end, joining that step's metrics line; a stage with
+            # a plateau watch ends at the evaluation where held-out recall has stopped improving.
             if last or (self.cfg.train.eval_every and stage_step % self.cfg.train.eval_every == 0):
                 evaluated = self.evaluate(engine, plan)
                 logged.update(evaluated)
+                if plateau.update(evaluated) and not last:
+                    last = True
+                    logged["train/plateau_stop_step"] = float(stage_step)
                 if last:
-                    self.run.history.append({**plan.summary(), "metrics": evaluated, "start_metrics": start_metrics})
+                    summary = {**plan.summary(), "steps_run": stage_step}
+                    self.run.history.append({**summary, "metrics": evaluated, "start_metrics": start_metrics})
             if logged:
                 self.log(plan, logged)
             # Checkpoint every checkpoint_every steps, and at the stage's end so the next stage can start from it.
             if last or stage_step % self.cfg.train.checkpoint_every == 0:
-                self.checkpoint(engine, plan, stage_step, last, batches, start_metrics)
+                self.checkpoint(engine, plan, stage_step, last, batches, start_metrics, plateau)
             # A controlled stop, as if killed (resume trials).
             if self.should_stop() and not last:
                 return False
@@ -162,7 +201,7 @@ class Trainer:
         import deepspeed
 
         model = self.run.model
-        model.configure(plan.pattern, plan.mode, plan.lm_loss_weight, plan.trains)
+        model.configure(plan.pattern, plan.mode, plan.lm_loss_weight, plan.trains, plan.teachers)
         model.train()
         groups = [{"params": [p for _, p in model.indexer_parameters()], "lr": plan.lr}]
         if "base" in plan.trains:
@@ -328,6 +367,7 @@ class Trainer:
         last: bool,
         batches: ResumableBatches,
         start_metrics: dict[str, float],
+        plateau: Plateau,
     ) -> None:
         state = TrainerState(
             plan.index,
@@ -340,6 +380,7 @@ class Trainer:
             stage_start_metrics=start_metrics,
             config_fingerprint=self.fingerprint,
             pattern=str(self.run.pattern),
+            plateau=plateau.state_dict(),
         )
         self.run.checkpoints.save(engine, state)
 

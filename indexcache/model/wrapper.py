@@ -22,7 +22,8 @@ teachers are alive at a time. Sparse: the attention's own head-averaged probabil
 which logs each layer's KL and entropy as it runs and keeps one running [B, T, K] sum for the gradient.
 
 Losses (docs/DESIGN.md section 1): each group's loss is the mean over valid (non-padding) query rows of
-(1/G) sum_j KL(p_j || q_f); `kl_loss` is the sum over F layers of their group's loss.
+(1/G) sum_j KL(p_j || q_f); `kl_loss` is the sum over F layers of their group's loss. With `teachers="own"` (the
+paper's ablation without the cross-layer loss) each group is its F layer alone: G = 1, S layers teach nothing.
 """
 
 from __future__ import annotations
@@ -82,6 +83,16 @@ class IndexCacheOutput:
 LayerObserver = Callable[[int, IndexerSelection, TeacherInputs, Tensor | None], None]
 
 
+def loss_groups(pattern: IndexCachePattern, teachers: str) -> dict[int, list[int]]:
+    """F layer -> the layers whose attention its indexer learns: every layer it serves (`teachers="served"`, the
+    multi-layer KL) or itself alone (`"own"`, the single-layer ablation; its S layers still attend with its top-k)."""
+    if teachers == "served":
+        return pattern.groups
+    if teachers == "own":
+        return {layer: [layer] for layer in pattern.full_layers}
+    raise ValueError(f"teachers={teachers!r} is unknown: use 'served' or 'own'")
+
+
 class ForwardContext:
     """What one forward's attention calls share: mode, pattern, padding mask, captured teachers, group losses.
 
@@ -97,6 +108,7 @@ class ForwardContext:
         self.loss_impl = "auto"
         self.loss_chunk_size = 1024
         self.observer: LayerObserver | None = None
+        self.teachers = "served"
         self._selections: dict[int, IndexerSelection] = {}
         self._teachers: dict[int, list[TeacherInputs]] = {}
         self._slots: dict[int, Tensor] = {}
@@ -113,8 +125,10 @@ class ForwardContext:
         loss_impl: str,
         loss_chunk_size: int,
         observer: LayerObserver | None = None,
+        teachers: str = "served",
     ) -> None:
         self.active = True
+        self.teachers = teachers
         self.observer = observer
         self.mode, self.pattern, self.attention_mask = mode, pattern, attention_mask
         self.loss_impl, self.loss_chunk_size = loss_impl, loss_chunk_size
@@ -127,7 +141,7 @@ class ForwardContext:
         results = self._results
         # Share of teachers that came with their attention kernel's LSE (the fused loss then skips its own).
         self.last_lse_share = self._lse_layers / max(self._teacher_layers, 1)
-        self.reset(self.mode, self.pattern, None, self.loss_impl, self.loss_chunk_size)
+        self.reset(self.mode, self.pattern, None, self.loss_impl, self.loss_chunk_size, teachers=self.teachers)
         self.active = False
         return results
 
@@ -157,7 +171,11 @@ class ForwardContext:
             raise AssertionError(f"layer {layer_idx} attended with layer {selection.layer_idx}'s top-k, not {owner}'s")
         if layer_idx == owner:
             self._selections[owner] = selection
-        served = self.pattern.groups[owner]
+        served = loss_groups(self.pattern, self.teachers)[owner]
+        if layer_idx not in served:  # own-layer loss: this S layer attends with the F layer's top-k, teaches nothing
+            if self.observer is not None:
+                self.observer(layer_idx, selection, teacher, self.attention_mask)
+            return
         if teacher.probs is not None:
             self._record_sparse(owner, served, layer_idx, selection, teacher)
             return
@@ -441,6 +459,7 @@ class IndexCacheModel(nn.Module):
         _register_with_zero3(self.causal_lm_loss, hf_model.get_output_embeddings().weight)
         self.family: ModelFamily = get_family(hf_model.config.model_type)
         self.lm_weight = lm_weight
+        self.teachers = "served"
         self.loss_impl = loss_impl
         self.loss_chunk_size = loss_chunk_size
         self._context = ForwardContext()
@@ -476,12 +495,16 @@ class IndexCacheModel(nn.Module):
         mode: str,
         lm_weight: float = 1.0,
         trainable: tuple[str, ...] = ("indexers",),
+        teachers: str = "served",
     ) -> None:
-        """Apply a stage in one call: its pattern, forward mode, LM-loss weight and which parameters train.
+        """Apply a stage in one call: its pattern, forward mode, LM-loss weight, which parameters train and whose
+        attention teaches each F indexer (`loss_groups`).
 
         `trainable` names parameter groups: "indexers" (the F layers' indexers) and "base" (everything else);
         every other parameter is frozen. Nothing else in the project sets these.
         """
+        loss_groups(pattern, teachers)  # an unknown value fails here, before anything changes
+        self.teachers = teachers
         unknown = set(trainable) - set(TRAINED_GROUPS)
         if unknown:
             raise ValueError(f"trainable={sorted(unknown)} is unknown: use any of {list(TRAINED_GROUPS)}")
@@ -571,7 +594,9 @@ class IndexCacheModel(nn.Module):
         # Dense attention never reads the top-k, so a dense forward skips computing it.
         for indexer in self._indexer_pool.values():
             indexer.compute_topk = mode == "sparse"
-        self._context.reset(mode, self.pattern, attention_mask, self.loss_impl, self.loss_chunk_size, observer)
+        self._context.reset(
+            mode, self.pattern, attention_mask, self.loss_impl, self.loss_chunk_size, observer, self.teachers
+        )
         try:
             # The decoder alone (`*ForCausalLM.model`): its final normed hidden states, no LM head.
             decoded = self.hf_model.get_decoder()(
@@ -606,7 +631,7 @@ class IndexCacheModel(nn.Module):
 
     def _metrics(self, results: dict[int, KLResult]) -> dict[str, float]:
         names, values = [], []
-        for owner, served in self.pattern.groups.items():
+        for owner, served in loss_groups(self.pattern, self.teachers).items():
             result = results[owner]
             names.append(f"indexcache/kl/layer_{owner}")
             values.append(result.loss.detach().reshape(1))
