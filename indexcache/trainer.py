@@ -158,7 +158,8 @@ class Trainer:
             plateau.update(before)  # the starting point is the first value to beat
         iterator = iter(batches)
         nonfinite_in_a_row = 0
-        last = False
+        # A stage checkpointed as complete (its last step, or a plateau stop) has nothing left to run.
+        last = resume is not None and state.stage_complete
         while not last:
             metrics, finite = self.step(engine, iterator, plan)
             if not finite:
