@@ -127,7 +127,6 @@ def load_model(
     from indexcache.distributed import resolve_device
     from indexcache.model import IndexCacheModel, get_family
     from indexcache.run import model_dtype
-    from indexcache.trainer import deepspeed_config
 
     device = torch.device(resolve_device(cfg.device))
     if device.type == "cuda" and torch.distributed.is_initialized():
@@ -140,6 +139,8 @@ def load_model(
         return (model_class or IndexCacheModel)(hf_model.to(device), pattern=own).eval()
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
+
+    from indexcache.trainer import deepspeed_config
 
     config = deepspeed_config(cfg.deepspeed, 0.0, device)
     hf_ds_config = HfDeepSpeedConfig(config)  # transformers builds partitioned weights while this lives

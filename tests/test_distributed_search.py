@@ -3,7 +3,8 @@ sharded by ZeRO-3, give what one process gives on the same data.
 
 The calibration set (5 windows in batches of 2: 3 batches) does not split evenly over 2 ranks, so rank 1 also runs
 a padding batch (weight 0) to keep ZeRO-3's collective forwards in lockstep; the search's bounded cache keeps every
-2nd F layer's input (a budget of 2 boundaries of one rank's share).
+2nd F layer's input (a budget of 2 boundaries of one rank's share), and the 2-rank search is stopped after one step
+and resumed.
 """
 
 from __future__ import annotations
@@ -44,8 +45,14 @@ def close(a: float | None, b: float | None) -> bool:
 @pytest.mark.slow
 def test_two_rank_zero3_search_and_evaluation_equal_one_process(tmp_path, cache_dir):
     one = run_search(load_config(["preset=tiny", f"run_dir={tmp_path / 'one'}", *SEARCH]))
-    launch(cache_dir, tmp_path, "indexcache.search", f"run_dir={tmp_path / 'two'}", *SEARCH)
+    # Stopped after one step, then continued by the same command: rank 0 reads the state file for both ranks.
+    launch(
+        cache_dir, tmp_path, "indexcache.search", f"run_dir={tmp_path / 'two'}", *SEARCH, "search.stop_after_steps=1"
+    )
     out = tmp_path / "two" / "search"
+    assert len(json.loads((out / "search_state.json").read_text())["curve"]) == 2
+    assert not (out / "pattern.txt").exists()
+    launch(cache_dir, tmp_path, "indexcache.search", f"run_dir={tmp_path / 'two'}", *SEARCH)
     two = json.loads((out / "search_curve.json").read_text())
     assert two["world_size"] == 2 and two["cost"]["cache_stride"] == 2
     assert two["pattern"] == one.pattern == (out / "pattern.txt").read_text().strip()
@@ -53,9 +60,9 @@ def test_two_rank_zero3_search_and_evaluation_equal_one_process(tmp_path, cache_
     for ours, theirs in zip(two["curve"], one.curve, strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
         assert ours["candidates"] == pytest.approx(theirs["candidates"], rel=1e-5)
-    # Counted on both ranks, the padding batch included: 4 layers x 2 batches x 2 ranks x 7 scored patterns (the
-    # start and 3 + 2 + 1 candidates).
-    assert two["cost"]["naive_layer_forwards"] == 4 * 2 * 2 * 7
+    # Counted on both ranks in the resumed process, the padding batch included: 4 layers x 2 batches x 2 ranks x
+    # 4 scored patterns (the resumed start and the 2 + 1 candidates of the last two steps).
+    assert two["cost"]["naive_layer_forwards"] == 4 * 2 * 2 * 4
     state = json.loads((out / "search_state.json").read_text())
     assert state["curve"] == two["curve"]
 
