@@ -37,6 +37,7 @@ __all__ = [
     "chunked_layer_stats",
     "layer_metrics",
     "overlap_matrix",
+    "overlap_sums",
     "reference_layer_stats",
     "sample_rows",
 ]
@@ -185,10 +186,18 @@ def overlap_matrix(topk_by_layer: list[Tensor]) -> Tensor:
 
     One layer's membership table [N, max key + 1] at a time, so memory stays O(N * T).
     """
+    hits, rows = overlap_sums(topk_by_layer)
+    return hits / rows  # nan where no row is shared
+
+
+def overlap_sums(topk_by_layer: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """[L, L] sums of |D_a ∩ D_b| / K and counts of the rows both layers have: `overlap_matrix`'s numerator and
+    denominator, which add up over ranks."""
     num_layers = len(topk_by_layer)
-    out = torch.full((num_layers, num_layers), float("nan"), dtype=torch.float64)
+    hits_sum = torch.zeros((num_layers, num_layers), dtype=torch.float64)
+    rows = torch.zeros((num_layers, num_layers), dtype=torch.float64)
     if num_layers == 0:
-        return out
+        return hits_sum, rows
     num_keys = max(int(t.max()) for t in topk_by_layer) + 2
     for a, rows_a in enumerate(topk_by_layer):
         valid_a = rows_a[:, 0] >= 0
@@ -197,11 +206,10 @@ def overlap_matrix(topk_by_layer: list[Tensor]) -> Tensor:
         member[:, -1] = False
         for b, rows_b in enumerate(topk_by_layer):
             valid = valid_a & (rows_b[:, 0] >= 0)
-            if not bool(valid.any()):
-                continue
             hits = member.gather(-1, torch.where(rows_b >= 0, rows_b, num_keys - 1)).sum(dim=-1)
-            out[a, b] = (hits[valid].double() / rows_a.shape[-1]).mean()
-    return out
+            hits_sum[a, b] = (hits[valid].double() / rows_a.shape[-1]).sum()
+            rows[a, b] = int(valid.sum())
+    return hits_sum, rows
 
 
 @dataclass
@@ -240,10 +248,15 @@ class LayerStatsObserver:
             self.sampled_topk.setdefault(layer_idx, []).append(sampled.reshape(-1, sampled.shape[-1]).cpu())
 
     def overlap(self) -> Tensor:
+        hits, rows = self.overlap_sums()
+        return hits / rows
+
+    def overlap_sums(self) -> tuple[Tensor, Tensor]:
+        """`overlap_sums` of the sampled rows (for a reduction over ranks)."""
         layers = sorted(self.sampled_topk)
         if layers != list(range(len(layers))):
             raise ValueError(f"overlap needs every layer from 0 sampled, got {layers}")
-        return overlap_matrix([torch.cat(self.sampled_topk[layer]) for layer in layers])
+        return overlap_sums([torch.cat(self.sampled_topk[layer]) for layer in layers])
 
     def metrics(self, prefix: str = "indexcache") -> dict[str, float]:
         """Per-layer recall and coverage plus the furthest-layer summary (`layer_metrics`) of what was observed."""

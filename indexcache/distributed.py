@@ -2,16 +2,22 @@
 
 Two launch forms reach `train/main.py`: plain `python train/main.py ...` (one process, no launcher, no MPI) and
 `deepspeed [--num_gpus N] train/main.py ...`, whose launcher appends `--local_rank=N` (Hydra would reject it)
-and sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+and sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Search and evaluation (`-m indexcache.search`,
+`-m indexcache.evaluate` under the same launchers) split their batches over the ranks and sum what they measure:
+`shard_for_rank`, `all_reduce_sums`, `from_main`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 _LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(=(\d+))?$")
 
@@ -103,3 +109,64 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---- data-parallel scoring (pattern search, evaluation) --------------------------------------------------------
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0 and 1 without torch.distributed)."""
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def shard_for_rank(items: list[T]) -> list[tuple[T, bool]]:
+    """This rank's share of `items` (round robin), padded so that every rank gets the same number.
+
+    ZeRO-3 forwards are collectives (every layer gathers its parameters from all ranks), so every rank must run the
+    same forwards in the same order. A rank short of items gets copies of `items[0]` flagged `False`: it runs them
+    like the others and the caller gives them weight 0. Every item is real on exactly one rank.
+    """
+    rank, world = rank_and_world()
+    own = [(item, True) for item in items[rank::world]]
+    per_rank = -(-len(items) // world)
+    return own + [(items[0], False)] * (per_rank - len(own))
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks, in place (a no-op in one process); returns it."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over ranks, in float64 (one collective)."""
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def reduce_device() -> torch.device:
+    """Where collectives' tensors live: the current GPU under NCCL, else the CPU (gloo)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """`fn()` run on rank 0 only and its result (or its error, raised again on every rank) sent to all ranks.
+
+    For reads that must agree on every rank (a search's state file): one reader, no shared-filesystem assumption.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return fn()
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except (ValueError, FileNotFoundError) as error:
+            box[0] = ("error", error)
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

@@ -8,7 +8,9 @@ Reports, on `evaluate.batches` batches of the `data=` source's `evaluate.split` 
   `indexcache.attention_stats`), for the model and, when there is one, its baseline (the source an export was
   trained from: before versus after training);
 - the layer x layer overlap of the layers' dense-attention top-k (the paper's cross-layer redundancy).
-Every metric is computed in query-row chunks: nothing of size [T, T] exists at any length.
+Every metric is computed in query-row chunks: nothing of size [T, T] exists at any length. Under a launcher
+(`deepspeed --module indexcache.evaluate ...`, `deepspeed=zero3` to shard the parameters) each rank evaluates its
+share of the batches and every loss, recall/coverage and overlap sum is all-reduced; rank 0 writes the report.
 
 Writes `evaluation.json`, `overlap.png`, `recall_coverage.png` (and `search_curve.png` when `evaluate.search_curve`
 names a search's `search_curve.json`) to `evaluate.out_dir` (default `<run_dir>/evaluate`), atomically, and logs
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from indexcache.attention_stats import LayerStatsObserver
+from indexcache.attention_stats import LayerStats, LayerStatsObserver
 from indexcache.pattern import IndexCachePattern
 
 if TYPE_CHECKING:
@@ -67,7 +69,7 @@ class EvaluateConfig:
     search_curve: str | None = None  # a search's search_curve.json, plotted with the report
     out_dir: str | None = None  # default <run_dir>/evaluate
     # Training ends by evaluating its export (single-process runs; a sharded model is evaluated with this entry
-    # point on its own, where one process can hold it).
+    # point on its own, under the same launcher and deepspeed=zero3).
     after_training: bool = True
 
     def __post_init__(self) -> None:
@@ -116,16 +118,38 @@ def load_model(
     source_config: dict[str, Any],
     model_class: type[IndexCacheModel] | None = None,
 ) -> IndexCacheModel:
-    """The model as training builds it (the family's loader, then `model_class`), in eval mode on `cfg.device`."""
+    """The model as training builds it (the family's loader, then `model_class`), in eval mode on `cfg.device`.
+
+    With `deepspeed=zero3` its parameters are partitioned over the ranks as training's are (transformers builds
+    them partitioned under the DeepSpeed config, then an optimizer-less ZeRO-3 engine gathers each module's
+    parameters around its forward): every rank must then run the same forwards in the same order.
+    """
     from indexcache.distributed import resolve_device
     from indexcache.model import IndexCacheModel, get_family
     from indexcache.run import model_dtype
 
     device = torch.device(resolve_device(cfg.device))
-    hf_model = get_family(source_config["model_type"]).load(source_dir, model_dtype(cfg.model.dtype, device))
+    if device.type == "cuda" and torch.distributed.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = model_dtype(cfg.model.dtype, device)
     # The checkpoint's own layer types first: an export keeps no indexer on its S layers, so all-F cannot be applied.
     own = IndexCachePattern.from_source_config(source_config, int(source_config["num_hidden_layers"]))
-    return (model_class or IndexCacheModel)(hf_model.to(device), pattern=own).eval()
+    if cfg.deepspeed.zero_stage != 3:
+        hf_model = get_family(source_config["model_type"]).load(source_dir, dtype)
+        return (model_class or IndexCacheModel)(hf_model.to(device), pattern=own).eval()
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from indexcache.trainer import deepspeed_config
+
+    config = deepspeed_config(cfg.deepspeed, 0.0, device)
+    hf_ds_config = HfDeepSpeedConfig(config)  # transformers builds partitioned weights while this lives
+    hf_model = get_family(source_config["model_type"]).load(source_dir, dtype)
+    model = (model_class or IndexCacheModel)(hf_model.to(device), pattern=own).eval()
+    engine, *_ = deepspeed.initialize(model=model, config=config)  # no optimizer: ZeRO-3 inference
+    # Kept alive with the model (outside its module tree: the engine holds the model).
+    model.__dict__["zero3_inference"] = (engine, hf_ds_config)
+    return model
 
 
 def evaluation_batches(windows: Any, batches: int, batch_size: int) -> list[dict[str, Tensor]]:
@@ -152,15 +176,49 @@ class ModelReport:
 
 
 def _mean_loss(model: IndexCacheModel, batches: list[dict[str, Tensor]], mode: str, observer: Any = None) -> float:
+    """Token-weighted LM loss over `batches`, each rank scoring its share (padding: weight 0, no observer)."""
+    from indexcache.distributed import all_reduce_sums, reduce_device, shard_for_rank
+
     total = weight = 0.0
     device = next(model.parameters()).device
-    for batch in batches:
+    for batch, real in shard_for_rank(batches):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        out = model(ids, mask, labels=ids, mode=mode, observer=observer)
-        tokens = float(mask[:, 1:].sum())
+        out = model(ids, mask, labels=ids, mode=mode, observer=observer if real else None)
+        tokens = float(mask[:, 1:].sum()) if real else 0.0
         total += float(out.lm_loss) * tokens
         weight += tokens
+    total, weight = all_reduce_sums([total, weight], reduce_device())
     return total / weight
+
+
+def _reduced_stats(observer: LayerStatsObserver, num_layers: int) -> list[LayerStats]:
+    """Each layer's recall/coverage sums over every rank's rows."""
+    from indexcache.distributed import all_reduce_sum, reduce_device
+
+    sums = torch.tensor(
+        [
+            [s.recall_sum, s.coverage_sum, s.num_rows]
+            for s in (observer.stats.get(i, LayerStats()) for i in range(num_layers))
+        ],
+        dtype=torch.float64,
+        device=reduce_device(),
+    )
+    rows = all_reduce_sum(sums).tolist()
+    return [LayerStats(recall, coverage, int(count)) for recall, coverage, count in rows]
+
+
+def _reduced_overlap(observer: LayerStatsObserver, num_layers: int) -> list[list[float]] | None:
+    """The overlap matrix over every rank's sampled rows (None when no rank sampled a row)."""
+    from indexcache.distributed import all_reduce_sum, reduce_device
+
+    hits = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    rows = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    if observer.sampled_topk:
+        hits, rows = observer.overlap_sums()
+    both = all_reduce_sum(torch.stack([hits, rows]).to(reduce_device())).cpu()
+    if not bool(both[1].any()):
+        return None
+    return (both[0] / both[1]).tolist()  # 0/0: nan, as for one process
 
 
 @torch.no_grad()
@@ -174,7 +232,8 @@ def evaluate_model(
     """LM losses in the three modes, per-layer recall/coverage under `pattern`, and the overlap matrix.
 
     Leaves `pattern` applied. All-F sparse mode needs an indexer on every layer: a checkpoint that dropped the S
-    layers' indexers (a glm_moe_dsa export) reports None there, with a note.
+    layers' indexers (a glm_moe_dsa export) reports None there, with a note. Under torch.distributed each rank
+    runs its share of `batches` and every number is reduced over the ranks (all ranks get the whole report).
     """
     topk = int(model.hf_model.config.index_topk)
     notes: list[str] = []
@@ -192,14 +251,13 @@ def evaluate_model(
     model.apply_pattern(pattern)
     observer = LayerStatsObserver(chunk_size=chunk_size)
     losses["pattern"] = _mean_loss(model, batches, "sparse", observer)
-    layers = range(pattern.num_layers)
-    overlap = dense_observer.overlap().tolist() if overlap_rows and dense_observer.sampled_topk else None
+    stats = _reduced_stats(observer, pattern.num_layers)
     return ModelReport(
         pattern=pattern.value,
         lm_loss=losses,
-        recall=[observer.stats[layer].recall for layer in layers],
-        coverage=[observer.stats[layer].coverage for layer in layers],
-        overlap=overlap,
+        recall=[layer.recall for layer in stats],
+        coverage=[layer.coverage for layer in stats],
+        overlap=_reduced_overlap(dense_observer, pattern.num_layers) if overlap_rows else None,
         notes=notes,
     )
 
@@ -300,13 +358,15 @@ def run_evaluation(cfg: RunConfig, logger: Any = None, step: int = 0) -> dict[st
     of its own in the report's folder.
     """
     from indexcache.config import to_container
+    from indexcache.distributed import init_distributed
     from indexcache.metrics import MetricsLogger
-    from indexcache.run import build_pattern
+    from indexcache.run import build_pattern, main_first
 
     ev = cfg.evaluate
-    source_dir, source_config = resolve_model_source(cfg)
+    dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)
+    source_dir, source_config = main_first(dist, lambda: resolve_model_source(cfg))
     pattern = build_pattern(cfg.pattern, int(source_config["num_hidden_layers"]), source_config)
-    data = load_data(cfg, source_dir)
+    data = main_first(dist, lambda: load_data(cfg, source_dir))
     windows = data.validation if ev.split == "validation" else data.train
     batches = evaluation_batches(windows, ev.batches, ev.batch_size)
     baseline_source = _baseline_source(cfg, source_dir)
@@ -326,7 +386,10 @@ def run_evaluation(cfg: RunConfig, logger: Any = None, step: int = 0) -> dict[st
         "sequences": sum(len(b["input_ids"]) for b in batches),
         "seq_len": cfg.train.seq_len,
         "index_topk": int(source_config.get("index_topk", 0)),
+        "world_size": dist.world_size,
     }
+    if not dist.is_main:  # every rank holds the whole (reduced) report; rank 0 alone writes it
+        return {**meta, "model": _as_json(report), "baseline": None if baseline is None else _as_json(baseline)}
     out_dir.mkdir(parents=True, exist_ok=True)
     curve = Path(ev.search_curve) if ev.search_curve else None
     if logger is not None:
@@ -360,11 +423,14 @@ def evaluate_job(cfg: RunConfig) -> int:
     """One evaluation job. 0 after writing the report; 2 after a user error."""
     from indexcache.cli import user_error
     from indexcache.config import ConfigError
+    from indexcache.distributed import rank_and_world
 
     try:
         payload = run_evaluation(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        return user_error(PROG, error)
+        return user_error(PROG, error) if rank_and_world()[0] == 0 else 2
+    if rank_and_world()[0] != 0:
+        return 0
     losses = payload["model"]["lm_loss"]
     parts = [f"{mode} {value:.4f}" for mode, value in losses.items() if value is not None]
     print(f"{PROG}: pattern {payload['model']['pattern']}: LM loss {', '.join(parts)}; report in {payload['images']}")
@@ -374,8 +440,12 @@ def evaluate_job(cfg: RunConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Hydra's command line, the same config surface as training (`--help`, `--cfg`, `-m`, one-line errors)."""
     from indexcache.cli import hydra_main
+    from indexcache.distributed import shutdown
 
-    return hydra_main(evaluate_job, argv, prog=PROG)
+    try:
+        return hydra_main(evaluate_job, argv, prog=PROG)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

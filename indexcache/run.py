@@ -141,7 +141,7 @@ def model_dtype(choice: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
 
 
-def _rank0_first(dist: DistInfo, fn: Any) -> Any:
+def main_first(dist: DistInfo, fn: Any) -> Any:
     """Let rank 0 do (and cache) a job before the other ranks repeat it from the cache."""
     if dist.is_main:
         result = fn()
@@ -169,7 +169,7 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
 
     resume = preflight(cfg)
     torch.manual_seed(cfg.train.seed)
-    source_dir = _rank0_first(dist, lambda: resolve_source(cfg.model))
+    source_dir = main_first(dist, lambda: resolve_source(cfg.model))
     source_config = read_config(source_dir)
     family = get_family(source_config["model_type"])
     hf_ds_config = None
@@ -200,7 +200,7 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
     plans = build_plans(cfg, pattern)
     tokenizer = load_tokenizer(source_dir)
     _check_tokenizer(tokenizer, model)
-    data = _rank0_first(dist, lambda: build_datasets(cfg.data, tokenizer, cfg.train.seq_len))
+    data = main_first(dist, lambda: build_datasets(cfg.data, tokenizer, cfg.train.seq_len))
 
     run_dir = Path(cfg.run_dir).resolve()
     if dist.is_main:

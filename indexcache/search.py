@@ -14,7 +14,14 @@ current pattern, the hidden state entering every layer together with what the la
 above (the F layer's top-k selection, the teachers already captured in i's group). A candidate then runs layers
 i..L-1 only; once a switch is chosen the caches are refreshed from that layer up. The losses are exactly those of
 a full forward (tests compare them bit for bit); the cost is counted in decoder-layer forwards against the naive
-count (every candidate a full forward).
+count (every candidate a full forward). At long context the cache is bounded by `search.cache_budget_gib` per rank:
+it then keeps every c-th F layer's input only and a candidate restarts at the nearest kept F layer below its switch
+(still exact, somewhat more layer-forwards; indexcache/prefix_reuse.py).
+
+Several ranks (`deepspeed --module indexcache.search ...` or `torchrun -m indexcache.search ...`, `deepspeed=zero3`
+to shard the parameters as training does): each rank scores its share of the calibration batches and the loss sums
+are all-reduced, so every rank scores every candidate on the full set and takes the same decision. Rank 0 alone
+reads the state file (sent to every rank) and writes the outputs.
 
 Block speed-up (`search.blocks` = P > 1): the layers are split into P contiguous blocks; each step scores every
 candidate once, as usual, but then switches the best candidate of each block (at most P layers per step, never
@@ -83,6 +90,10 @@ class SearchConfig:
     batch_size: int = 4
     seed: int = 0  # which windows the calibration set samples
     prefix_reuse: bool = True  # false: every candidate runs the full model (the exact, slow reference)
+    # Prefix-reuse cache per rank, GiB: when the inputs of all layers do not fit, it keeps every c-th F layer's
+    # input (see indexcache/prefix_reuse.py); null: every layer's input and records (unbounded: short context only).
+    cache_budget_gib: float | None = 16.0
+    cache_on_cpu: bool = False  # keep the bounded cache in CPU memory instead of on the model's device
     out_dir: str | None = None  # default <run_dir>/search
     stop_after_steps: int | None = None  # stop (as if killed) after this many steps; for resume trials
 
@@ -103,6 +114,16 @@ class SearchConfig:
                 raise ValueError(f"search.{key}={getattr(self, key)} is invalid: use an integer >= 1")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ValueError(f"search.stop_after_steps={self.stop_after_steps} is invalid: use an integer >= 1")
+        if self.cache_budget_gib is not None and not self.cache_budget_gib > 0:
+            raise ValueError(
+                f"search.cache_budget_gib={self.cache_budget_gib} is invalid: use a size in GiB > 0, or null for an "
+                "unbounded cache"
+            )
+        if self.cache_on_cpu and (self.cache_budget_gib is None or not self.prefix_reuse):
+            raise ValueError(
+                "search.cache_on_cpu=true applies to the bounded prefix-reuse cache: set search.cache_budget_gib "
+                "(and search.prefix_reuse=true), or drop search.cache_on_cpu"
+            )
         if any(layer < 0 for layer in self.pinned_layers):
             raise ValueError(f"search.pinned_layers={list(self.pinned_layers)} has a negative layer: use 0..L-1")
 
@@ -276,11 +297,12 @@ def _entry(
 def _result(
     pattern: IndexCachePattern, curve: list[dict[str, Any]], objective: SearchObjective, finished: bool, reason: str
 ) -> SearchResult:
+    layer_forwards, naive_layer_forwards = objective.cost()
     return SearchResult(
         pattern=pattern.value,
         curve=curve,
-        layer_forwards=objective.layer_forwards,
-        naive_layer_forwards=objective.naive_layer_forwards,
+        layer_forwards=layer_forwards,
+        naive_layer_forwards=naive_layer_forwards,
         finished=finished,
         stop_reason=reason,
     )
@@ -292,7 +314,9 @@ def search_fingerprint(cfg: RunConfig, source_dir: Path) -> dict[str, Any]:
     from indexcache.config import to_container
 
     container = to_container(cfg)
-    search = {k: v for k, v in container["search"].items() if k not in ("out_dir", "stop_after_steps")}
+    # Where outputs go, when to stop and the cache's size and place change no loss: a resume may change them.
+    ignored = ("out_dir", "stop_after_steps", "cache_budget_gib", "cache_on_cpu")
+    search = {k: v for k, v in container["search"].items() if k not in ignored}
     return {
         "source": str(source_dir),
         "model": container["model"],
@@ -318,12 +342,19 @@ def _read_state(path: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]]
 
 
 def run_search(cfg: RunConfig) -> SearchResult:
-    """Load the model and calibration data, check the request, search, and write the outputs."""
+    """Load the model and calibration data, check the request, search, and write the outputs.
+
+    Under a launcher (`deepspeed` / `torchrun`) every rank runs this: each scores its share of the calibration
+    batches (the model sharded by ZeRO-3 with `deepspeed=zero3`), every rank takes the same decisions, and rank 0
+    alone reads the state file (sent to all) and writes the outputs.
+    """
     # Imported here: indexcache.config imports this module (SearchConfig) and must stay light.
+    from indexcache.distributed import from_main, init_distributed, rank_and_world
     from indexcache.evaluate import load_data, load_model, resolve_model_source
     from indexcache.fsutil import atomic_write_text
     from indexcache.plots import plot_search_curve
     from indexcache.prefix_reuse import SearchModel, SearchObjective
+    from indexcache.run import main_first, model_dtype
 
     search = cfg.search
     if search.calibration_tokens < cfg.train.seq_len:
@@ -331,32 +362,44 @@ def run_search(cfg: RunConfig) -> SearchResult:
             f"search.calibration_tokens={search.calibration_tokens} is shorter than one train.seq_len="
             f"{cfg.train.seq_len} sequence: raise it or lower train.seq_len"
         )
+    dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)
+    _, world_size = rank_and_world()
     # Everything that can be checked from config.json and the data is checked before the weights load.
-    source_dir, source_config = resolve_model_source(cfg)
+    source_dir, source_config = main_first(dist, lambda: resolve_model_source(cfg))
     num_layers = int(source_config["num_hidden_layers"])
     start = (
         IndexCachePattern.parse(search.start, num_layers) if search.start else IndexCachePattern.all_full(num_layers)
     )
     check_reachable(search, start, pinned_layers(search, num_layers))
-    data = load_data(cfg, source_dir)
+    data = main_first(dist, lambda: load_data(cfg, source_dir))
     windows = data.train if search.split == "train" else data.validation
     batches = calibration_batches(windows, cfg.train.seq_len, search, search.split)
+    budget = (
+        None if search.cache_budget_gib is None or not search.prefix_reuse else int(search.cache_budget_gib * 2**30)
+    )
+    if budget is not None:
+        check_cache_budget(budget, batches, world_size, source_config, model_dtype(cfg.model.dtype, dist.device))
     out_dir = out_dir_of(cfg)
     fingerprint = search_fingerprint(cfg, source_dir)
     state_path = out_dir / STATE_FILE
-    resumed = _read_state(state_path, fingerprint)
+    resumed = from_main(lambda: _read_state(state_path, fingerprint))
     # Every check has passed: from here on, outputs may be written.
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg, source_dir, source_config, model_class=SearchModel)
-    objective = SearchObjective(model, batches, search.prefix_reuse)
+    cache_device = torch.device("cpu") if search.cache_on_cpu else None
+    objective = SearchObjective(model, batches, search.prefix_reuse, budget, cache_device)
     started = time.perf_counter()
 
     def save_state(curve: list[dict[str, Any]]) -> None:
+        layer_forwards, naive_layer_forwards = objective.cost()  # a collective: every rank calls it
+        if not dist.is_main:
+            return
         state = {
             "fingerprint": fingerprint,
             "curve": curve,
-            "layer_forwards": objective.layer_forwards,
-            "naive_layer_forwards": objective.naive_layer_forwards,
+            "layer_forwards": layer_forwards,
+            "naive_layer_forwards": naive_layer_forwards,
         }
         atomic_write_text(state_path, json.dumps(state, indent=1))
         last = curve[-1]
@@ -377,6 +420,8 @@ def run_search(cfg: RunConfig) -> SearchResult:
     freq, offset = (cfg.pattern.freq, cfg.pattern.offset) if cfg.pattern.kind == "uniform" else (4, 2)
     uniform = IndexCachePattern.uniform(num_layers, freq, offset)
     dense_loss, uniform_loss = objective.full_loss(uniform, mode="dense"), objective.full_loss(uniform)
+    if not dist.is_main:
+        return result
     windows = sum(len(b["input_ids"]) for b in batches)
     summary = {
         "pattern": result.pattern,
@@ -386,10 +431,14 @@ def run_search(cfg: RunConfig) -> SearchResult:
         "source": str(source_dir),
         "calibration": {"split": cfg.search.split, "windows": windows},
         "seq_len": cfg.train.seq_len,
+        "world_size": world_size,
         "cost": {
             "layer_forwards": result.layer_forwards,
             "naive_layer_forwards": result.naive_layer_forwards,
-            "note": "decoder-layer forwards counted in this process (a resumed search counts its own part)",
+            "cache_stride": objective.stride,
+            "note": "decoder-layer forwards counted on all ranks (padding included), by this process's run only "
+            "(a resumed search counts its own part); cache_stride: every how many F layers the bounded cache keeps "
+            "an input (null: unbounded)",
         },
         "config": asdict(cfg.search),
         "references": {
@@ -409,6 +458,24 @@ def run_search(cfg: RunConfig) -> SearchResult:
     )
     _log_to_wandb(cfg, out_dir, result)
     return result
+
+
+def check_cache_budget(
+    budget_bytes: int,
+    batches: list[dict[str, Tensor]],
+    world_size: int,
+    source_config: dict[str, Any],
+    dtype: torch.dtype,
+) -> None:
+    """Raise (before the weights load) when the bounded cache cannot hold one layer boundary of a rank's batches."""
+    from indexcache.prefix_reuse import boundary_bytes, cache_budget_error
+
+    per_rank = -(-len(batches) // world_size)  # the largest share, padding included
+    sequences = per_rank * max(len(b["input_ids"]) for b in batches)
+    seq_len = batches[0]["input_ids"].shape[1]
+    per_boundary = boundary_bytes(sequences, seq_len, int(source_config["hidden_size"]), dtype)
+    if budget_bytes < per_boundary:
+        raise ValueError(cache_budget_error(budget_bytes, per_boundary))
 
 
 def _log_to_wandb(cfg: RunConfig, out_dir: Path, result: SearchResult) -> None:
@@ -442,11 +509,14 @@ def search_job(cfg: RunConfig) -> int:
     """One search job (Hydra's `-m` runs several). 0 when finished or stopped as asked; 2 after a user error."""
     from indexcache.cli import user_error
     from indexcache.config import ConfigError
+    from indexcache.distributed import rank_and_world
 
     try:
         result = run_search(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        return user_error(PROG, error)
+        return user_error(PROG, error) if rank_and_world()[0] == 0 else 2
+    if rank_and_world()[0] != 0:
+        return 0
     if not result.finished:
         print(f"{PROG}: {result.stop_reason}; the same command continues the search", file=sys.stderr)
         return 0
@@ -461,8 +531,12 @@ def search_job(cfg: RunConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Hydra's command line, the same config surface as training (`--help`, `--cfg`, `-m`, one-line errors)."""
     from indexcache.cli import hydra_main
+    from indexcache.distributed import shutdown
 
-    return hydra_main(search_job, argv, prog=PROG)
+    try:
+        return hydra_main(search_job, argv, prog=PROG)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

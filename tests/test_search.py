@@ -22,7 +22,7 @@ from indexcache.config import load_config
 from indexcache.conversion.sources import resolve_source
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
-from indexcache.prefix_reuse import SearchModel, SearchObjective
+from indexcache.prefix_reuse import SearchModel, SearchObjective, boundary_bytes
 from indexcache.search import SearchConfig, greedy_search, main, pinned_layers, run_search, switch
 from tests.conftest import subprocess_env
 
@@ -133,6 +133,46 @@ def planted_model(seed: int = 0) -> tuple[SearchModel, list[dict[str, torch.Tens
     return model, batches
 
 
+def test_bounded_cache_keeps_every_cth_f_layer_and_its_losses_equal_full_forwards():
+    """A budget of two layer boundaries on 8 layers: the cache keeps every 4th F layer's input (on the CPU device
+    here) and nothing else; every candidate and commit is exactly the full forward's loss. A whole search with a
+    finer stride costs more layer-forwards than the unbounded cache but fewer than the naive count."""
+    batches = text_batches(2, 2, 24)
+    config = search_model("llama", layers=8).hf_model.config
+    budget = 2 * boundary_bytes(4, 24, config.hidden_size, torch.float32)
+    bounded = SearchObjective(search_model("llama", layers=8), batches, True, budget, torch.device("cpu"))
+    reference = SearchObjective(search_model("llama", layers=8), batches, prefix_reuse=False)
+    current = IndexCachePattern.all_full(8)
+    assert bounded.start(current) == reference.start(current) and bounded.stride == 4 and bounded.kept == [0, 4]
+    assert [i for i, h in enumerate(bounded.caches[0].inputs) if h is not None] == [0, 4]
+    assert all(t is None for t in bounded.caches[0].teachers), "a bounded cache keeps no teachers"
+    for layer in (1, 4, 5, 7):
+        candidate = switch(current, [layer])
+        assert bounded.candidate(current, candidate, layer) == reference.candidate(current, candidate, layer)
+    new = switch(current, [4])  # the kept layer 4 turns S: the kept layers become 0 and 5 (F ranks 0 and 4)
+    assert bounded.commit(new, 4) == reference.commit(new, 4) and bounded.kept == [0, 5]
+    assert [i for i, h in enumerate(bounded.caches[1].inputs) if h is not None] == [0, 5]
+    for layer in (2, 6):
+        candidate = switch(new, [layer])
+        assert bounded.candidate(new, candidate, layer) == reference.candidate(new, candidate, layer)
+
+    # A whole search, 12 layers and a budget of 6 boundaries (every 2nd F layer): the same losses; the restarts
+    # below the switched layer cost more than the unbounded cache, less than full forwards. (At a stride close to
+    # L the refreshes after each step can cost more than the naive count: see docs/scaling.md section 8.)
+    cfg = SearchConfig(target_retention=0.25)
+    runs = {}
+    for name, budget_bytes in (("unbounded", None), ("bounded", 3 * budget)):
+        objective = SearchObjective(search_model("llama", layers=12), batches, True, budget_bytes)
+        runs[name] = greedy_search(objective, IndexCachePattern.all_full(12), cfg)
+        assert objective.stride == (None if budget_bytes is None else 2)
+        objective.close()
+    fast, strided = runs["unbounded"], runs["bounded"]
+    assert [e["candidates"] for e in strided.curve] == [e["candidates"] for e in fast.curve], "losses must be equal"
+    assert fast.layer_forwards < strided.layer_forwards < strided.naive_layer_forwards == fast.naive_layer_forwards
+    with pytest.raises(ValueError, match="cannot hold one layer boundary"):
+        SearchObjective(search_model("llama", layers=8), batches, True, budget // 2 - 1)
+
+
 def test_search_turns_layers_with_planted_identical_attention_to_s_first():
     model, batches = planted_model()
     objective = SearchObjective(model, batches)
@@ -231,6 +271,9 @@ def test_a_stopped_search_continues_to_the_same_result(tmp_path):
         (["search.pinned_layers=[7]"], "out of range"),
         (["search.start=FSSS", "search.target_retention=0.5"], "only switches F to S"),
         (["data.max_tokens=40"], "less than one"),
+        (["search.cache_budget_gib=1e-9"], "cannot hold one layer boundary"),
+        (["search.cache_budget_gib=0"], "search.cache_budget_gib=0"),
+        (["search.cache_on_cpu=true", "search.cache_budget_gib=null"], "applies to the bounded"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, overrides, message):
