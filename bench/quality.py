@@ -301,6 +301,7 @@ class Bench:
             "seed": seed,
             "pattern": pattern,
             "wall_s": time.perf_counter() - started,
+            "device": device_name(),
             "metrics": row_metrics(evaluation["report"], pattern),
             "warmup": warmup_curve(self.work / "warm") if row == 1 else None,
             "overrides": steps,
@@ -352,7 +353,13 @@ def warmup_curve(run_dir: Path) -> list[dict[str, float]]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
         if "eval/stage_start/mean_recall" in entry:
-            curve.append({"step": 0, "recall": entry["eval/stage_start/mean_recall"]})
+            curve.append(
+                {
+                    "step": 0,
+                    "recall": entry["eval/stage_start/mean_recall"],
+                    "coverage": entry["eval/stage_start/mean_coverage"],
+                }
+            )
         if "eval/mean_recall" in entry:
             curve.append(
                 {
@@ -426,10 +433,26 @@ def write_outputs(bench: Bench, command: str) -> dict[str, Any]:
     results = [json.loads(p.read_text()) for p in sorted((bench.work / "results").glob("row*.json"))]
     lines = summarise(results)
     bench.out.mkdir(parents=True, exist_ok=True)
-    payload = {"device": device_name(), "command": command, "settings": asdict(bench.s), "table": lines}
+    # Where the rows ran (a rebuilt table keeps their devices, not the rebuilding machine's).
+    device = ", ".join(sorted({r.get("device", "unrecorded") for r in results})) or device_name()
+    payload = {"device": device, "command": command, "settings": asdict(bench.s), "table": lines}
     payload["rows"] = results
     atomic_write_text(bench.out / "quality.json", json.dumps(payload, indent=1))
     atomic_write_text(bench.out / "table.md", markdown(lines, bench.s, command, payload["device"]))
+    warm = next((r for r in results if r["row"] == 1 and r.get("warmup")), None)
+    if warm is not None:
+        from indexcache.plots import plot_eval_curve
+
+        curve = warm["warmup"]
+        plot_eval_curve(
+            {
+                "mean top-k recall": [(p["step"], p["recall"]) for p in curve],
+                "mean attention-mass coverage": [(p["step"], p["coverage"]) for p in curve if "coverage" in p],
+            },
+            bench.out / "warmup_recall.png",
+            title="Row 1: indexer warm-up (single-layer dense KL, all F), held-out",
+            ylabel="held-out mean over layers",
+        )
     for result in results:  # the evaluation's PNGs, one pair per row
         for name in ("recall_coverage.png", "overlap.png"):
             png = Path(result["report"]) / name
@@ -447,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/quality"), help="run folders and row results")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality"), help="table, JSON and PNGs")
     parser.add_argument("--smoke", action="store_true", help="the tiny model and budgets (CPU): the pipeline only")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the table from <work>/results only")
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else FULL
     if args.seeds is not None:
@@ -457,9 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown rows or retentions {unknown}: rows are {list(ROWS)}, retentions {list(RETENTIONS)}")
     heldout = args.heldout or (REPO / "indexcache" if args.smoke else None)
-    if heldout is None or not heldout.exists():
+    if not args.report_only and (heldout is None or not heldout.exists()):
         parser.error(f"--heldout {heldout} does not exist: give a folder or file of held-out text")
-    bench = Bench(settings, heldout, args.work, args.out)
+    bench = Bench(settings, heldout or REPO, args.work, args.out)
+    if args.report_only:
+        payload = write_outputs(bench, "(rebuilt from the row results)")
+        print((bench.out / "table.md").read_text())
+        return 0 if payload["table"] else 1
     if any(r != 1 for r in rows) and not bench.warm_export.is_dir() and 1 not in rows:
         parser.error("rows 2-6 start from row 1's warmed-up model: run row 1 first (--rows 1)")
     command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-__all__ = ["plot_layer_bars", "plot_overlap", "plot_search_curve"]
+__all__ = ["plot_eval_curve", "plot_layer_bars", "plot_overlap", "plot_search_curve"]
 
 F_COLOR, S_COLOR = "#1f3b73", "#9db4d8"
 
@@ -75,6 +75,19 @@ def plot_search_curve(
     ax.set_title(title)
     secondary = ax.secondary_xaxis("top", functions=(lambda f: f / num_layers, lambda r: r * num_layers))
     secondary.set_xlabel("retention")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_eval_curve(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str) -> Path:
+    """Held-out metrics against the optimizer step: one line per name, a point per evaluation."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for (label, points), marker in zip(curves.items(), "os^Dv", strict=False):
+        ax.plot([step for step, _ in points], [value for _, value in points], f"-{marker}", markersize=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
