@@ -415,10 +415,7 @@ def markdown(lines: list[dict[str, Any]], settings: Settings, command: str, devi
             f"| {spread} | {line['perplexity']:.3f} | {delta} | {line['recall']:.4f} | {line['coverage']:.4f} "
             f"| {line['wall_s']:.0f} |\n"
         )
-    return (
-        f"Device: {device}. Command: `{command}`\n\n"
-        f"Settings: {json.dumps(asdict(settings))}\n\n" + header + body
-    )
+    return f"Device: {device}. Command: `{command}`\n\nSettings: {json.dumps(asdict(settings))}\n\n" + header + body
 
 
 def device_name() -> str:
