@@ -12,8 +12,9 @@ windows (no attention mask), labels given (the LM loss is reported; trained only
 F layers' indexers train (torch AdamW).
 
 `--backward` times the GLM-5 latent sparse attention (64 heads, key 576, value its first 512 columns, K = 2048)
-alone: the Triton forward, then the reference backward and the Triton backward on the same output and LSE; it
-prints forward + backward of each and their ratio (the Triton backward's floor: 2 H T K (3 * 576 + 2 * 512) FLOPs).
+alone: the Triton forward, then the reference backward and the Triton backward (default blocks, and 32 heads per
+program) on the same output and LSE; it prints forward + backward of each, their ratio, and the Triton gradients'
+relative error against the reference's (the Triton backward's floor: 2 H T K (3 * 576 + 2 * 512) FLOPs).
 
 Per step (CUDA events around module forwards, median of the timed steps): base forward (decoder minus attention),
 indexer top-k (the F layers' indexers), attention (self-attention minus indexer minus loss), loss (each layer's
@@ -286,7 +287,9 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def backward_rows(seq: int, rate: float) -> list[dict]:
-    """The GLM-5 latent sparse attention at T=seq: Triton forward, reference backward and Triton backward."""
+    """The GLM-5 latent sparse attention at T=seq: Triton forward, reference backward, Triton backward variants."""
+    import dataclasses
+
     from indexcache.kernels import triton_sparse, visible_slots
     from indexcache.kernels.sparse_attention import _reference_backward, _rows_per_chunk
 
@@ -298,37 +301,52 @@ def backward_rows(seq: int, rate: float) -> list[dict]:
     value = latent[..., :512]
     d_out = torch.randn(1, seq, heads, 512, device="cuda", dtype=torch.bfloat16)
     out, lse = triton_sparse.triton_sparse_forward(query, latent, value, slots, scaling)
-    chunk = _rows_per_chunk(query, latent, value, topk, None)
     forward = timed(lambda: triton_sparse.triton_sparse_forward(query, latent, value, slots, scaling))
-    reference = timed(
-        lambda: _reference_backward(query, latent, value, slots, out, d_out, scaling, chunk, (True, True, True)),
-        repeats=1,
-    )
-    triton = timed(
-        lambda: triton_sparse.triton_sparse_backward(query, latent, value, slots, out, d_out, lse, scaling, True)
-    )
-    floor = 2 * heads * seq * topk * (3 * 576 + 2 * 512) / rate
-    ref_dq, ref_dk, ref_dv = _reference_backward(
-        query, latent, value, slots, out, d_out, scaling, chunk, (True, True, True)
-    )
+    chunk = _rows_per_chunk(query, latent, value, topk, None)
+    grads: dict[str, tuple] = {}
+
+    def reference_backward() -> None:
+        grads["reference"] = _reference_backward(query, latent, value, slots, out, d_out, scaling, chunk, (True,) * 3)
+
+    reference = timed(reference_backward, repeats=1)
+    ref_dq, ref_dk, ref_dv = grads.pop("reference")
     ref_dk[..., :512] += ref_dv  # the Triton backward adds the value's gradient into the latent's
-    got_dq, got_dk, _ = triton_sparse.triton_sparse_backward(
-        query, latent, value, slots, out, d_out, lse, scaling, True
-    )
-    errors = {"rel_err_dq": _rel(got_dq, ref_dq), "rel_err_dk": _rel(got_dk, ref_dk)}
-    return [
+    rows = [
         {"kernel": "sparse_fwd glm5 (triton)", "seq": seq, "ms": forward * 1e3},
         {"kernel": "sparse_bwd glm5 pytorch-reference", "seq": seq, "ms": reference * 1e3},
-        {"kernel": "sparse_bwd glm5 triton", "seq": seq, "ms": triton * 1e3, "floor_ms": floor * 1e3},
-        {
-            "kernel": "sparse_fwd+bwd glm5 reference / triton bwd",
-            "seq": seq,
-            "ms_reference": (forward + reference) * 1e3,
-            "ms_triton": (forward + triton) * 1e3,
-            "ratio": (forward + reference) / (forward + triton),
-            **errors,
-        },
     ]
+    floor = 2 * heads * seq * topk * (3 * 576 + 2 * 512) / rate
+    variants = {
+        "default": triton_sparse.BACKWARD_CONFIG,
+        "h32": dataclasses.replace(triton_sparse.BACKWARD_CONFIG, block_heads=32),
+    }
+    for variant, cfg in variants.items():
+        label = f"sparse_bwd glm5 triton {variant}"
+
+        def triton_backward(cfg=cfg) -> None:
+            grads["triton"] = triton_sparse.triton_sparse_backward(
+                query, latent, value, slots, out, d_out, lse, scaling, True, cfg
+            )
+
+        try:
+            seconds = timed(triton_backward)
+        except Exception as error:  # a variant that does not compile (shared memory) is reported, not fatal
+            rows.append({"kernel": label, "seq": seq, "error": str(error)[:200]})
+            continue
+        got_dq, got_dk, _ = grads.pop("triton")
+        rows.append({"kernel": label, "seq": seq, "ms": seconds * 1e3, "floor_ms": floor * 1e3})
+        rows.append(
+            {
+                "kernel": f"sparse_fwd+bwd glm5 reference / triton {variant}",
+                "seq": seq,
+                "ms_reference": (forward + reference) * 1e3,
+                "ms_triton": (forward + seconds) * 1e3,
+                "ratio": (forward + reference) / (forward + seconds),
+                "rel_err_dq": _rel(got_dq, ref_dq),
+                "rel_err_dk": _rel(got_dk, ref_dk),
+            }
+        )
+    return rows
 
 
 def main() -> None:

@@ -184,9 +184,10 @@ class _SparseAttention(torch.autograd.Function):
 
 
 def _value_views_key(key: Tensor, value: Tensor) -> bool:
-    """Whether autograd sees the value as a view of the same tensor as the key (the latent form's `key[..., :512]`)."""
+    """Whether autograd sees the value as a view of the same tensor as the key (the latent form's `key[..., :512]`),
+    so that the value's gradient reaches that tensor through the view (a view taken under no_grad would not)."""
     root = key if key._base is None else key._base
-    return value._base is not None and value._base is root
+    return value.grad_fn is not None and value._base is not None and value._base is root
 
 
 def _triton_usable(query: Tensor, key: Tensor, value: Tensor) -> bool:
