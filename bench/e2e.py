@@ -12,9 +12,10 @@ windows (no attention mask), labels given (the LM loss is reported; trained only
 F layers' indexers train (torch AdamW).
 
 `--backward` times the GLM-5 latent sparse attention (64 heads, key 576, value its first 512 columns, K = 2048)
-alone: the Triton forward, then the reference backward and the Triton backward (default blocks, and 32 heads per
-program) on the same output and LSE; it prints forward + backward of each, their ratio, and the Triton gradients'
-relative error against the reference's (the Triton backward's floor: 2 H T K (3 * 576 + 2 * 512) FLOPs).
+alone: the Triton forward, then the reference backward and the Triton backward (the default blocks for the latent
+width, 32 heads and 16-slot steps, and the shared-memory screening's runners-up) on the same output and LSE; it
+prints forward + backward of each, their ratio, and the Triton gradients' relative error against the
+reference's (the Triton backward's floor: 2 H T K (3 * 576 + 2 * 512) FLOPs).
 
 Per step (CUDA events around module forwards, median of the timed steps): base forward (decoder minus attention),
 indexer top-k (the F layers' indexers), attention (self-attention minus indexer minus loss), loss (each layer's
@@ -316,9 +317,11 @@ def backward_rows(seq: int, rate: float) -> list[dict]:
         {"kernel": "sparse_bwd glm5 pytorch-reference", "seq": seq, "ms": reference * 1e3},
     ]
     floor = 2 * heads * seq * topk * (3 * 576 + 2 * 512) / rate
-    variants = {
-        "default": triton_sparse.BACKWARD_CONFIG,
-        "h32": dataclasses.replace(triton_sparse.BACKWARD_CONFIG, block_heads=32),
+    wide = triton_sparse.backward_config(576, 512, torch.bfloat16)  # what the model runs: 32 heads, 16-slot steps
+    variants = {  # the runners-up of the shared-memory screening (bench/NOTES.md)
+        "default": wide,
+        "k32": dataclasses.replace(wide, block_slots=32),
+        "h16k32": dataclasses.replace(wide, block_heads=16, block_slots=32),
     }
     for variant, cfg in variants.items():
         label = f"sparse_bwd glm5 triton {variant}"

@@ -4,7 +4,8 @@
 
 Small float32 shapes: the MLA latent form with a 2-part width (D = 72 = 64 + 8, value = key[..., :64], its
 gradient added into the key's buffer), a latent value that is not a whole key tile (D = 24 = 16 + 8, value =
-key[..., :20]: separate dV, autograd adds it), GQA with a separate value, and an odd value width; several head
+key[..., :20]: separate dV, autograd adds it), the model's latent width (D = 576 = 512 + 64, value 512: through
+autograd the wide rows' block shapes), GQA with a separate value, and an odd value width; several head
 blocks (atomics from two programs onto one key row), a partial last slot block, -1 slots, and rows with no slot
 (padding keys, and one row cleared) whose d_out is not zero. Each case compares, by relative L2 error:
 - `triton_sparse_backward` against `_reference_backward` on the same output and LSE (the reference forward's);
@@ -97,6 +98,8 @@ def check(name: str, heads: int, kv_heads: int, dim: int, value_dim: int, latent
 
 def main() -> None:
     check("latent_d72", heads=20, kv_heads=1, dim=72, value_dim=64, latent=True, topk=24)
+    # The MLA latent width: through autograd it takes WIDE_BACKWARD_CONFIG (32 heads: two head blocks, 16-slot steps).
+    check("latent_d576", heads=40, kv_heads=1, dim=576, value_dim=512, latent=True, topk=24)
     check("latent_value_not_tile", heads=4, kv_heads=1, dim=24, value_dim=20, latent=True, topk=9)
     check("gqa", heads=6, kv_heads=2, dim=32, value_dim=32, latent=False, topk=12)
     check("odd_value_width", heads=4, kv_heads=1, dim=24, value_dim=20, latent=False, topk=9)

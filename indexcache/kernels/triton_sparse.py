@@ -16,7 +16,8 @@ bf16, stays in the H200's L2), scores them on the tensor cores, and keeps an onl
   program's own (written once), while dK += dS^T Q and dV += P^T dO go to every gathered key row, added with
   float32 atomics into [B * T, H_kv, D] buffers. In the latent form the value's gradient is added to the key
   tile's before the one atomic add (the caller returns it as the key's; autograd would have added it there
-  through the view). A row whose LSE is -inf (no slot) gets P = 0, so zero gradients.
+  through the view). A row whose LSE is -inf (no slot) gets P = 0, so zero gradients. Its tiles are wider than the
+  forward's (dQ in float32, the row's dO): wide rows (the MLA latent) take 32 heads per program (`backward_config`).
   `sparse_attention._reference_backward` is the exact slow path.
 Widths: D = D1 + D2 with D1 the largest power of two <= D and the rest padded to a power of two
 (576 = 512 + 64), so the kernel computes no padding columns for the model shapes.
@@ -49,6 +50,12 @@ class SparseKernelConfig:
 CONFIG = SparseKernelConfig()
 # The backward keeps dQ [BLOCK_H, D] in float32 and the row's dO beside the forward's tiles: smaller slot steps.
 BACKWARD_CONFIG = SparseKernelConfig(block_slots=32, stages=1)
+# Rows wider than this many bytes (q.k width padded to its two tiles, plus the value's tile) take WIDE_BACKWARD_CONFIG:
+# at the MLA latent width (576 + 512, bf16) 64 heads per program need 306-312 KiB of shared memory whatever the slot
+# step, and sm_90 has 227 KiB. 32 heads and 16-slot steps need 102 KiB and spill 8 B (bench/NOTES.md, "Sparse
+# backward: shared memory screening"; tests/test_sparse_compile.py checks every project shape).
+WIDE_BACKWARD_BYTES = 576 * 2  # 320 + 256 columns in bf16: 168 KiB at 64 heads, the widest screened that fits
+WIDE_BACKWARD_CONFIG = SparseKernelConfig(block_heads=32, block_slots=16, stages=1)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -71,6 +78,13 @@ def triton_supports(query: Tensor, key: Tensor, value: Tensor) -> bool:
 def _value_is_key_columns(key: Tensor, value: Tensor, d1: int) -> bool:
     """Whether the value is the key's first D1 columns in memory (the latent form), so the key tile serves as both."""
     return value.data_ptr() == key.data_ptr() and value.stride() == key.stride() and value.shape[-1] == d1
+
+
+def backward_config(dim: int, value_dim: int, dtype: torch.dtype) -> SparseKernelConfig:
+    """The backward's block shapes for a q.k width, a value width and a dtype: fewer heads per program for wide rows."""
+    d1, d2 = _split_width(dim)
+    row_bytes = (d1 + d2 + triton.next_power_of_2(value_dim)) * dtype.itemsize
+    return WIDE_BACKWARD_CONFIG if row_bytes > WIDE_BACKWARD_BYTES else BACKWARD_CONFIG
 
 
 def _head_blocks(heads_per_kv: int, cfg: SparseKernelConfig) -> tuple[int, int]:
@@ -350,15 +364,18 @@ def triton_sparse_backward(
     lse: Tensor,
     scaling: float,
     value_into_key: bool,
-    cfg: SparseKernelConfig = BACKWARD_CONFIG,
+    cfg: SparseKernelConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """dQ, dK and dV of `sparse_attention` given the forward's output and LSE (see the module doc).
 
     `value_into_key`: the value is an autograd view of the key's first D_v columns (the MLA latent form), so the
     value's gradient is added into dK's first D_v columns and dV is returned as None (autograd would add it there).
+    `cfg`: block shapes, by default `backward_config` of the widths and dtype.
     """
     batch, seq, heads, dim = query.shape
     kv_heads, value_dim = value.shape[2], value.shape[3]
+    if cfg is None:
+        cfg = backward_config(dim, value_dim, query.dtype)
     heads_per_kv = heads // kv_heads
     block_h, head_blocks = _head_blocks(heads_per_kv, cfg)
     d1, d2 = _split_width(dim)
