@@ -2,6 +2,7 @@
 
     python bench/e2e.py [--shape glm5|dsv32] [--stages dense sparse] [--lengths 8192 32768 ...] [--out FILE]
     python bench/e2e.py --kernels [--lengths 32768]        # the sparse attention and sparse KL alone
+    python bench/e2e.py --backward --lengths 8192 32768    # sparse attention fwd+bwd: reference vs Triton backward
 
 The model is built from config with random weights (bf16): `glm5` = glm_moe_dsa at GLM-5 width (hidden 6144, 64
 heads, q.k 192+64, v 256, q_lora 2048, kv_lora 512, indexer 32 x 128, top-k 2048), 1 dense + 4 MoE layers of 8
@@ -9,6 +10,12 @@ experts, all active, pattern FFSSS (one G=4 group); `dsv32` = deepseek_v32 at De
 128+64, v 128, q_lora 1536, indexer 64 x 128), same layers and pattern. Steps run as the trainer runs them: packed
 windows (no attention mask), labels given (the LM loss is reported; trained only with `--train-base`), only the
 F layers' indexers train (torch AdamW).
+
+`--backward` times the GLM-5 latent sparse attention (64 heads, key 576, value its first 512 columns, K = 2048)
+alone: the Triton forward, then the reference backward and the Triton backward (the default blocks for the latent
+width, 32 heads and 16-slot steps, and the shared-memory screening's runners-up) on the same output and LSE; it
+prints forward + backward of each, their ratio, and the Triton gradients' relative error against the
+reference's (the Triton backward's floor: 2 H T K (3 * 576 + 2 * 512) FLOPs).
 
 Per step (CUDA events around module forwards, median of the timed steps): base forward (decoder minus attention),
 indexer top-k (the F layers' indexers), attention (self-attention minus indexer minus loss), loss (each layer's
@@ -276,6 +283,75 @@ def kernel_rows(seq: int, rate: float) -> list[dict]:
     return rows
 
 
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+def backward_rows(seq: int, rate: float) -> list[dict]:
+    """The GLM-5 latent sparse attention at T=seq: Triton forward, reference backward, Triton backward variants."""
+    import dataclasses
+
+    from indexcache.kernels import triton_sparse, visible_slots
+    from indexcache.kernels.sparse_attention import _reference_backward, _rows_per_chunk
+
+    heads, topk, scaling = 64, 2048, 576**-0.5
+    scores = torch.rand(1, seq, topk, device="cuda")
+    slots = visible_slots((scores * (torch.arange(seq, device="cuda")[None, :, None] + 1)).long(), None)
+    query = torch.randn(1, seq, heads, 576, device="cuda", dtype=torch.bfloat16)
+    latent = torch.randn(1, seq, 1, 576, device="cuda", dtype=torch.bfloat16)
+    value = latent[..., :512]
+    d_out = torch.randn(1, seq, heads, 512, device="cuda", dtype=torch.bfloat16)
+    out, lse = triton_sparse.triton_sparse_forward(query, latent, value, slots, scaling)
+    forward = timed(lambda: triton_sparse.triton_sparse_forward(query, latent, value, slots, scaling))
+    chunk = _rows_per_chunk(query, latent, value, topk, None)
+    grads: dict[str, tuple] = {}
+
+    def reference_backward() -> None:
+        grads["reference"] = _reference_backward(query, latent, value, slots, out, d_out, scaling, chunk, (True,) * 3)
+
+    reference = timed(reference_backward, repeats=1)
+    ref_dq, ref_dk, ref_dv = grads.pop("reference")
+    ref_dk[..., :512] += ref_dv  # the Triton backward adds the value's gradient into the latent's
+    rows = [
+        {"kernel": "sparse_fwd glm5 (triton)", "seq": seq, "ms": forward * 1e3},
+        {"kernel": "sparse_bwd glm5 pytorch-reference", "seq": seq, "ms": reference * 1e3},
+    ]
+    floor = 2 * heads * seq * topk * (3 * 576 + 2 * 512) / rate
+    wide = triton_sparse.backward_config(576, 512, torch.bfloat16)  # what the model runs: 32 heads, 16-slot steps
+    variants = {  # the runners-up of the shared-memory screening (bench/NOTES.md)
+        "default": wide,
+        "k32": dataclasses.replace(wide, block_slots=32),
+        "h16k32": dataclasses.replace(wide, block_heads=16, block_slots=32),
+    }
+    for variant, cfg in variants.items():
+        label = f"sparse_bwd glm5 triton {variant}"
+
+        def triton_backward(cfg=cfg) -> None:
+            grads["triton"] = triton_sparse.triton_sparse_backward(
+                query, latent, value, slots, out, d_out, lse, scaling, True, cfg
+            )
+
+        try:
+            seconds = timed(triton_backward)
+        except Exception as error:  # a variant that does not compile (shared memory) is reported, not fatal
+            rows.append({"kernel": label, "seq": seq, "error": str(error)[:200]})
+            continue
+        got_dq, got_dk, _ = grads.pop("triton")
+        rows.append({"kernel": label, "seq": seq, "ms": seconds * 1e3, "floor_ms": floor * 1e3})
+        rows.append(
+            {
+                "kernel": f"sparse_fwd+bwd glm5 reference / triton {variant}",
+                "seq": seq,
+                "ms_reference": (forward + reference) * 1e3,
+                "ms_triton": (forward + seconds) * 1e3,
+                "ratio": (forward + reference) / (forward + seconds),
+                "rel_err_dq": _rel(got_dq, ref_dq),
+                "rel_err_dk": _rel(got_dk, ref_dk),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="glm5")
@@ -284,6 +360,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--train-base", action="store_true", help="sparse stage: the base trains with the LM loss")
     parser.add_argument("--kernels", action="store_true", help="time the sparse attention and sparse KL alone")
+    parser.add_argument("--backward", action="store_true", help="sparse attention fwd+bwd: reference vs Triton bwd")
     # transformers' default MoE path (grouped_mm) copies every token once per active expert, with float32 buffers
     # of [T * top_k, hidden] (24 GiB at 128K with 8 of 8 active); the per-expert loop ("eager") holds one [T, hidden].
     parser.add_argument("--experts", choices=["eager", "grouped_mm"], default="eager", help="MoE implementation")
@@ -294,9 +371,9 @@ def main() -> None:
     rate = matmul_rate()
     print(f"{gpu}: bf16 8192^3 matmul {rate / 1e12:.0f} TFLOP/s; torch {torch.__version__}", flush=True)
     rows = []
-    if args.kernels:
+    if args.kernels or args.backward:
         for seq in args.lengths:
-            for row in kernel_rows(seq, rate):
+            for row in (backward_rows if args.backward else kernel_rows)(seq, rate):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     else:
@@ -310,7 +387,7 @@ def main() -> None:
     if args.out:
         with args.out.open("a") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
-    print_table(rows, args.kernels)
+    print_table(rows, args.kernels or args.backward)
 
 
 def print_table(rows: list[dict], kernels: bool) -> None:
@@ -319,6 +396,12 @@ def print_table(rows: list[dict], kernels: bool) -> None:
         for row in rows:
             if "error" in row:
                 print(f"{row['kernel']:<44}{row['seq']:>8}  {row['error'][:60]}")
+                continue
+            if "ms_reference" in row:
+                print(
+                    f"{row['kernel']:<44}{row['seq']:>8}  {row['ms_reference']:.1f} / {row['ms_triton']:.1f} ms"
+                    f" = {row['ratio']:.1f}x (rel. error dQ {row['rel_err_dq']:.1e}, dK {row['rel_err_dk']:.1e})"
+                )
                 continue
             floor = row.get("floor_ms")
             ratio = f"{row['ms'] / floor:>8.2f}" if floor else ""

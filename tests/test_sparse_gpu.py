@@ -3,12 +3,15 @@
 - the Triton sparse attention (output, LSE, teacher probabilities) against the float64 reference on the same
   bf16 inputs: GLM-5 latent shapes (64 heads, 576-wide shared key, 512-wide value), DeepSeek-V3.2 latent shapes
   (128 heads: two head blocks and atomics in the teacher pass), SmolLM2 GQA shapes;
-- its backward (the chunked reference on the GPU) against float64 autograd;
+- its backward through autograd (on CUDA the Triton backward) against float64 autograd;
+- the Triton backward against the reference backward (bf16 and float64) at T=2048, K=256 for the latent shapes
+  (the value's gradient carried by the latent's) and GQA, with a row that has no slot (zero dQ, no NaN);
 - the gathered sparse KL on the GPU against `losses.reference` in float64;
 - the bf16 tiny models in sparse mode: loss and metrics equal the reference on the layers' own query/key.
 
 Bounds (relative L2 error, bf16 inputs, float32 accumulation): output 1e-2, LSE 1e-3, probabilities 1e-2,
-gradients 2e-2; fp32 reference-path checks 1e-5.
+gradients 2e-2 (the Triton backward's against float64 and against the bf16 reference alike); fp32
+reference-path checks 1e-5.
 """
 
 from __future__ import annotations
@@ -87,6 +90,38 @@ def test_sparse_attention_backward_on_gpu_matches_float64():
     expected = torch.autograd.grad(ref, [q64, k64], d_out.double())
     for got, want in zip(grads, expected, strict=True):
         assert rel(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_triton_sparse_backward_matches_the_reference_backward(shape: str):
+    heads, kv_heads, dim, value_dim, latent = SHAPES[shape]
+    torch.manual_seed(4)
+    batch, seq, topk = 1, 2048, 256
+    query = (torch.randn(batch, seq, heads, dim, device="cuda") * 2).bfloat16()
+    key = torch.randn(batch, seq, kv_heads, dim, device="cuda").bfloat16()
+    own_value = torch.randn(batch, seq, kv_heads, value_dim, device="cuda").bfloat16()
+    real = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    real[:, -64:] = False  # right padding
+    slots = visible_slots(topk_like(batch, seq, topk), real)
+    slots[:, 100] = -1  # a row with no slot: LSE -inf
+    d_out = torch.randn(batch, seq, heads, value_dim, device="cuda").bfloat16()
+
+    def grads(impl: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        leaves = [query.to(dtype).requires_grad_(), key.to(dtype).requires_grad_()]
+        if not latent:
+            leaves.append(own_value.to(dtype).requires_grad_())
+        value = leaves[1][..., :value_dim] if latent else leaves[2]
+        out, _ = sparse_attention(leaves[0], leaves[1], value, slots, dim**-0.5, impl=impl)
+        return torch.autograd.grad(out, leaves, d_out.to(dtype))
+
+    got = grads("triton", torch.bfloat16)
+    reference = grads("reference", torch.bfloat16)
+    exact = grads("reference", torch.float64)
+    for g, r, e in zip(got, reference, exact, strict=True):
+        assert torch.isfinite(g).all()
+        assert rel(g, e) < 2e-2
+        assert rel(g, r) < 2e-2
+    assert torch.equal(got[0][:, 100], torch.zeros_like(got[0][:, 100]))
 
 
 def test_gathered_sparse_kl_on_gpu_matches_reference():

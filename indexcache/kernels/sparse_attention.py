@@ -14,8 +14,11 @@ Two implementations of the same maths:
 - the reference: query rows in chunks, the chunk's K keys gathered, scores [B, c, H, K]; exact in the input dtype's
   accumulation type (float64 stays float64). Memory O(c * K * (H_kv * D + H)), never [T, T]. Its backward recomputes
   each chunk (nothing of size [T, K, D] is kept), so the whole function is also the CPU and fallback path;
-- `triton_sparse.py`: the forward and the teacher pass as Triton kernels on CUDA (one program per query row and
-  block of heads, keys gathered straight from global memory / L2); the backward is the reference's.
+- `triton_sparse.py`: the forward, the teacher pass and the backward as Triton kernels on CUDA (one program per
+  query row and block of heads, keys gathered straight from global memory / L2). The backward recomputes each
+  row's probabilities from the forward's LSE, writes dQ and adds dK, dV into float32 buffers with atomics; in the
+  latent form the value's gradient goes straight into the key's first 512 columns (one buffer, one atomic add).
+  It runs whenever the forward did; the reference's backward is the exact slow path everywhere else.
 The teacher probabilities (`sparse_attention_probs`) are a second pass over the same gathered keys, normalised by
 the forward's LSE, so they equal the attention's own probabilities.
 """
@@ -144,27 +147,47 @@ def _reference_backward(
 
 
 class _SparseAttention(torch.autograd.Function):
-    """Forward by the chosen implementation; backward by recomputing the reference's chunks (no [T, K, D] saved)."""
+    """Forward and backward by the chosen implementation; both recompute the probabilities (no [T, K, D] saved).
+
+    `value_views_key`: the value is an autograd view of the key (the latent form), so a gradient for the key's
+    leading columns may carry the value's (see `triton_sparse_backward`).
+    """
 
     @staticmethod
-    def forward(ctx, query, key, value, slots, scaling, rows_per_chunk, use_triton):  # type: ignore[override]
+    def forward(ctx, query, key, value, slots, scaling, rows_per_chunk, use_triton, value_views_key):  # type: ignore[override]
         if use_triton:
             from indexcache.kernels.triton_sparse import triton_sparse_forward  # lazy: needs triton and CUDA
 
             out, lse = triton_sparse_forward(query, key, value, slots, scaling)
         else:
             out, lse = _reference_forward(query, key, value, slots, scaling, rows_per_chunk)
-        ctx.save_for_backward(query, key, value, slots, out)
+        ctx.save_for_backward(query, key, value, slots, out, lse)
         ctx.scaling, ctx.rows_per_chunk = scaling, rows_per_chunk
+        ctx.use_triton, ctx.value_views_key = use_triton, value_views_key
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):  # type: ignore[override]
-        query, key, value, slots, out = ctx.saved_tensors
+        query, key, value, slots, out, lse = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        grads = _reference_backward(query, key, value, slots, out, d_out, ctx.scaling, ctx.rows_per_chunk, needs)
-        return (*grads, None, None, None, None)
+        if ctx.use_triton:
+            from indexcache.kernels.triton_sparse import triton_sparse_backward
+
+            grads = triton_sparse_backward(
+                query, key, value, slots, out, d_out, lse, ctx.scaling, ctx.value_views_key and needs[1]
+            )
+            grads = tuple(grad if need else None for grad, need in zip(grads, needs, strict=True))
+        else:
+            grads = _reference_backward(query, key, value, slots, out, d_out, ctx.scaling, ctx.rows_per_chunk, needs)
+        return (*grads, None, None, None, None, None)
+
+
+def _value_views_key(key: Tensor, value: Tensor) -> bool:
+    """Whether autograd sees the value as a view of the same tensor as the key (the latent form's `key[..., :512]`),
+    so that the value's gradient reaches that tensor through the view (a view taken under no_grad would not)."""
+    root = key if key._base is None else key._base
+    return value.grad_fn is not None and value._base is not None and value._base is root
 
 
 def _triton_usable(query: Tensor, key: Tensor, value: Tensor) -> bool:
@@ -209,7 +232,7 @@ def sparse_attention(
     _check(query, key, value, slots)
     use_triton = impl == "triton" or (impl == "auto" and _triton_usable(query, key, value))
     rows = _rows_per_chunk(query, key, value, slots.shape[-1], chunk_size)
-    return _SparseAttention.apply(query, key, value, slots, scaling, rows, use_triton)
+    return _SparseAttention.apply(query, key, value, slots, scaling, rows, use_triton, _value_views_key(key, value))
 
 
 @torch.no_grad()
