@@ -68,8 +68,8 @@ class EvaluateConfig:
     chunk_size: int = 256  # query rows per chunk of the metrics
     search_curve: str | None = None  # a search's search_curve.json, plotted with the report
     out_dir: str | None = None  # default <run_dir>/evaluate
-    # Training ends by evaluating its export (single-process runs; a sharded model is evaluated with this entry
-    # point on its own, under the same launcher and deepspeed=zero3).
+    # Training ends by evaluating its export on the same ranks, after dropping the trained model (under ZeRO-3 the
+    # export loads partitioned, as training's model did).
     after_training: bool = True
 
     def __post_init__(self) -> None:

@@ -40,9 +40,10 @@ def train_job(cfg: RunConfig) -> int:
         try:
             finished = train(run)
             exported = export_run(run) if finished and cfg.export.enabled else None
-            if exported is not None and cfg.evaluate.after_training and dist.world_size == 1:
+            if exported is not None and cfg.evaluate.after_training:
                 from indexcache.evaluate import evaluate_export
 
+                run.release_model()  # the evaluation loads the export (sharded like training under ZeRO-3)
                 evaluate_export(cfg, exported)
         except NonFiniteLossError as error:
             return user_error(PROG, error, code=3)

@@ -64,6 +64,16 @@ class Run:
     def total_steps(self) -> int:
         return sum(plan.steps for plan in self.plans)
 
+    def release_model(self) -> None:
+        """Drop the trained model once exported, so that the run-end evaluation never holds two models at once."""
+        import gc
+
+        self.model = None  # type: ignore[assignment]
+        self.hf_ds_config = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 def checkpoint_root(cfg: RunConfig) -> Path:
     return Path(cfg.run_dir).resolve() / "checkpoints"
@@ -312,6 +322,7 @@ def export_run(run: Run) -> Path | None:
             )
         else:
             join_trained_gathers(run.model, groups)  # the gathers are collectives: keep in step with rank 0
+            exported = target  # written by rank 0 once the barrier below passes
     barrier()
     return exported
 

@@ -117,6 +117,9 @@ def test_deepspeed_launcher_two_ranks(tmp_path, cache_dir, zero_stage):
     assert [line["step"] for line in read_metrics(run_dir)] == [1, 2, 3, 4]
     assert_only_f_indexers_changed(run_dir, "FFSF")
     assert json.loads((run_dir / "export" / "indexcache.json").read_text())["summary"]["world_size"] == 2
+    report = json.loads((run_dir / "evaluate" / "evaluation.json").read_text())
+    assert report["world_size"] == 2, "the run-end evaluation runs across the training's ranks"
+    assert report["model"]["pattern"] == "FFSF" and report["baseline_source"] is not None
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
