@@ -7,6 +7,8 @@ launcher spawn processes.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import sys
@@ -110,3 +112,11 @@ def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> train/loss of a run."""
     return {line["step"]: line["train/loss"] for line in read_metrics(run_dir) if "train/loss" in line}
+
+
+def triton_interpreter_usable() -> bool:
+    """Triton's CPU interpreter runs here: triton is installed and numpy is older than 2.3 (triton 3.6 needs it)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    major, minor = (int(part) for part in importlib.metadata.version("numpy").split(".")[:2])
+    return (major, minor) < (2, 3)

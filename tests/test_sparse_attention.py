@@ -9,8 +9,6 @@ top-k mask. Fresh random inputs for every case; gradients by autograd through th
 from __future__ import annotations
 
 import copy
-import importlib.metadata
-import importlib.util
 import os
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from indexcache.model import IndexerSelection, get_family
 from indexcache.model.tiny import tiny_model
 from indexcache.model.wrapper import BACKEND, CONTEXT_KWARG, ForwardContext, register_backend
 from indexcache.pattern import IndexCachePattern
+from tests.conftest import triton_interpreter_usable
 
 
 def random_topk(batch: int, seq: int, topk: int, gen: torch.Generator) -> torch.Tensor:
@@ -195,15 +194,8 @@ def test_family_sparse_attention_equals_stock_attention_on_the_same_topk(model_t
     assert "kv_b_proj.weight" in names or model_type == "llama"
 
 
-def _interpreter_usable() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    major, minor = (int(part) for part in importlib.metadata.version("numpy").split(".")[:2])
-    return (major, minor) < (2, 3)  # the triton 3.6 interpreter needs numpy < 2.3 (bench/interpret_check.py)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _interpreter_usable(), reason="needs triton and numpy < 2.3")
+@pytest.mark.skipif(not triton_interpreter_usable(), reason="needs triton and numpy < 2.3")
 def test_triton_sparse_kernels_under_the_interpreter_match_the_float64_reference() -> None:
     script = Path(__file__).resolve().parents[1] / "bench" / "interpret_sparse.py"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
