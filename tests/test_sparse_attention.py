@@ -115,6 +115,20 @@ def test_visible_slots_drop_future_padding_missing_and_repeated_keys():
     expected = torch.tensor([[[-1, -1, -1], [1, -1, -1], [2, -1, 1], [1, 3, -1], [4, -1, 2]]])
     assert torch.equal(visible_slots(indices, real), expected)
     assert torch.equal(visible_slots(indices.int(), None)[0, 0], torch.tensor([0, -1, -1]))
+    for chunk_rows in (1, 2, 3):  # row chunks: the same slots, whatever the chunk boundary
+        assert torch.equal(visible_slots(indices, real, chunk_rows=chunk_rows), expected)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 16])
+def test_visible_slots_in_row_chunks_equal_one_pass_on_random_indices(chunk_rows):
+    torch.manual_seed(chunk_rows)
+    batch, seq, topk = 2, 37, 12
+    indices = torch.randint(-1, seq, (batch, seq, topk))  # future keys, -1 and repeats all occur
+    real = torch.rand(batch, seq) > 0.2
+    whole = visible_slots(indices, real, chunk_rows=seq)
+    assert (whole == -1).any() and (whole >= 0).any()
+    assert torch.equal(visible_slots(indices, real, chunk_rows=chunk_rows), whole)
+    assert torch.equal(visible_slots(indices, None, chunk_rows=chunk_rows), visible_slots(indices, None, seq))
 
 
 def test_sparse_attention_rejects_shapes_it_cannot_read():

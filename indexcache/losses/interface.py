@@ -96,13 +96,17 @@ def key_mask(attention_mask: Tensor | None, batch: int, seq: int, device: torch.
     return attention_mask.to(device=device).bool()
 
 
-def selected_entries(topk_indices: Tensor, real: Tensor) -> Tensor:
-    """[B, T, K] bool: which top-k entries name a key visible from their row (not -1, s <= t, s real)."""
-    batch, seq, _ = topk_indices.shape
-    row = torch.arange(seq, device=topk_indices.device).view(1, seq, 1)
+def selected_entries(topk_indices: Tensor, real: Tensor, first_row: int = 0) -> Tensor:
+    """[B, R, K] bool: which top-k entries name a key visible from their row (not -1, s <= t, s real).
+
+    `topk_indices` holds rows first_row .. first_row + R - 1 of the sequence (all of it by default); `real` [B, S]
+    covers every key.
+    """
+    batch, rows, _ = topk_indices.shape
+    row = torch.arange(first_row, first_row + rows, device=topk_indices.device).view(1, rows, 1)
     in_range = (topk_indices >= 0) & (topk_indices <= row)
-    gathered_real = torch.gather(real, 1, topk_indices.clamp(0, seq - 1).reshape(batch, -1)).view_as(topk_indices)
-    return in_range & gathered_real
+    keys = topk_indices.clamp(0, real.shape[1] - 1).reshape(batch, -1)
+    return in_range & torch.gather(real, 1, keys).view_as(topk_indices)
 
 
 def valid_rows(real: Tensor, topk_indices: Tensor | None) -> Tensor:
@@ -121,19 +125,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def visible_slots(topk_indices: Tensor, real: Tensor | None) -> Tensor:
+# Query rows per chunk of `visible_slots`: its sort's temporaries are a few [B, rows, K] int64 tensors (at 256K tokens
+# and K 2048 a whole-sequence pass would hold ~4 GiB each; a 4096-row chunk, 64 MiB).
+VISIBLE_SLOTS_CHUNK_ROWS = 4096
+
+
+def visible_slots(topk_indices: Tensor, real: Tensor | None, chunk_rows: int = VISIBLE_SLOTS_CHUNK_ROWS) -> Tensor:
     """[B, T, K] int64: `topk_indices` with -1 in every slot that names no key its row may attend to.
 
     A slot is dropped when it is -1 already, names a future key (s > t) or a padding key (`real` [B, T] bool False;
     None: no padding), or repeats a key an earlier slot of the row names (the top-k is a set: a repeated key must
-    not count twice in a softmax). Keys stay in their slots, so slot k of the result is slot k of the input.
+    not count twice in a softmax). Keys stay in their slots, so slot k of the result is slot k of the input. Rows are
+    independent, so they are done `chunk_rows` at a time: only the result is of size [B, T, K].
     """
     batch, seq, _ = topk_indices.shape
     if real is None:
         real = torch.ones(batch, seq, dtype=torch.bool, device=topk_indices.device)
-    keyed = torch.where(selected_entries(topk_indices, real), topk_indices.long(), -1)
-    ordered, order = keyed.sort(dim=-1, stable=True)  # stable: the earliest slot of a repeated key stays
-    repeat_sorted = torch.zeros_like(ordered, dtype=torch.bool)
-    repeat_sorted[..., 1:] = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
-    repeat = torch.zeros_like(repeat_sorted).scatter_(-1, order, repeat_sorted)
-    return keyed.masked_fill_(repeat, -1)
+    out = torch.empty(topk_indices.shape, dtype=torch.long, device=topk_indices.device)
+    for start in range(0, seq, chunk_rows):
+        chunk = topk_indices[:, start : start + chunk_rows]
+        keyed = torch.where(selected_entries(chunk, real, first_row=start), chunk.long(), -1)
+        ordered, order = keyed.sort(dim=-1, stable=True)  # stable: the earliest slot of a repeated key stays
+        repeat_sorted = torch.zeros_like(ordered, dtype=torch.bool)
+        repeat_sorted[..., 1:] = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+        repeat = torch.zeros_like(repeat_sorted).scatter_(-1, order, repeat_sorted)
+        out[:, start : start + chunk_rows] = keyed.masked_fill_(repeat, -1)
+    return out
