@@ -9,6 +9,7 @@ and sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Search and 
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from collections.abc import Callable
@@ -75,6 +76,9 @@ def init_distributed(device_choice: str, backend_choice: str) -> DistInfo:
     backend = backend_choice if backend_choice != "auto" else ("nccl" if device_type == "cuda" else "gloo")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        # Torn down once, when the process ends: jobs that run one after another in a process (the quality
+        # benchmark, the tests) share the group, and DeepSpeed caches its sub-groups of it.
+        atexit.register(shutdown)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if device_type == "cuda":
@@ -99,6 +103,7 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
 
 
 def shutdown() -> None:
+    """Destroy the process group (at exit: `init_distributed` registers this)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

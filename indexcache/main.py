@@ -77,14 +77,9 @@ def summary_line(run, finished: bool, exported: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from indexcache.distributed import shutdown
+    from indexcache.run import precheck
 
-    try:
-        from indexcache.run import precheck
-
-        return hydra_main(train_job, argv, prog=PROG, precheck=precheck)
-    finally:
-        shutdown()
+    return hydra_main(train_job, argv, prog=PROG, precheck=precheck)
 
 
 if __name__ == "__main__":
