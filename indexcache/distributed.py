@@ -68,7 +68,8 @@ def init_distributed(device_choice: str, backend_choice: str) -> DistInfo:
     if device_type == "cpu":
         # DeepSpeed picks its accelerator at import; CPU runs must say so before deepspeed is imported.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:
+    no_launcher = "RANK" not in os.environ
+    if no_launcher:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
@@ -76,9 +77,12 @@ def init_distributed(device_choice: str, backend_choice: str) -> DistInfo:
     backend = backend_choice if backend_choice != "auto" else ("nccl" if device_type == "cuda" else "gloo")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        # Torn down once, when the process ends: jobs that run one after another in a process (the quality
-        # benchmark, the tests) share the group, and DeepSpeed caches its sub-groups of it.
-        atexit.register(shutdown)
+        if no_launcher:
+            # A one-process group of our own lives until the process ends: jobs run one after another in a process
+            # (the quality benchmark, the tests) share it, and DeepSpeed caches sub-groups of it.
+            global _OWN_GROUP
+            _OWN_GROUP = True
+            atexit.register(_destroy)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if device_type == "cuda":
@@ -102,8 +106,18 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return tensor.item() / torch.distributed.get_world_size()
 
 
+# Whether `init_distributed` made the (one-process) group itself, without a launcher.
+_OWN_GROUP = False
+
+
 def shutdown() -> None:
-    """Destroy the process group (at exit: `init_distributed` registers this)."""
+    """The end of an entry point: a launcher's rank tears its process group down now; a one-process group this
+    module made stays up for later jobs in the process and goes at exit."""
+    if not _OWN_GROUP:
+        _destroy()
+
+
+def _destroy() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -77,9 +77,13 @@ def summary_line(run, finished: bool, exported: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from indexcache.distributed import shutdown
     from indexcache.run import precheck
 
-    return hydra_main(train_job, argv, prog=PROG, precheck=precheck)
+    try:
+        return hydra_main(train_job, argv, prog=PROG, precheck=precheck)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -531,8 +531,12 @@ def search_job(cfg: RunConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Hydra's command line, the same config surface as training (`--help`, `--cfg`, `-m`, one-line errors)."""
     from indexcache.cli import hydra_main
+    from indexcache.distributed import shutdown
 
-    return hydra_main(search_job, argv, prog=PROG)
+    try:
+        return hydra_main(search_job, argv, prog=PROG)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":
