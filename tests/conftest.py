@@ -11,8 +11,10 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,22 @@ def triton_interpreter_usable() -> bool:
         return False
     major, minor = (int(part) for part in importlib.metadata.version("numpy").split(".")[:2])
     return (major, minor) < (2, 3)
+
+
+@pytest.fixture
+def two_rank_launcher() -> Iterator[list[str]]:
+    """`deepspeed --num_gpus 2 --master_port P` with a fresh port P, and P's shared-memory buffers removed after.
+
+    On CPU, DeepSpeed's shared-memory all-reduce keeps its buffers in /dev/shm under names made from the rendezvous
+    port and never unlinks them: a job on the launcher's default port attaches to whatever an earlier job (one killed
+    mid-collective, say) left there, and can crash. A port of its own per test, and the buffers cleared, keep the
+    jobs independent.
+    """
+    launcher = shutil.which("deepspeed")
+    assert launcher, "the deepspeed launcher is installed with the package"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield [launcher, "--num_gpus", "2", "--master_port", str(port)]
+    for buffer in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):
+        buffer.unlink(missing_ok=True)

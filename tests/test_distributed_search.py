@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -28,10 +27,8 @@ SEARCH = ["search.calibration_tokens=160", "search.batch_size=2", f"search.cache
 EVALUATE = ["evaluate.batches=3", "evaluate.batch_size=2", "evaluate.baseline=null"]
 
 
-def launch(cache_dir: Path, cwd: Path, module: str, *overrides: str) -> None:
-    launcher = shutil.which("deepspeed")
-    assert launcher, "the deepspeed launcher is installed with the package"
-    cmd = [launcher, "--num_gpus", "2", "--module", module, "preset=tiny", "deepspeed=zero3", *overrides]
+def launch(launcher: list[str], cache_dir: Path, cwd: Path, module: str, *overrides: str) -> None:
+    cmd = [*launcher, "--module", module, "preset=tiny", "deepspeed=zero3", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=subprocess_env(cache_dir))
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
@@ -43,16 +40,22 @@ def close(a: float | None, b: float | None) -> bool:
 
 
 @pytest.mark.slow
-def test_two_rank_zero3_search_and_evaluation_equal_one_process(tmp_path, cache_dir):
+def test_two_rank_zero3_search_and_evaluation_equal_one_process(tmp_path, cache_dir, two_rank_launcher):
     one = run_search(load_config(["preset=tiny", f"run_dir={tmp_path / 'one'}", *SEARCH]))
     # Stopped after one step, then continued by the same command: rank 0 reads the state file for both ranks.
     launch(
-        cache_dir, tmp_path, "indexcache.search", f"run_dir={tmp_path / 'two'}", *SEARCH, "search.stop_after_steps=1"
+        two_rank_launcher,
+        cache_dir,
+        tmp_path,
+        "indexcache.search",
+        f"run_dir={tmp_path / 'two'}",
+        *SEARCH,
+        "search.stop_after_steps=1",
     )
     out = tmp_path / "two" / "search"
     assert len(json.loads((out / "search_state.json").read_text())["curve"]) == 2
     assert not (out / "pattern.txt").exists()
-    launch(cache_dir, tmp_path, "indexcache.search", f"run_dir={tmp_path / 'two'}", *SEARCH)
+    launch(two_rank_launcher, cache_dir, tmp_path, "indexcache.search", f"run_dir={tmp_path / 'two'}", *SEARCH)
     two = json.loads((out / "search_curve.json").read_text())
     assert two["world_size"] == 2 and two["cost"]["cache_stride"] == 2
     assert two["pattern"] == one.pattern == (out / "pattern.txt").read_text().strip()
@@ -67,7 +70,8 @@ def test_two_rank_zero3_search_and_evaluation_equal_one_process(tmp_path, cache_
     assert state["curve"] == two["curve"]
 
     ev_one = run_evaluation(load_config(["preset=tiny", f"evaluate.out_dir={tmp_path / 'ev1'}", *EVALUATE]))
-    launch(cache_dir, tmp_path, "indexcache.evaluate", f"evaluate.out_dir={tmp_path / 'ev2'}", *EVALUATE)
+    ev_out = f"evaluate.out_dir={tmp_path / 'ev2'}"
+    launch(two_rank_launcher, cache_dir, tmp_path, "indexcache.evaluate", ev_out, *EVALUATE)
     ev_two = json.loads((tmp_path / "ev2" / "evaluation.json").read_text())
     assert ev_two["world_size"] == 2 and ev_two["sequences"] == ev_one["sequences"] == 6
     ours, theirs = ev_two["model"], ev_one["model"]

@@ -13,7 +13,6 @@ trainer's sparse evaluation (`eval/lm_loss_sparse`, the final stage's evaluation
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,11 +126,9 @@ def test_exported_models_lm_loss_is_the_recorded_sparse_eval_loss(trained_run):
 
 
 @pytest.mark.slow
-def test_zero3_two_ranks_export_the_trained_base(tmp_path):
+def test_zero3_two_ranks_export_the_trained_base(tmp_path, two_rank_launcher):
     """Under ZeRO-3 every parameter is partitioned: the export gathers the trained base one parameter at a time."""
-    launcher = shutil.which("deepspeed")
-    assert launcher, "the deepspeed launcher is installed with the package"
-    run_dir = _train(tmp_path, "deepspeed=zero3", launcher=[launcher, "--num_gpus", "2"])
+    run_dir = _train(tmp_path, "deepspeed=zero3", launcher=two_rank_launcher)
     record = _record(run_dir)
     assert record["summary"]["world_size"] == 2 and sorted(record["trained_groups"]) == ["base", "indexers"]
     validate_export(run_dir / "export", _source(run_dir))

@@ -7,7 +7,6 @@ text; kills and the `deepspeed` launcher spawn real processes of `train/main.py`
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -109,11 +108,9 @@ def test_rerun_of_a_finished_run_is_a_no_op(tmp_path, train_tiny):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_launcher_two_ranks(tmp_path, cache_dir, zero_stage):
-    launcher = shutil.which("deepspeed")
-    assert launcher, "the deepspeed launcher is installed with the package"
+def test_deepspeed_launcher_two_ranks(tmp_path, cache_dir, zero_stage, two_rank_launcher):
     run_dir = tmp_path / f"zero{zero_stage}"
-    spawn(cache_dir, tmp_path, run_dir, f"deepspeed=zero{zero_stage}", launcher=[launcher, "--num_gpus", "2"])
+    spawn(cache_dir, tmp_path, run_dir, f"deepspeed=zero{zero_stage}", launcher=two_rank_launcher)
     assert [line["step"] for line in read_metrics(run_dir)] == [1, 2, 3, 4]
     assert_only_f_indexers_changed(run_dir, "FFSF")
     assert json.loads((run_dir / "export" / "indexcache.json").read_text())["summary"]["world_size"] == 2
