@@ -99,11 +99,8 @@ def barrier() -> None:
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.item() / torch.distributed.get_world_size()
+    world = rank_and_world()[1]
+    return value if world == 1 else all_reduce_sums([value], device)[0] / world
 
 
 # Whether `init_distributed` made the (one-process) group itself, without a launcher.
