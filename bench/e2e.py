@@ -8,8 +8,9 @@ The model is built from config with random weights (bf16): `glm5` = glm_moe_dsa 
 heads, q.k 192+64, v 256, q_lora 2048, kv_lora 512, indexer 32 x 128, top-k 2048), 1 dense + 4 MoE layers of 8
 experts, all active, pattern FFSSS (one G=4 group); `dsv32` = deepseek_v32 at DeepSeek-V3.2 width (7168, 128 heads,
 128+64, v 128, q_lora 1536, indexer 64 x 128), same layers and pattern. Steps run as the trainer runs them: packed
-windows (no attention mask), labels given (the LM loss is reported; trained only with `--train-base`), only the
-F layers' indexers train (torch AdamW).
+windows (no attention mask), only the F layers' indexers train (torch AdamW), and labels only with `--train-base`
+(the trainer runs the LM head only in a stage whose loss has the LM term). `--dense-kernel` picks the dense stage's
+causal attention kernel (torch's flash or cuDNN); `--profile` adds one profiled step and prints its top kernels.
 
 `--backward` times the GLM-5 latent sparse attention (64 heads, key 576, value its first 512 columns, K = 2048)
 alone: the Triton forward, then the reference backward and the Triton backward (the default blocks for the latent
@@ -26,6 +27,7 @@ peak memory above the model and optimizer state. Prints a table last and writes 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -38,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexcache.model import IndexCacheModel, get_family
+from indexcache.model import IndexCacheModel, get_family, wrapper
 from indexcache.model.wrapper import ForwardContext
 from indexcache.pattern import IndexCachePattern
 
@@ -139,7 +141,7 @@ def step(model, optimizer, input_ids, spans, train_base: bool) -> dict:
     spans.clear()
     events = {name: torch.cuda.Event(enable_timing=True) for name in ("start", "forward", "backward", "optimizer")}
     events["start"].record()
-    out = model(input_ids, labels=input_ids, with_lm_loss=train_base)
+    out = model(input_ids, labels=input_ids if train_base else None, with_lm_loss=train_base)
     events["forward"].record()
     out.loss.backward()
     events["backward"].record()
@@ -169,7 +171,7 @@ def step(model, optimizer, input_ids, spans, train_base: bool) -> dict:
     return split
 
 
-def run_case(shape: str, mode: str, seq: int, steps: int, train_base: bool, experts: str) -> dict:
+def run_case(shape: str, mode: str, seq: int, steps: int, train_base: bool, experts: str, profile: bool) -> dict:
     row = {"shape": shape, "mode": mode, "seq": seq, "train_base": train_base, "experts": experts}
     model = optimizer = None
     try:
@@ -186,12 +188,30 @@ def run_case(shape: str, mode: str, seq: int, steps: int, train_base: bool, expe
         row["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
         for key in results[0]:
             row[key] = statistics.median(r[key] for r in results)
+        if profile:
+            one_step = functools.partial(step, model, optimizer, input_ids, spans, train_base)
+            row["top_kernels"] = profiled_kernels(one_step)
     except torch.cuda.OutOfMemoryError as error:
         row["error"] = "OOM: " + str(error).split("\n")[0][:160]
     finally:
         del model, optimizer
         torch.cuda.empty_cache()
     return row
+
+
+def profiled_kernels(run_step, top: int = 25) -> list[tuple[str, float, int]]:
+    """(kernel name, total ms, calls) of the `top` GPU kernels of one step, by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_step()
+    totals: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name][0] += event.device_time / 1e3
+            totals[event.name][1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:top]
+    return [(name[:90], round(ms, 2), calls) for name, (ms, calls) in ranked]
 
 
 # ---- kernels alone ----------------------------------------------------------------------------------------------
@@ -364,8 +384,12 @@ def main() -> None:
     # transformers' default MoE path (grouped_mm) copies every token once per active expert, with float32 buffers
     # of [T * top_k, hidden] (24 GiB at 128K with 8 of 8 active); the per-expert loop ("eager") holds one [T, hidden].
     parser.add_argument("--experts", choices=["eager", "grouped_mm"], default="eager", help="MoE implementation")
+    parser.add_argument("--dense-kernel", choices=["flash", "cudnn"], default=None, help="dense causal attention")
+    parser.add_argument("--profile", action="store_true", help="one more step under the profiler: its top kernels")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args()
+    if args.dense_kernel:
+        wrapper.CAUSAL_KERNEL = args.dense_kernel
     torch.backends.cuda.matmul.allow_tf32 = True  # the top-k scoring's float32 products (indexer scores)
     gpu = torch.cuda.get_device_name()
     rate = matmul_rate()
@@ -380,8 +404,9 @@ def main() -> None:
         for seq in args.lengths:
             for mode in args.stages:
                 started = time.time()
-                row = run_case(args.shape, mode, seq, args.steps, args.train_base and mode == "sparse", args.experts)
-                row.update(gpu=gpu, wall_s=round(time.time() - started, 1))
+                train_base = args.train_base and mode == "sparse"
+                row = run_case(args.shape, mode, seq, args.steps, train_base, args.experts, args.profile)
+                row.update(gpu=gpu, wall_s=round(time.time() - started, 1), dense_kernel=wrapper.CAUSAL_KERNEL)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:
@@ -416,6 +441,8 @@ def print_table(rows: list[dict], kernels: bool) -> None:
             print(head + "  " + row["error"][:100])
             continue
         print(head + "".join(f"{row[c]:>11.3f}" for c in cols) + f"{row['peak_extra_gib']:>10.1f}")
+        for name, ms, calls in row.get("top_kernels", []):
+            print(f"    {ms:>9.2f} ms {calls:>6}x  {name}")
 
 
 if __name__ == "__main__":

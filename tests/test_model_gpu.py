@@ -50,23 +50,25 @@ def test_fused_loss_in_the_bf16_model_matches_chunked(model_type, mode):
         assert metrics_f[key] == pytest.approx(metrics_c[key], rel=2e-2, abs=1e-3), key
 
 
-def test_flash_attention_returns_the_teachers_logsumexp():
+@pytest.mark.parametrize("kernel", ["flash", "cudnn"])
+@pytest.mark.parametrize("dim, value_dim", [(64, 48), (256, 256), (192, 128)])  # small; GLM-5; DeepSeek-V3.2
+def test_causal_attention_returns_the_teachers_logsumexp(kernel, dim, value_dim):
     """The dense GPU path's attention equals sdpa and its LSE equals logsumexp of the causal scaled scores."""
     from indexcache.model.wrapper import _causal_attention_with_lse
 
     gen = torch.Generator(device="cuda").manual_seed(5)
-    batch, heads, seq, dim, value_dim, scaling = 2, 4, 200, 64, 48, 0.11
+    batch, heads, seq, scaling = 2, 4, 200, dim**-0.5
     query, key = (torch.randn(batch, heads, seq, dim, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in "qk")
     value = torch.randn(batch, heads, seq, value_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
     query.requires_grad_()
-    output, lse = _causal_attention_with_lse(query, key, value, scaling, 0.0)
+    output, lse = _causal_attention_with_lse(query, key, value, scaling, 0.0, kernel)
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     assert output.shape == expected.shape
     assert _rel(output, expected) < 1e-2
     scores = scaling * (query.detach().float() @ key.float().transpose(-1, -2))
     causal = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()
     expected_lse = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
-    assert lse.dtype == torch.float32 and not lse.requires_grad
+    assert lse.shape == (batch, heads, seq) and lse.dtype == torch.float32 and not lse.requires_grad
     torch.testing.assert_close(lse, expected_lse, rtol=0, atol=1e-3)
     (grad,) = torch.autograd.grad(output.float().square().sum(), query)
     (grad_expected,) = torch.autograd.grad(expected.float().square().sum(), query)

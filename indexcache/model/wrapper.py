@@ -350,8 +350,13 @@ def _lse_usable(query: Tensor, key: Tensor, value: Tensor) -> bool:
     return same_heads and query.shape[-1] <= 256 and value.shape[-1] <= query.shape[-1]
 
 
+# The GPU kernel behind dense causal attention with its LSE: "flash" (torch's FlashAttention-2 kernel) or "cudnn"
+# (cuDNN's fused attention, which torch ships too). Both come through the aten ops sdpa dispatches to.
+CAUSAL_KERNEL = "flash"
+
+
 def _causal_attention_with_lse(
-    query: Tensor, key: Tensor, value: Tensor, scaling: float, dropout: float
+    query: Tensor, key: Tensor, value: Tensor, scaling: float, dropout: float, kernel: str | None = None
 ) -> tuple[Tensor, Tensor]:
     """Causal attention [B, H, T, D_v] and each head's natural-log LSE [B, H, T] (float32), detached.
 
@@ -359,8 +364,18 @@ def _causal_attention_with_lse(
     the fused loss it removes that loss's own LSE pass (about a third of its time at 32K, bench/NOTES.md).
     torch's public sdpa does not return it, so this calls the aten op sdpa itself dispatches to (differentiable,
     stable schema since torch 2.0). Flash needs equal q/k/v widths: narrower values are zero-padded and the
-    padding's (zero) output columns are dropped.
+    padding's (zero) output columns are dropped. `kernel` (default `CAUSAL_KERNEL`) picks flash or cuDNN; cuDNN
+    takes a value narrower than q.k as it is.
     """
+    kernel = CAUSAL_KERNEL if kernel is None else kernel
+    batch, heads, seq, _ = query.shape
+    if kernel == "cudnn":
+        output, logsumexp = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, True, dropout, True, False, scale=scaling
+        )[:2]
+        return output, logsumexp.detach().reshape(batch, heads, seq)
+    if kernel != "flash":
+        raise ValueError(f"unknown causal attention kernel {kernel!r}: use 'flash' or 'cudnn'")
     value_dim = value.shape[-1]
     padded_value = F.pad(value, (0, query.shape[-1] - value_dim)) if value_dim < query.shape[-1] else value
     output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention(

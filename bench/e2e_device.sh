@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The sparse-stage measurements on a lent H200 in one call (carry .sparse_whl and .whl2). Run from the repo root:
+#   bash bench/e2e_device.sh STEP...
+# Steps, run in the order given, each under its own time limit, all output teed to $OUT/e2e.log and JSON lines
+# appended to $OUT/e2e.jsonl:
+#   tests          the GPU tests of the kernels and of the bf16 model
+#   dense_kernels  bench/dense_attention.py (torch flash vs cuDNN, GLM-5 and DeepSeek-V3.2 layers, 8K and 32K)
+#   backward       bench/e2e.py --backward (sparse attention: reference vs Triton backward, 8K and 32K)
+#   profile        GLM-5 dense (flash and cuDNN) and sparse steps at 32K, each with its top kernels
+#   table          GLM-5 and DeepSeek-V3.2, dense and sparse, 8K to 128K (the table)
+#   train_base     the sparse stage with the base training, GLM-5, 8K and 32K
+#   long           GLM-5 sparse at 128K and 256K (peak memory)
+# Wheels: .sparse_whl (deepspeed 0.19.8, transformers 5.23.0, pydantic, hjson), .whl2 (hydra-core, omegaconf,
+# antlr4, datasets, ...); torch 2.11 and triton 3.6 are the image's.
+set -u -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+if [ ! -d /tmp/e2e_site/transformers ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/e2e_site \
+    .sparse_whl/*.whl .whl2/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/e2e_site:$PWD
+LOG=$OUT/e2e.log JSON=$OUT/e2e.jsonl
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+step() {  # step LIMIT_S COMMAND...
+  local limit=$1; shift
+  echo "== $(date +%T) $*" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  echo "== exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+for name in "$@"; do
+  case "$name" in
+  tests) step 240 python3 -m pytest -q -p no:cacheprovider tests/test_sparse_gpu.py tests/test_model_gpu.py ;;
+  dense_kernels) step 120 python3 bench/dense_attention.py --lengths 8192 32768 --out "$JSON" ;;
+  backward) step 180 python3 bench/e2e.py --backward --lengths 8192 32768 --out "$JSON" ;;
+  profile)
+    step 150 python3 bench/e2e.py --stages dense sparse --lengths 32768 --profile --out "$JSON"
+    step 90 python3 bench/e2e.py --stages dense --lengths 32768 --dense-kernel cudnn --profile --out "$JSON" ;;
+  table)
+    step 300 python3 bench/e2e.py --lengths 8192 32768 65536 131072 --out "$JSON"
+    step 200 python3 bench/e2e.py --shape dsv32 --lengths 8192 32768 --out "$JSON" ;;
+  train_base) step 150 python3 bench/e2e.py --stages sparse --train-base --lengths 8192 32768 --out "$JSON" ;;
+  long) step 200 python3 bench/e2e.py --stages sparse --lengths 131072 262144 --out "$JSON" ;;
+  *) echo "unknown step $name" | tee -a "$LOG"; exit 2 ;;
+  esac
+done
