@@ -14,7 +14,7 @@ causal attention kernel (torch's flash or cuDNN); `--profile` adds one profiled 
 
 `--backward` times the GLM-5 latent sparse attention (64 heads, key 576, value its first 512 columns, K = 2048)
 alone: the Triton forward, then the reference backward and the Triton backward (the default blocks for the latent
-width, 32 heads and 16-slot steps, and the shared-memory screening's runners-up) on the same output and LSE; it
+width, 32 heads and 32-slot steps, and the shared-memory screening's runners-up) on the same output and LSE; it
 prints forward + backward of each, their ratio, and the Triton gradients' relative error against the
 reference's (the Triton backward's floor: 2 H T K (3 * 576 + 2 * 512) FLOPs).
 
@@ -337,10 +337,10 @@ def backward_rows(seq: int, rate: float) -> list[dict]:
         {"kernel": "sparse_bwd glm5 pytorch-reference", "seq": seq, "ms": reference * 1e3},
     ]
     floor = 2 * heads * seq * topk * (3 * 576 + 2 * 512) / rate
-    wide = triton_sparse.backward_config(576, 512, torch.bfloat16)  # what the model runs: 32 heads, 16-slot steps
+    wide = triton_sparse.backward_config(576, 512, torch.bfloat16)  # what the model runs: 32 heads, 32-slot steps
     variants = {  # the runners-up of the shared-memory screening (bench/NOTES.md)
         "default": wide,
-        "k32": dataclasses.replace(wide, block_slots=32),
+        "k16": dataclasses.replace(wide, block_slots=16),
         "h16k32": dataclasses.replace(wide, block_heads=16, block_slots=32),
     }
     for variant, cfg in variants.items():
@@ -406,7 +406,7 @@ def main() -> None:
                 started = time.time()
                 train_base = args.train_base and mode == "sparse"
                 row = run_case(args.shape, mode, seq, args.steps, train_base, args.experts, args.profile)
-                row.update(gpu=gpu, wall_s=round(time.time() - started, 1), dense_kernel=wrapper.CAUSAL_KERNEL)
+                row.update(gpu=gpu, wall_s=round(time.time() - started, 1), dense_kernel=wrapper.causal_kernel("cuda"))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:

@@ -4,9 +4,9 @@
 # Steps, run in the order given, each under its own time limit, all output teed to $OUT/e2e.log and JSON lines
 # appended to $OUT/e2e.jsonl:
 #   tests          the GPU tests of the kernels and of the bf16 model
-#   dense_kernels  bench/dense_attention.py (torch flash vs cuDNN, GLM-5 and DeepSeek-V3.2 layers, 8K and 32K)
+#   dense_kernels  bench/dense_attention.py (torch flash vs cuDNN, GLM-5 and DeepSeek-V3.2 layers, 8K to 128K)
 #   backward       bench/e2e.py --backward (sparse attention: reference vs Triton backward, 8K and 32K)
-#   profile        GLM-5 dense (flash and cuDNN) and sparse steps at 32K, each with its top kernels
+#   profile        GLM-5 dense (the default kernel, then flash) and sparse steps at 32K, each with its top kernels
 #   table          GLM-5 and DeepSeek-V3.2, dense and sparse, 8K to 128K (the table)
 #   train_base     the sparse stage with the base training, GLM-5, 8K and 32K
 #   long           GLM-5 sparse at 128K and 256K (peak memory)
@@ -31,11 +31,11 @@ step() {  # step LIMIT_S COMMAND...
 for name in "$@"; do
   case "$name" in
   tests) step 240 python3 -m pytest -q -p no:cacheprovider tests/test_sparse_gpu.py tests/test_model_gpu.py ;;
-  dense_kernels) step 120 python3 bench/dense_attention.py --lengths 8192 32768 --out "$JSON" ;;
+  dense_kernels) step 150 python3 bench/dense_attention.py --lengths 8192 32768 131072 --out "$JSON" ;;
   backward) step 180 python3 bench/e2e.py --backward --lengths 8192 32768 --out "$JSON" ;;
   profile)
     step 150 python3 bench/e2e.py --stages dense sparse --lengths 32768 --profile --out "$JSON"
-    step 90 python3 bench/e2e.py --stages dense --lengths 32768 --dense-kernel cudnn --profile --out "$JSON" ;;
+    step 90 python3 bench/e2e.py --stages dense --lengths 32768 --dense-kernel flash --profile --out "$JSON" ;;
   table)
     step 300 python3 bench/e2e.py --lengths 8192 32768 65536 131072 --out "$JSON"
     step 200 python3 bench/e2e.py --shape dsv32 --lengths 8192 32768 --out "$JSON" ;;

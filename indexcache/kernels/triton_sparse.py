@@ -52,10 +52,11 @@ CONFIG = SparseKernelConfig()
 BACKWARD_CONFIG = SparseKernelConfig(block_slots=32, stages=1)
 # Rows wider than this many bytes (q.k width padded to its two tiles, plus the value's tile) take WIDE_BACKWARD_CONFIG:
 # at the MLA latent width (576 + 512, bf16) 64 heads per program need 306-312 KiB of shared memory whatever the slot
-# step, and sm_90 has 227 KiB. 32 heads and 16-slot steps need 102 KiB and spill 8 B (bench/NOTES.md, "Sparse
-# backward: shared memory screening"; tests/test_sparse_compile.py checks every project shape).
+# step, and sm_90 has 227 KiB. 32 heads and 32-slot steps need 132 KiB and spill 172 B; on an H200 they ran the GLM-5
+# latent backward 1.3x faster than 16-slot steps (which need 102 KiB, 8 B spill) at 8K and 32K (bench/NOTES.md,
+# "Sparse backward"; tests/test_sparse_compile.py checks every project shape).
 WIDE_BACKWARD_BYTES = 576 * 2  # 320 + 256 columns in bf16: 168 KiB at 64 heads, the widest screened that fits
-WIDE_BACKWARD_CONFIG = SparseKernelConfig(block_heads=32, block_slots=16, stages=1)
+WIDE_BACKWARD_CONFIG = SparseKernelConfig(block_heads=32, block_slots=32, stages=1)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -212,7 +213,7 @@ def _sparse_probs_kernel(
         probs = tl.where(head_ok[:, None] & valid[None, :], probs, 0.0)
         head_mean = tl.sum(probs, 0) * inv_heads
         if ATOMIC:
-            tl.atomic_add(out_row + ks, head_mean, mask=ks < num_slots)
+            tl.atomic_add(out_row + ks, head_mean, mask=ks < num_slots, sem="relaxed")
         else:
             tl.store(out_row + ks, head_mean, mask=ks < num_slots)
 

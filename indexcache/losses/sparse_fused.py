@@ -105,7 +105,9 @@ def _grad_kernel(
         dq += tl.dot(d_scores.to(keys.dtype), keys)
         d_keys = tl.dot(tl.trans(d_scores).to(q.dtype), q)
         rows = tl.maximum(slots, 0).to(tl.int64)
-        tl.atomic_add(dk_ptr + b * s_dkb + rows[:, None] * s_dkt + d[None, :], d_keys, mask=valid[:, None])
+        # Relaxed: only the sums matter. The default (acq_rel) fences every atomic add.
+        dk_rows = dk_ptr + b * s_dkb + rows[:, None] * s_dkt + d[None, :]
+        tl.atomic_add(dk_rows, d_keys, mask=valid[:, None], sem="relaxed")
     tl.store(dq_ptr + b * s_dqb + t * s_dqt + heads[:, None] * s_dqj + d[None, :], dq, mask=head_in[:, None])
     tl.store(dw_ptr + b * s_dwb + t * s_dwt + heads, dw, mask=head_in)
 

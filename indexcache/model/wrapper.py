@@ -350,9 +350,19 @@ def _lse_usable(query: Tensor, key: Tensor, value: Tensor) -> bool:
     return same_heads and query.shape[-1] <= 256 and value.shape[-1] <= query.shape[-1]
 
 
-# The GPU kernel behind dense causal attention with its LSE: "flash" (torch's FlashAttention-2 kernel) or "cudnn"
-# (cuDNN's fused attention, which torch ships too). Both come through the aten ops sdpa dispatches to.
-CAUSAL_KERNEL = "flash"
+# The GPU kernel behind dense causal attention with its LSE: "flash" (torch's FlashAttention-2 kernel), "cudnn"
+# (cuDNN's fused attention, which torch ships too), or None: cuDNN on Hopper (compute capability 9), where it ran
+# 2.1-2.4x faster than flash at GLM-5 and DeepSeek-V3.2 widths on an H200 (bench/dense_attention.py), flash elsewhere.
+# Both come through the aten ops sdpa dispatches to.
+CAUSAL_KERNEL: str | None = None
+
+
+def causal_kernel(device: torch.device) -> str:
+    """The dense causal kernel this device runs: `CAUSAL_KERNEL` when set, else cuDNN on Hopper and flash elsewhere."""
+    if CAUSAL_KERNEL is not None:
+        return CAUSAL_KERNEL
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    return "cudnn" if hopper and torch.backends.cudnn.is_available() else "flash"
 
 
 def _causal_attention_with_lse(
@@ -364,10 +374,10 @@ def _causal_attention_with_lse(
     the fused loss it removes that loss's own LSE pass (about a third of its time at 32K, bench/NOTES.md).
     torch's public sdpa does not return it, so this calls the aten op sdpa itself dispatches to (differentiable,
     stable schema since torch 2.0). Flash needs equal q/k/v widths: narrower values are zero-padded and the
-    padding's (zero) output columns are dropped. `kernel` (default `CAUSAL_KERNEL`) picks flash or cuDNN; cuDNN
+    padding's (zero) output columns are dropped. `kernel` (default: `causal_kernel`) picks flash or cuDNN; cuDNN
     takes a value narrower than q.k as it is.
     """
-    kernel = CAUSAL_KERNEL if kernel is None else kernel
+    kernel = causal_kernel(query.device) if kernel is None else kernel
     batch, heads, seq, _ = query.shape
     if kernel == "cudnn":
         output, logsumexp = torch.ops.aten._scaled_dot_product_cudnn_attention(
