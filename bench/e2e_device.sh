@@ -9,7 +9,7 @@
 #   profile        GLM-5 dense (the default kernel, then flash) and sparse steps at 32K, each with its top kernels
 #   table          GLM-5 and DeepSeek-V3.2, dense and sparse, 8K to 128K (the table)
 #   train_base     the sparse stage with the base training, GLM-5, 8K and 32K
-#   long           GLM-5 sparse at 128K and 256K (peak memory)
+#   long           GLM-5 sparse at 128K and 256K, dense at 256K (peak memory)
 # Wheels: .sparse_whl (deepspeed 0.19.8, transformers 5.23.0, pydantic, hjson), .whl2 (hydra-core, omegaconf,
 # antlr4, datasets, ...); torch 2.11 and triton 3.6 are the image's.
 set -u -o pipefail
@@ -40,7 +40,9 @@ for name in "$@"; do
     step 300 python3 bench/e2e.py --lengths 8192 32768 65536 131072 --out "$JSON"
     step 200 python3 bench/e2e.py --shape dsv32 --lengths 8192 32768 --out "$JSON" ;;
   train_base) step 150 python3 bench/e2e.py --stages sparse --train-base --lengths 8192 32768 --out "$JSON" ;;
-  long) step 200 python3 bench/e2e.py --stages sparse --lengths 131072 262144 --out "$JSON" ;;
+  long)
+    step 120 python3 bench/e2e.py --stages sparse --lengths 131072 262144 --out "$JSON"
+    step 200 python3 bench/e2e.py --stages dense --lengths 262144 --steps 1 --out "$JSON" ;;
   *) echo "unknown step $name" | tee -a "$LOG"; exit 2 ;;
   esac
 done

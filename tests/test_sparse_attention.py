@@ -153,10 +153,16 @@ class FixedSelection(nn.Module):
         return self.result
 
 
-@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "deepseek_v32", "llama"])
-def test_family_sparse_attention_equals_stock_attention_on_the_same_topk(model_type: str):
+@pytest.mark.parametrize(
+    "model_type, row_chunk",
+    [("glm_moe_dsa", None), ("glm_moe_dsa", 4), ("deepseek_v32", None), ("deepseek_v32", 5), ("llama", None)],
+)
+def test_family_sparse_attention_equals_stock_attention_on_the_same_topk(model_type: str, row_chunk, monkeypatch):
     """One layer, float64: the IndexCache attention in sparse mode (MLA: weight-absorbed latent form; llama: GQA)
-    against the stock eager attention masked to the same top-k: output and every gradient (train_base)."""
+    against the stock eager attention masked to the same top-k: output and every gradient (train_base). With
+    `row_chunk` the latent queries are absorbed a few rows at a time (13 rows: uneven chunks)."""
+    if row_chunk is not None:
+        monkeypatch.setattr("indexcache.model.families_common.LATENT_ROW_CHUNK", row_chunk)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     batch, seq, topk = 2, 13, 5
     stock_model = tiny_model(model_type, index_topk=topk).double()

@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 RopeFn = Callable[..., tuple[Tensor, Tensor]]
+# Sparse mode absorbs the queries into the latent space this many rows at a time, straight into the [B, T, H, 576]
+# query: a whole-sequence temporary [B, T, H, 512] would be 16 GiB at 256K tokens for GLM-5.
+LATENT_ROW_CHUNK = 8192
 
 
 class LatentMlaAttention:
@@ -82,8 +85,13 @@ class LatentMlaAttention:
             kv_b = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
             w_uk, w_uv = kv_b[:, : self.qk_nope_head_dim], kv_b[:, self.qk_nope_head_dim :]
             # Token-major [B, T, H, 576] underneath: the backend's transposes then give contiguous rows to gather.
-            q_latent = torch.einsum("bhtn,hnc->bthc", q_pass, w_uk)
-            query = torch.cat((q_latent, q_rot.transpose(1, 2)), dim=-1).transpose(1, 2)
+            rank = self.kv_lora_rank
+            query = q_pass.new_empty(batch, seq, q_pass.shape[1], rank + q_rot.shape[-1])
+            for start in range(0, seq, LATENT_ROW_CHUNK):
+                rows = slice(start, start + LATENT_ROW_CHUNK)
+                query[:, rows, :, :rank] = torch.einsum("bhtn,hnc->bthc", q_pass[:, :, rows], w_uk)
+            query[..., rank:] = q_rot.transpose(1, 2)
+            query = query.transpose(1, 2)
             key = torch.cat((k_pass, k_rot), dim=-1)  # [B, 1, T, 576]: one head, so token-major already
             value = key[..., : self.kv_lora_rank]
         else:
