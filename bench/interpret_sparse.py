@@ -4,8 +4,9 @@
 
 Small shapes covering the MLA latent form (value = the key's leading columns, one KV head, a 2-part width),
 GQA with several head blocks (the teacher pass then adds head blocks with atomics), a value split over two
-programs, padding, -1 slots and repeated indices; and the sparse KL's kernels (student logits, gradients with
-atomic dk) against the PyTorch path of `SparseGroupKL`. Exits non-zero naming the first case that disagrees.
+programs, padding, -1 slots and repeated indices; and the sparse KL's kernels (per-layer KL, entropy and student
+LSE; gradients with atomic dk) against the PyTorch path of `SparseGroupKL`. Exits non-zero naming the first case
+that disagrees.
 tests/test_sparse_attention.py runs it when it can; tests/test_sparse_gpu.py checks the compiled kernels.
 """
 
@@ -60,7 +61,7 @@ def check(name: str, heads: int, kv_heads: int, dim: int, value_dim: int, latent
 
 
 def check_kl(name: str, idx_heads: int, idx_dim: int) -> None:
-    """The sparse KL kernels (student logits, gradients) against the PyTorch path of `SparseGroupKL`."""
+    """The sparse KL kernels (per-layer KL/entropy/LSE, gradients) against the PyTorch path of `SparseGroupKL`."""
     gen = torch.Generator().manual_seed(len(name))
     batch, seq, topk = 2, 29, 7
     q = torch.randn(batch, seq, idx_heads, idx_dim, generator=gen, dtype=torch.float64)
@@ -70,24 +71,34 @@ def check_kl(name: str, idx_heads: int, idx_dim: int) -> None:
     real[0, :3] = False
     indices = torch.randint(0, seq, (batch, seq, topk), generator=gen) % (torch.arange(seq)[None, :, None] + 1)
     indices[torch.rand(indices.shape, generator=gen) < 0.2] = -1
+    indices[1, 5] = -1  # a real row without a slot
     slots = visible_slots(indices, real)
     group = SparseGroupKL(IndexerOutputs(q, k, w), slots, real, num_layers=1)
     assert not group.fused  # CPU tensors: the PyTorch path is the reference here
-    log_q = group._log_q(0, seq)
-    p_bar = torch.rand(slots.shape, generator=gen, dtype=torch.float64).masked_fill_(slots < 0, 0.0)
-    p_bar /= p_bar.sum(-1, keepdim=True).clamp_min(1e-30)
-    ref_grads = group._gradients(p_bar)
+    p = torch.rand(slots.shape, generator=gen, dtype=torch.float64).masked_fill_(slots < 0, 0.0)
+    p[0, 7, 0] = 0.0  # a zero probability on a valid slot
+    p /= p.sum(-1, keepdim=True).clamp_min(1e-30)
+    log_q = group._student(0, seq)[2]
+    p_log_p = torch.xlogy(p, p)
+    ref_kl, ref_entropy = (p_log_p - p * log_q).sum(-1), -p_log_p.sum(-1)
+    keys = k[torch.arange(batch)[:, None], slots.clamp_min(0).flatten(1)].view(batch, seq, topk, idx_dim)
+    scores = torch.einsum("btjd,btkd->btjk", q, keys).clamp_min(0)
+    logits = torch.einsum("btjk,btj->btk", scores, w).masked_fill(slots < 0, float("-inf"))
+    ref_lse = torch.logsumexp(logits, dim=-1)
+    ref_grads = group._gradients(p)
     q32, k32, w32 = q.float(), k.float(), w.float()
-    logits = sparse_fused.student_logits(q32, k32, w32, slots, 0, seq)
-    lse = torch.logsumexp(logits, dim=-1)
-    got_log_q = (logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]).masked_fill(slots < 0, 0.0)
+    kl, entropy, lse = sparse_fused.student_layer_stats(q32, k32, w32, slots, p.float())
     row_weight = group.rows.float() / group.num_rows
-    grads = sparse_fused.student_gradients(q32, k32, w32, slots, lse, p_bar.float(), row_weight)
-    errors = {"log_q": rel(got_log_q, log_q)}
+    grads = sparse_fused.student_gradients(q32, k32, w32, slots, lse, p.float(), row_weight)
+    rows = group.rows
+    errors = {"kl": rel(kl[rows], ref_kl[rows]), "entropy": rel(entropy[rows], ref_entropy[rows])}
+    errors["lse"] = rel(lse[rows], ref_lse[rows])
     errors.update({f"d{n}": rel(g, e) for n, g, e in zip("qkw", grads, ref_grads, strict=True)})
     print(f"{name:24s} " + " ".join(f"{key} {value:.1e}" for key, value in errors.items()))
     if not max(errors.values()) < BOUND:
         sys.exit(f"case {name} disagrees: {errors}")
+    if not (torch.isneginf(lse[~rows]).all() and (kl[~rows] == 0).all()):
+        sys.exit(f"case {name}: rows without a slot must have LSE -inf and KL 0")
 
 
 def check_index_scores(name: str, padding: bool) -> None:

@@ -29,8 +29,8 @@ class TeacherInputs:
     key: Tensor  # [B, H_kv, T, D]
     scaling: float  # the attention's softmax scale
     # Optional [B, H, T] float32: natural-log log-sum-exp of scaling * q.k over the keys each row sees in this
-    # loss (causal and real; in the sparse variant the row's selected set), as attention kernels return it
-    # (flash's softmax_lse, cuDNN's softmax stats). When every teacher has it, the fused path skips recomputing it (its pass A).
+    # loss (causal and real; in the sparse variant the row's selected set), as attention kernels return it (flash's
+    # softmax_lse, cuDNN's softmax stats). When every teacher has it, the fused path skips recomputing it (its pass A).
     logsumexp: Tensor | None = None
     # Optional [B, T, K] float32, sparse stage: the attention's own head-averaged probabilities on the F layer's
     # top-k slots (`visible_slots` order, 0 on -1 slots), handed over by the sparse attention. The sparse loss

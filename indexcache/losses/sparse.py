@@ -6,9 +6,9 @@ loss never scores teacher keys itself: it gathers the indexer's keys at the K sl
 
     q[t, k] = softmax_k( sum_j w[t, j] * relu(q_idx[t, j] . k_idx[slot[t, k]]) )          over the row's valid slots
 
-in O(T * K * H_I * D_I), forward and backward (query rows in chunks; nothing of size [T, T]). On CUDA the student
-logits and the gradients come from Triton kernels (`sparse_fused.py`), elsewhere from the PyTorch code here, which
-is their reference.
+in O(T * K * H_I * D_I), forward and backward (nothing of size [T, T]). On CUDA each layer's KL and entropy and the
+gradients come from Triton kernels that write nothing of size [B, T, K] (`sparse_fused.py`), elsewhere from the
+PyTorch code here (query rows in chunks), which is their reference.
 
 A group is fed layer by layer (`SparseGroupKL.add_layer`): each layer's KL(p_j || q) and entropy H(p_j) are
 summed for logging as it runs (the F layer's student is known before its S layers run), and p_j is added to one
@@ -61,13 +61,13 @@ class SparseGroupKL:
         self.rows = key_mask(real, batch, seq, slots.device) & (slots >= 0).any(dim=-1)
         self.num_rows = int(self.rows.sum())
         self.fused = _fused_usable(indexer)
-        if chunk_size is None:
-            # PyTorch: gathered keys and [c, H_I, K] scores per row; fused: only a few [c, K] float32 buffers.
-            per_row = 4 * slots.shape[-1] * (4 if self.fused else indexer.k.shape[-1] + 3 * indexer.q.shape[2])
+        if chunk_size is None:  # the PyTorch path: gathered keys and [c, H_I, K] scores per row (the kernels: none)
+            per_row = 4 * slots.shape[-1] * (indexer.k.shape[-1] + 3 * indexer.q.shape[2])
             chunk_size = max(1, CHUNK_BYTES // max(batch * per_row, 1))
         self.chunk_size = chunk_size
-        # Each row's student log-sum-exp over its slots, [B, T]: the student is fixed during the forward.
-        self._lse = torch.zeros(batch, seq, dtype=self.dtype, device=slots.device)
+        # The kernels' record of each row's student log-sum-exp over its slots, [B, T] (the student is fixed during
+        # the forward): the gradient pass reuses it.
+        self._lse: Tensor | None = None
         self._p_sum: Tensor | None = None
         self._kl: list[Tensor] = []
         self._entropy: list[Tensor] = []
@@ -126,31 +126,25 @@ class SparseGroupKL:
         log_q = log_q.log_softmax(dim=-1).masked_fill_(~valid, 0.0)
         return keys, relu_scores, log_q, valid
 
-    def _log_q(self, start: int, stop: int) -> Tensor:
-        """[B, c, K] log q of rows [start, stop) (0 off the set); records the rows' student LSE."""
-        if not self.fused:
-            return self._student(start, stop)[2]
-        from indexcache.losses.sparse_fused import student_logits
-
-        q, k, w = self.indexer.q.detach(), self.indexer.k.detach(), self.indexer.w.detach()
-        logits = student_logits(q, k, w, self.slots, start, stop)
-        lse = torch.logsumexp(logits, dim=-1)
-        self._lse[:, start:stop] = lse
-        finite = torch.where(torch.isfinite(lse), lse, 0.0)
-        return logits.sub_(finite[..., None]).masked_fill_(self.slots[:, start:stop] < 0, 0.0)
-
     @torch.no_grad()
     def _layer_sums(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """One layer's KL(p || q) and teacher entropy, summed over the valid rows; records the student's LSE."""
+        row_mask = self.rows.to(self.dtype)
+        if self.fused:  # one pass per row; no [B, T, K] buffer beside the group's running sum
+            from indexcache.losses.sparse_fused import student_layer_stats
+
+            q, k, w = self.indexer.q.detach(), self.indexer.k.detach(), self.indexer.w.detach()
+            kl_rows, entropy_rows, self._lse = student_layer_stats(q, k, w, self.slots, probs)
+            return (kl_rows * row_mask).sum(), (entropy_rows * row_mask).sum()
         kl = torch.zeros((), dtype=self.dtype, device=probs.device)
         entropy = torch.zeros((), dtype=self.dtype, device=probs.device)
         for start in self._chunks():
             stop = min(start + self.chunk_size, probs.shape[1])
-            log_q = self._log_q(start, stop)
+            log_q = self._student(start, stop)[2]
             p = probs[:, start:stop]
-            row_mask = self.rows[:, start:stop].to(self.dtype)
             p_log_p = torch.xlogy(p, p)
-            kl += ((p_log_p - p * log_q).sum(-1) * row_mask).sum()
-            entropy -= (p_log_p.sum(-1) * row_mask).sum()
+            kl += ((p_log_p - p * log_q).sum(-1) * row_mask[:, start:stop]).sum()
+            entropy -= (p_log_p.sum(-1) * row_mask[:, start:stop]).sum()
         return kl, entropy
 
     @torch.no_grad()
@@ -158,7 +152,7 @@ class SparseGroupKL:
         """dq, dk, dw of (1/N) sum_rows KL(p_bar || q): d logits = (q - p_bar) / N on valid rows' valid slots."""
         q, k, w = self.indexer.q, self.indexer.k, self.indexer.w
         batch, seq = self.slots.shape[:2]
-        if self.fused:  # the LSE was recorded by the layers' passes (`_log_q`)
+        if self.fused:  # the LSE was recorded by the layers' passes (`_layer_sums`)
             from indexcache.losses.sparse_fused import student_gradients
 
             row_weight = self.rows.float() / max(self.num_rows, 1)

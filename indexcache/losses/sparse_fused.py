@@ -4,8 +4,9 @@ One program per query row. It loads the row's indexer queries [H_I, D_I] and hea
 row's K slots in blocks, gathering the slots' indexer keys (the whole indexer key cache of a 32K window, 8 MB in
 bf16, stays in L2) and scoring them on the tensor cores:
 
-- `student_logits`: I[t, k] = sum_j w[t, j] relu(q[t, j] . k[slot]) for every slot, float32 [B, c, K] (-inf on
-  -1 slots); the loss turns them into log q and per-layer KL/entropy with a few elementwise torch ops;
+- `student_layer_stats`: one served layer's row sums against the student, in one pass over the row's slots and
+  nothing of size [B, T, K] written: the logits I[t, k] = sum_j w[t, j] relu(q[t, j] . k[slot]) with their running
+  log-sum-exp, and the teacher's sums p.I, p and p log p, which give the row's KL(p || q) and entropy;
 - `student_gradients`: with the row's student LSE and the mean teacher p_bar, d I = (q - p_bar) * row weight, and
   from it dw (per row), dq (per row) and dk (scattered to the slots' keys with atomic adds, float32).
 O(T * K * H_I * D_I) work, nothing of size [T, T]. The PyTorch path in `sparse.py` is the reference they are
@@ -47,27 +48,44 @@ def _row_scores(q_row, k_base, slots, valid, heads, head_in, s_qj, s_kt, D: tl.c
 
 
 @triton.jit
-def _logits_kernel(
-    q_ptr, k_ptr, w_ptr, slot_ptr, out_ptr,
-    row_start, num_slots, num_heads,
-    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_ib, s_it, s_ob, s_ot,
+def _layer_stats_kernel(
+    q_ptr, k_ptr, w_ptr, slot_ptr, p_ptr, lse_ptr, kl_ptr, entropy_ptr,
+    num_slots, num_heads,
+    s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_ib, s_it, s_pb, s_pt, s_ob,
     D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    row, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    t = row_start + row
+    t, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)
     head_in = heads < num_heads
     q_row = q_ptr + b * s_qb + t * s_qt
     w = tl.load(w_ptr + b * s_wb + t * s_wt + heads, mask=head_in, other=0.0).to(tl.float32)
     k_base = k_ptr + b * s_kb
+    run_max = tl.full((), float("-inf"), tl.float32)  # the logits' running max and sum of exp (online LSE)
+    run_sum = tl.zeros((), tl.float32)
+    p_dot_logits = tl.zeros((), tl.float32)
+    p_mass = tl.zeros((), tl.float32)
+    p_log_p = tl.zeros((), tl.float32)
     for start in range(0, num_slots, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         slots = tl.load(slot_ptr + b * s_ib + t * s_it + ks, mask=ks < num_slots, other=-1)
         valid = slots >= 0
         scores, _, _ = _row_scores(q_row, k_base, slots, valid, heads, head_in, s_qj, s_kt, D)
-        logits = tl.sum(w[:, None] * tl.maximum(scores, 0.0), 0)
-        logits = tl.where(valid, logits, float("-inf"))
-        tl.store(out_ptr + b * s_ob + row * s_ot + ks, logits, mask=ks < num_slots)
+        logits = tl.where(valid, tl.sum(w[:, None] * tl.maximum(scores, 0.0), 0), float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(logits, 0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid slot yet: every exp below is 0
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(logits - shift), 0)
+        run_max = new_max
+        p = tl.load(p_ptr + b * s_pb + t * s_pt + ks, mask=valid, other=0.0)  # 0 on -1 slots by contract
+        p_dot_logits += tl.sum(p * tl.where(valid, logits, 0.0), 0)
+        p_mass += tl.sum(p, 0)
+        p_log_p += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), 0)
+    has_slot = run_sum > 0
+    lse = tl.where(has_slot, run_max + tl.log(tl.where(has_slot, run_sum, 1.0)), float("-inf"))
+    # sum_k p log q = p.I - LSE * sum_k p over the valid slots (a row without a slot has log q = 0 there, as p = 0).
+    p_log_q = tl.where(has_slot, p_dot_logits - tl.where(has_slot, lse, 0.0) * p_mass, 0.0)
+    tl.store(lse_ptr + b * s_ob + t, lse)
+    tl.store(kl_ptr + b * s_ob + t, p_log_p - p_log_q)
+    tl.store(entropy_ptr + b * s_ob + t, -p_log_p)
 
 
 @triton.jit
@@ -116,18 +134,20 @@ def _block_heads(num_heads: int) -> int:
     return max(16, triton.next_power_of_2(num_heads))
 
 
-def student_logits(q: Tensor, k: Tensor, w: Tensor, slots: Tensor, start: int, stop: int) -> Tensor:
-    """[B, stop - start, K] float32 indexer logits of rows [start, stop) at their slots (-inf on -1 slots)."""
-    batch, _, num_heads, idx_dim = q.shape
-    out = torch.empty(batch, stop - start, slots.shape[-1], dtype=torch.float32, device=q.device)
-    _logits_kernel[(stop - start, batch)](
-        q, k, w, slots, out,
-        start, slots.shape[-1], num_heads,
+def student_layer_stats(q: Tensor, k: Tensor, w: Tensor, slots: Tensor, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One served layer against the student, per row, float32 [B, T] each: KL(p || q), the teacher's entropy, and
+    the student's log-sum-exp over the row's slots (-inf for a row without one). `probs` [B, T, K] float32."""
+    batch, seq, num_heads, idx_dim = q.shape
+    probs = probs.float().contiguous()
+    lse, kl, entropy = (torch.empty(batch, seq, dtype=torch.float32, device=q.device) for _ in range(3))
+    _layer_stats_kernel[(seq, batch)](
+        q, k, w, slots, probs, lse, kl, entropy,
+        slots.shape[-1], num_heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
-        slots.stride(0), slots.stride(1), out.stride(0), out.stride(1),
+        slots.stride(0), slots.stride(1), probs.stride(0), probs.stride(1), lse.stride(0),
         D=idx_dim, BLOCK_H=_block_heads(num_heads), BLOCK_K=BLOCK_SLOTS, num_warps=WARPS,
     )  # fmt: skip
-    return out
+    return kl, entropy, lse
 
 
 def student_gradients(
