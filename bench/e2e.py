@@ -273,7 +273,7 @@ def attention_rows(name: str, heads: int, seq: int, slots: torch.Tensor, rate: f
 def kernel_rows(seq: int, rate: float) -> list[dict]:
     """Sparse attention (latent, GLM-5 and DeepSeek-V3.2 widths) and the G=4 sparse KL at T=seq, against floors."""
     from indexcache.kernels import visible_slots
-    from indexcache.losses import IndexerOutputs, SparseGroupKL
+    from indexcache.losses import IndexerOutputs, SparseGroupKL, sparse_fused
 
     topk = 2048
     scores = torch.rand(1, seq, topk, device="cuda")
@@ -295,11 +295,15 @@ def kernel_rows(seq: int, rate: float) -> list[dict]:
             group.add_layer(probs)
         group.result().loss.backward()
 
-    seconds = timed(kl_step)
     floor = (layers * heads * seq * topk * head_dim * 2 + 3 * idx_heads * seq * topk * idx_dim * 2) / rate
-    rows.append(
-        {"kernel": "sparse_kl G=4 (teachers handed over)", "seq": seq, "ms": seconds * 1e3, "floor_ms": floor * 1e3}
-    )
+    default = (sparse_fused.BLOCK_SLOTS, sparse_fused.WARPS)
+    for block_slots, warps in [default, (128, 4), (64, 8), (128, 8), (32, 4)]:  # the default first, then a sweep
+        sparse_fused.BLOCK_SLOTS, sparse_fused.WARPS = block_slots, warps
+        label = "sparse_kl G=4 (teachers handed over)" + (
+            "" if (block_slots, warps) == default else f" k{block_slots}w{warps}"
+        )
+        rows.append({"kernel": label, "seq": seq, "ms": timed(kl_step) * 1e3, "floor_ms": floor * 1e3})
+    sparse_fused.BLOCK_SLOTS, sparse_fused.WARPS = default
     return rows
 
 
