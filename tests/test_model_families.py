@@ -421,3 +421,12 @@ def test_packed_batch_builds_no_square_mask_in_any_layer(model_type: str, mode: 
     with torch.no_grad(), SquareTensorSpy(seq) as spy:
         model(input_ids, padded)
     assert spy.square or mode == "sparse"  # dense with padding: the one [B, 1, T, T] mask; sparse: none at all
+
+
+def test_causal_kernel_override_and_unknown_kernel(monkeypatch):
+    """`CAUSAL_KERNEL` overrides the per-device choice of the dense causal kernel; an unknown name is refused."""
+    monkeypatch.setattr(wrapper, "CAUSAL_KERNEL", "flash")
+    assert wrapper.causal_kernel(torch.device("cpu")) == "flash"
+    query = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="use 'flash' or 'cudnn'"):
+        wrapper._causal_attention_with_lse(query, query, query, 1.0, 0.0, kernel="flash2")
