@@ -21,24 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from e2e import timed  # bench/ is on the path when this runs as a script
+
 from indexcache.model.wrapper import _causal_attention_with_lse
 
 SHAPES = {"glm5": (64, 256, 256), "dsv32": (128, 192, 128)}
 KERNELS = ("flash", "cudnn")
-
-
-def timed(fn, repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -352,7 +352,7 @@ def _lse_usable(query: Tensor, key: Tensor, value: Tensor) -> bool:
 
 # The GPU kernel behind dense causal attention with its LSE: "flash" (torch's FlashAttention-2 kernel), "cudnn"
 # (cuDNN's fused attention, which torch ships too), or None: cuDNN on Hopper (compute capability 9), where it ran
-# 2.1-2.4x faster than flash at GLM-5 and DeepSeek-V3.2 widths on an H200 (bench/dense_attention.py), flash elsewhere.
+# 2.1-2.5x faster than flash at GLM-5 and DeepSeek-V3.2 widths on an H200 (bench/dense_attention.py), flash elsewhere.
 # Both come through the aten ops sdpa dispatches to.
 CAUSAL_KERNEL: str | None = None
 
