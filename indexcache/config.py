@@ -181,6 +181,24 @@ class DeepSpeedConfig:
         _choice("deepspeed.bf16", str(self.bf16).lower(), ("auto", "true", "false"))
         _choice("deepspeed.dist_backend", self.dist_backend, ("auto", "gloo", "nccl"))
 
+    def use_bf16(self, device: torch.device) -> bool:
+        return self.bf16 == "true" or (self.bf16 == "auto" and device.type == "cuda")
+
+    def engine_config(self, grad_clip: float, device: torch.device) -> dict[str, Any]:
+        """The DeepSpeed JSON, derived from this typed config: the one source of truth for batch and precision."""
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": self.use_bf16(device)},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.zero_stage == 3:
+            config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
+        return config
+
 
 @dataclass
 class TrainConfig:

@@ -98,6 +98,16 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def main_first(dist: DistInfo, fn: Callable[[], T]) -> T:
+    """Let rank 0 do (and cache) a job before the other ranks repeat it from the cache."""
+    if dist.is_main:
+        result = fn()
+    barrier()
+    if not dist.is_main:
+        result = fn()
+    return result
+
+
 def all_reduce_mean(value: float, device: torch.device) -> float:
     world = rank_and_world()[1]
     return value if world == 1 else all_reduce_sums([value], device)[0] / world

@@ -140,9 +140,7 @@ def load_model(
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from indexcache.trainer import deepspeed_config
-
-    config = deepspeed_config(cfg.deepspeed, 0.0, device)
+    config = cfg.deepspeed.engine_config(0.0, device)
     hf_ds_config = HfDeepSpeedConfig(config)  # transformers builds partitioned weights while this lives
     hf_model = get_family(source_config["model_type"]).load(source_dir, dtype)
     model = (model_class or IndexCacheModel)(hf_model.to(device), pattern=own).eval()
@@ -358,9 +356,9 @@ def run_evaluation(cfg: RunConfig, logger: Any = None, step: int = 0) -> dict[st
     of its own in the report's folder.
     """
     from indexcache.config import to_container
-    from indexcache.distributed import init_distributed
+    from indexcache.distributed import init_distributed, main_first
     from indexcache.metrics import MetricsLogger
-    from indexcache.run import build_pattern, main_first
+    from indexcache.run import build_pattern
 
     ev = cfg.evaluate
     dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)

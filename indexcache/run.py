@@ -29,7 +29,7 @@ from indexcache.config import (
 )
 from indexcache.conversion.sources import load_tokenizer, read_config, resolve_source
 from indexcache.data import PackedSplits, build_datasets
-from indexcache.distributed import DistInfo, barrier
+from indexcache.distributed import DistInfo, barrier, main_first
 from indexcache.metrics import MetricsLogger
 from indexcache.model import IndexCacheModel, get_family
 from indexcache.pattern import IndexCachePattern
@@ -151,16 +151,6 @@ def model_dtype(choice: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
 
 
-def main_first(dist: DistInfo, fn: Any) -> Any:
-    """Let rank 0 do (and cache) a job before the other ranks repeat it from the cache."""
-    if dist.is_main:
-        result = fn()
-    barrier()
-    if not dist.is_main:
-        result = fn()
-    return result
-
-
 def _check_tokenizer(tokenizer: Any, model: IndexCacheModel) -> None:
     vocab = model.hf_model.config.vocab_size
     if len(tokenizer) > vocab:
@@ -175,8 +165,6 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
 
     Resources that must be closed (the run-directory lock, the metrics logger) are entered on `stack`.
     """
-    from indexcache.trainer import deepspeed_config
-
     resume = preflight(cfg)
     torch.manual_seed(cfg.train.seed)
     source_dir = main_first(dist, lambda: resolve_source(cfg.model))
@@ -188,7 +176,7 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
         from transformers.integrations import HfDeepSpeedConfig
 
         first_stage = next(iter(cfg.stage.values()))
-        hf_ds_config = HfDeepSpeedConfig(deepspeed_config(cfg.deepspeed, first_stage.grad_clip, dist.device))
+        hf_ds_config = HfDeepSpeedConfig(cfg.deepspeed.engine_config(first_stage.grad_clip, dist.device))
     try:
         hf_model = family.load(source_dir, model_dtype(cfg.model.dtype, dist.device)).to(dist.device)
     except Exception as error:  # transformers/safetensors raise their own types for a broken checkpoint

@@ -349,12 +349,12 @@ def run_search(cfg: RunConfig) -> SearchResult:
     alone reads the state file (sent to all) and writes the outputs.
     """
     # Imported here: indexcache.config imports this module (SearchConfig) and must stay light.
-    from indexcache.distributed import from_main, init_distributed, rank_and_world
+    from indexcache.distributed import from_main, init_distributed, main_first, rank_and_world
     from indexcache.evaluate import load_data, load_model, resolve_model_source
     from indexcache.fsutil import atomic_write_text
     from indexcache.plots import plot_search_curve
     from indexcache.prefix_reuse import SearchModel, SearchObjective
-    from indexcache.run import main_first, model_dtype
+    from indexcache.run import model_dtype
 
     search = cfg.search
     if search.calibration_tokens < cfg.train.seq_len:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from indexcache.checkpoint import TrainerState
-from indexcache.config import DeepSpeedConfig, result_fingerprint
+from indexcache.config import result_fingerprint
 from indexcache.data import ResumableBatches
 from indexcache.distributed import all_reduce_mean
 from indexcache.run import ResumePoint, Run
@@ -24,26 +24,6 @@ from indexcache.stage import StagePlan
 
 class NonFiniteLossError(FloatingPointError):
     """Too many non-finite losses in a row: the run stops, its last checkpoint intact."""
-
-
-def use_bf16(ds: DeepSpeedConfig, device: torch.device) -> bool:
-    return ds.bf16 == "true" or (ds.bf16 == "auto" and device.type == "cuda")
-
-
-def deepspeed_config(ds: DeepSpeedConfig, grad_clip: float, device: torch.device) -> dict[str, Any]:
-    """The DeepSpeed JSON, derived from the typed config: the one source of truth for batch and precision."""
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
-        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": use_bf16(ds, device)},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if ds.zero_stage == 3:
-        config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
-    return config
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -207,7 +187,7 @@ class Trainer:
         groups = [{"params": [p for _, p in model.indexer_parameters()], "lr": plan.lr}]
         if "base" in plan.trains:
             groups.append({"params": [p for _, p in model.base_parameters()], "lr": plan.base_lr})
-        config = deepspeed_config(self.cfg.deepspeed, plan.grad_clip, self.dist.device)
+        config = self.cfg.deepspeed.engine_config(plan.grad_clip, self.dist.device)
         # torch_adam: DeepSpeed's fused CPU/GPU Adam builds are JIT-compiled extensions; torch's AdamW is exact.
         config["optimizer"] = {
             "type": "AdamW",

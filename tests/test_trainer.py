@@ -11,7 +11,6 @@ import torch
 from indexcache.config import DeepSpeedConfig
 from indexcache.pattern import IndexCachePattern
 from indexcache.stage import Schedule, build_plans, trained_groups
-from indexcache.trainer import deepspeed_config
 
 
 def test_schedule_warms_up_from_the_first_step_then_decays_to_the_floor():
@@ -49,15 +48,15 @@ def test_deepspeed_json_comes_from_the_typed_config(compose):
         "stage.warmup.grad_clip=0.5",
     )
     stage = cfg.stage["warmup"]
-    on_cpu = deepspeed_config(cfg.deepspeed, stage.grad_clip, torch.device("cpu"))
+    on_cpu = cfg.deepspeed.engine_config(stage.grad_clip, torch.device("cpu"))
     assert on_cpu["train_micro_batch_size_per_gpu"] == 3
     assert on_cpu["gradient_accumulation_steps"] == 5
     assert on_cpu["zero_optimization"]["stage"] == 3
     assert on_cpu["gradient_clipping"] == 0.5
     assert on_cpu["bf16"]["enabled"] is False, "fp32 on CPU"
-    assert deepspeed_config(cfg.deepspeed, 1.0, torch.device("cuda"))["bf16"]["enabled"] is True
+    assert cfg.deepspeed.engine_config(1.0, torch.device("cuda"))["bf16"]["enabled"] is True
 
 
 def test_bf16_can_be_forced_either_way():
-    assert deepspeed_config(DeepSpeedConfig(bf16="true"), 1.0, torch.device("cpu"))["bf16"]["enabled"] is True
-    assert deepspeed_config(DeepSpeedConfig(bf16="false"), 1.0, torch.device("cuda"))["bf16"]["enabled"] is False
+    assert DeepSpeedConfig(bf16="true").engine_config(1.0, torch.device("cpu"))["bf16"]["enabled"] is True
+    assert DeepSpeedConfig(bf16="false").engine_config(1.0, torch.device("cuda"))["bf16"]["enabled"] is False
