@@ -230,7 +230,7 @@ class Bench:
 
     def evaluate(self, key: str, model_dir: Path, pattern: str, baseline: str) -> dict[str, Any]:
         from indexcache.config import compose_config
-        from indexcache.evaluate import run_evaluation
+        from indexcache.apps.evaluate import run_evaluation
 
         overrides = [
             *self.common(model_dir),
@@ -246,7 +246,7 @@ class Bench:
 
     def search(self, retention: str) -> tuple[str, list[str]]:
         from indexcache.config import compose_config
-        from indexcache.search import run_search
+        from indexcache.apps.search import run_search
 
         num_full = self.uniform(retention).count("F")  # the uniform rows' count: every row at one retention
         out_dir = self.work / f"search_{retention.replace('/', '_')}"

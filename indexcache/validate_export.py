@@ -22,6 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from indexcache.contract import (
+    CHECKSUM_FILE,
+    INDEXER_PARTS,
+    KEEPS_SHARED_INDEXERS,
+    PATTERN_KEYS,
+    RECORD_FILE,
+    SINGLE_FILE,
+    TRAINED_GROUPS,
+)
 from indexcache.pattern import IndexCachePattern
 from indexcache.safetensors_io import (
     INDEX_FILE,
@@ -32,17 +41,11 @@ from indexcache.safetensors_io import (
     tensor_sha256,
 )
 
-INDEXER_PARTS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+# The contract's names live in `indexcache.contract` (torch-free; the model and the export read them too).
 # transformers builds deepseek_v32's indexer on every layer, so its S layers keep theirs (unused at serving time);
-# glm_moe_dsa builds none on S layers, and the dense-to-DSA conversions follow glm_moe_dsa.
-KEEPS_SHARED_INDEXERS = {"glm_moe_dsa": False, "deepseek_v32": True, "llama": False, "glm4_moe_lite": False}
-PATTERN_KEYS = ("indexer_types", "index_topk_pattern", "use_index_cache", "index_topk_freq", "index_skip_topk_offset")
-SINGLE_FILE = "model.safetensors"
-RECORD_FILE = "indexcache.json"
-CHECKSUM_FILE = "indexcache.tensors.json"
-# What a run can train, as indexcache.json's "trained_groups" names it: the F layers' indexers, and the base (every
-# other tensor the model holds; the MTP layer and buffers such as the router's correction bias are not trained).
-TRAINED_GROUPS = ("indexers", "base")
+# glm_moe_dsa builds none on S layers, and the dense-to-DSA conversions follow glm_moe_dsa. "trained_groups" of
+# indexcache.json names what a run trained: the F layers' indexers, and the base (every other tensor the model holds;
+# the MTP layer and buffers such as the router's correction bias are not trained).
 
 _INDEXER_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.indexer\.(.+)")
 _MAX_LISTED_PROBLEMS = 20

@@ -141,3 +141,22 @@ def two_rank_launcher() -> Iterator[list[str]]:
     yield [launcher, "--num_gpus", "2", "--master_port", str(port)]
     for buffer in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):
         buffer.unlink(missing_ok=True)
+
+
+class LowestIndexTopk(torch.overrides.TorchFunctionMode):
+    """Runs stock code with the project's top-k tie rule: every `topk` of the largest values becomes
+    `topk_lowest_index_ties` (equal scores: the lower index wins). Stock transformers' indexers call plain
+    `torch.topk`, which leaves tied members to its algorithm (tests/test_indexer.py shows it choosing otherwise on
+    planted ties); an oracle compared slot for slot must follow one rule."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.topk, torch.Tensor.topk) and kwargs.get("largest", True) and kwargs.get("sorted", True):
+            from indexcache.model.indexer import topk_lowest_index_ties
+
+            scores, width = args[0], args[1] if len(args) > 1 else kwargs["k"]
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+            if dim in (-1, scores.dim() - 1):
+                values, indices = topk_lowest_index_ties(scores, width)  # the mode is off inside its handler
+                return torch.return_types.topk((values, indices))
+        return func(*args, **kwargs)

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+from indexcache.kernels.config import KernelConfig
+from indexcache.model.context import ForwardContext
 from indexcache.model.indexer import (
     TrainableDeepseekV32Indexer,
     TrainableGlmMoeDsaIndexer,
@@ -16,6 +18,7 @@ from indexcache.model.indexer import (
     select_topk,
 )
 from indexcache.model.tiny import tiny_model
+from indexcache.pattern import IndexCachePattern
 
 # llama's indexer is transformers' DeepseekV32Indexer (see llama_dsa.py), so it trains as one.
 TRAINABLE = {
@@ -178,8 +181,9 @@ def test_trainable_indexer_is_differentiable_and_detaches_its_inputs():
     hidden = torch.randn(1, 6, 64, requires_grad=True)
     q_resid = torch.randn(1, 6, 32, requires_grad=True)
     cos_sin = model.model.rotary_emb(hidden, torch.arange(6)[None])
-    indexer.compute_topk = False
-    selection = indexer(hidden, q_resid, cos_sin, visible_keys(None, 1, 6))
+    dense = ForwardContext()
+    dense.reset("dense", IndexCachePattern("F"), None, KernelConfig())  # a dense forward computes no top-k
+    selection = indexer(hidden, q_resid, cos_sin, visible_keys(None, 1, 6), context=dense)
     assert selection.topk_indices is None
     out = selection.outputs
     assert out.q.shape == (1, 6, 4, 32) and out.k.shape == (1, 6, 32) and out.w.shape == (1, 6, 4)

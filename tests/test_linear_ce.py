@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from indexcache.kernels.config import KernelConfig
 from indexcache.losses.linear_ce import (
     causal_lm_loss,
     linear_cross_entropy,
@@ -186,7 +187,7 @@ def test_lm_loss_equals_hf_out_loss(model_type, mode, padded):
     labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
     with torch.no_grad():
         expected = stock(model_type, **overrides)(input_ids, attention_mask=attention_mask, labels=labels).loss
-        model = IndexCacheModel(stock(model_type, **overrides), mode=mode, lm_chunk_size=7)
+        model = IndexCacheModel(stock(model_type, **overrides), mode=mode, kernels=KernelConfig(lm_chunk_size=7))
         out = model(input_ids, attention_mask, labels=input_ids)
     assert out.logits is None
     torch.testing.assert_close(out.lm_loss, expected, rtol=F32_BOUND, atol=0)
@@ -200,7 +201,7 @@ def test_lm_loss_equals_hf_out_loss(model_type, mode, padded):
 def test_lm_loss_gradients_equal_materialised_logits(model_type, overrides):
     """with_lm_loss=True: every parameter's gradient equals that of kl + lm_weight * HF's loss on the logits."""
     input_ids, attention_mask = batch(padded=True)
-    model = IndexCacheModel(stock(model_type, **overrides), lm_chunk_size=5)
+    model = IndexCacheModel(stock(model_type, **overrides), kernels=KernelConfig(lm_chunk_size=5))
     model.configure(IndexCachePattern("FSFS"), "sparse", lm_weight=0.5, trainable=("indexers", "base"))
     params = dict(model.named_parameters())
 
@@ -258,7 +259,7 @@ def test_training_step_with_lm_loss_never_builds_token_by_vocab_tensor():
     loss did) is caught by the same probe.
     """
     seq, vocab = 512, 16384
-    model = IndexCacheModel(tiny_model("glm_moe_dsa", vocab_size=vocab), lm_chunk_size=32)
+    model = IndexCacheModel(tiny_model("glm_moe_dsa", vocab_size=vocab), kernels=KernelConfig(lm_chunk_size=32))
     model.configure(IndexCachePattern("FSFS"), "sparse", lm_weight=1.0, trainable=("indexers", "base"))
     input_ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(12))
     saved = []

@@ -13,11 +13,16 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import indexcache.model.wrapper as wrapper
+from indexcache.kernels.config import KernelConfig
+from tests.conftest import LowestIndexTopk
+from indexcache.kernels.dense_attention import allowed_keys, causal_kernel
 from indexcache.losses import TeacherInputs, multi_layer_kl
 from indexcache.model import IndexCacheModel, get_family, register_family, select_topk
+from indexcache.model import context as model_context
+from indexcache.model import indexer as indexer_module
+from indexcache.model.backend import padding_mask
+from indexcache.model.context import SharedIndexer
 from indexcache.model.tiny import tiny_model
-from indexcache.model.wrapper import SharedIndexer
 from indexcache.pattern import IndexCachePattern
 
 SEQ, PADDED_LEN = 24, 17  # SEQ > index_topk = 8, so sparse attention differs from dense
@@ -61,7 +66,7 @@ def kl_calls(monkeypatch: pytest.MonkeyPatch) -> list[SimpleNamespace]:
         calls.append(SimpleNamespace(indexer=indexer, teachers=teachers, mask=attention_mask, topk=topk_indices))
         return result
 
-    monkeypatch.setattr(wrapper, "multi_layer_kl", recording_kl)
+    monkeypatch.setattr(model_context, "multi_layer_kl", recording_kl)
     return calls
 
 
@@ -92,10 +97,11 @@ def test_unknown_model_type_names_the_known_families():
 )
 def test_sparse_logits_equal_stock_eager(model_type: str, pattern: str):
     input_ids, attention_mask = batch()
-    with torch.no_grad():
+    with torch.no_grad(), LowestIndexTopk():
         expected = stock_model(model_type, None if pattern == "FFFF" else pattern)(
             input_ids, attention_mask=attention_mask, use_cache=False
         ).logits
+    with torch.no_grad():
         model = wrapped(model_type, pattern, mode="sparse")
         got = model(input_ids, attention_mask, return_logits=True).logits
         dense = model(input_ids, attention_mask, mode="dense", return_logits=True).logits
@@ -126,8 +132,9 @@ def test_deepseek_v32_sharing_equals_stock_attending_with_the_owner_topk():
         stock.model.layers[layer].self_attn.indexer = ReplayOwner(pattern.owner(layer))
     ours = IndexCacheModel(stock_model("deepseek_v32"), pattern, mode="sparse")
     input_ids, attention_mask = batch()
-    with torch.no_grad():
+    with torch.no_grad(), LowestIndexTopk():
         expected = stock(input_ids, attention_mask=attention_mask, use_cache=False).logits
+    with torch.no_grad():
         got = ours(input_ids, attention_mask, return_logits=True).logits
         all_full = stock_model("deepseek_v32")(input_ids, attention_mask=attention_mask, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -135,7 +142,12 @@ def test_deepseek_v32_sharing_equals_stock_attending_with_the_owner_topk():
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_dense_logits_and_teachers_equal_stock_dense(model_type: str, kl_calls: list[SimpleNamespace]):
+def test_dense_logits_and_teachers_equal_stock_dense(
+    model_type: str, kl_calls: list[SimpleNamespace], monkeypatch: pytest.MonkeyPatch
+):
+    topk_calls = []
+    real_select = indexer_module.select_topk
+    monkeypatch.setattr(indexer_module, "select_topk", lambda *a, **k: topk_calls.append(1) or real_select(*a, **k))
     # index_topk >= T: the stock model attends densely.
     stock = stock_model(model_type, index_topk=64)
     model = wrapped(model_type, "FSFS", mode="dense", index_topk=64)
@@ -155,7 +167,7 @@ def test_dense_logits_and_teachers_equal_stock_dense(model_type: str, kl_calls: 
         probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
         torch.testing.assert_close(probs, stock_probs, rtol=1e-5, atol=1e-6)
     # Dense attention never reads the top-k, so the indexers skip it.
-    assert not any(indexer.compute_topk for indexer in model._indexer_pool.values())
+    assert not topk_calls
 
 
 @pytest.mark.parametrize(
@@ -296,19 +308,19 @@ def test_left_padding_rows_without_keys_stay_finite(model_type: str, mode: str):
 
 def test_padded_dense_mask_is_causal_and_real_and_never_leaves_a_row_empty():
     real = torch.tensor([[False, True, True, True]])  # left padding: row 0 sees no key
-    allowed = wrapper._allowed_keys(real)
+    allowed = allowed_keys(real)
     assert allowed.shape == (1, 1, 4, 4)
     expected = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(allowed[0, 0], expected)
 
 
 def test_backend_mask_function_builds_no_square_mask():
-    assert wrapper.padding_mask(2, 5, 5, attention_mask=None) is None
-    assert wrapper.padding_mask(2, 5, 5, attention_mask=torch.ones(2, 5, dtype=torch.long)) is None
+    assert padding_mask(2, 5, 5, attention_mask=None) is None
+    assert padding_mask(2, 5, 5, attention_mask=torch.ones(2, 5, dtype=torch.long)) is None
     padded = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    assert torch.equal(wrapper.padding_mask(2, 5, 5, attention_mask=padded), padded.bool())
+    assert torch.equal(padding_mask(2, 5, 5, attention_mask=padded), padded.bool())
     with pytest.raises(ValueError, match="no KV cache"):
-        wrapper.padding_mask(2, 1, 5, kv_offset=4, attention_mask=None)
+        padding_mask(2, 1, 5, kv_offset=4, attention_mask=None)
 
 
 def test_glm_pattern_uses_stock_sharing_and_revives_f_layers_with_their_weights():
@@ -408,7 +420,7 @@ def test_packed_batch_builds_no_square_mask_in_any_layer(model_type: str, mode: 
     """
     seq = 40  # no other dimension of the tiny models is 40
     model = IndexCacheModel(
-        stock_model(model_type), IndexCachePattern("FSSF"), mode=mode, loss_chunk_size=8, topk_chunk_size=8
+        stock_model(model_type), IndexCachePattern("FSSF"), mode=mode, kernels=KernelConfig(loss_chunk_size=8, topk_chunk_size=8)
     )
     input_ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(3))
     attention_mask = None if packed_mask == "none" else torch.ones(2, seq, dtype=torch.long)
@@ -423,10 +435,11 @@ def test_packed_batch_builds_no_square_mask_in_any_layer(model_type: str, mode: 
     assert spy.square or mode == "sparse"  # dense with padding: the one [B, 1, T, T] mask; sparse: none at all
 
 
-def test_causal_kernel_override_and_unknown_kernel(monkeypatch):
-    """`CAUSAL_KERNEL` overrides the per-device choice of the dense causal kernel; an unknown name is refused."""
-    monkeypatch.setattr(wrapper, "CAUSAL_KERNEL", "flash")
-    assert wrapper.causal_kernel(torch.device("cpu")) == "flash"
-    query = torch.zeros(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="use 'flash' or 'cudnn'"):
-        wrapper._causal_attention_with_lse(query, query, query, 1.0, 0.0, kernel="flash2")
+def test_causal_kernel_choice_and_unknown_kernel():
+    """A kernel config's choice overrides the per-device choice of the dense causal kernel; an unknown name is
+    refused, by the config and by the kernel function."""
+    assert causal_kernel(torch.device("cpu"), "flash") == "flash"
+    with pytest.raises(ValueError, match="unknown causal attention kernel 'flash2'"):
+        KernelConfig(causal_kernel="flash2")
+    with pytest.raises(ValueError, match="unknown causal attention kernel 'flash2'"):
+        causal_kernel(torch.device("cpu"), "flash2")

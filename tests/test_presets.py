@@ -20,7 +20,7 @@ from indexcache.config import ConfigError, RunConfig, presets
 from indexcache.conversion.glm4_moe_lite import glm_moe_dsa_config
 from indexcache.conversion.sources import index_config
 from indexcache.model import IndexCacheModel, get_family
-from indexcache.model.wrapper import SharedIndexer
+from indexcache.model.context import SharedIndexer
 from indexcache.pattern import IndexCachePattern
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"

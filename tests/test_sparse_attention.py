@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from indexcache.kernels import sparse_attention, sparse_attention_probs, visible_slots
+from indexcache.kernels.config import KernelConfig
 from indexcache.losses import IndexerOutputs, TeacherInputs
 from indexcache.losses.reference import allowed_keys, teacher_distribution
 from indexcache.model import IndexerSelection, get_family
+from indexcache.model.backend import BACKEND, register_backend
+from indexcache.model.context import CONTEXT_KWARG, ForwardContext
 from indexcache.model.tiny import tiny_model
-from indexcache.model.wrapper import BACKEND, CONTEXT_KWARG, ForwardContext, register_backend
 from indexcache.pattern import IndexCachePattern
 from tests.conftest import triton_interpreter_usable
 
@@ -194,7 +196,7 @@ def test_family_sparse_attention_equals_stock_attention_on_the_same_topk(model_t
     additive = torch.zeros(causal.shape, dtype=torch.float64).masked_fill(~causal, torch.finfo(torch.float64).min)
 
     context = ForwardContext()
-    context.reset("sparse", IndexCachePattern("F"), None, "auto", 1024)
+    context.reset("sparse", IndexCachePattern("F"), None, KernelConfig())
     hidden_stock, hidden_ours = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     expected = stock(hidden_stock, position_embeddings=position_embeddings, attention_mask=additive)[0]
     got = ours(hidden_ours, position_embeddings=position_embeddings, attention_mask=None, **{CONTEXT_KWARG: context})[0]

@@ -113,8 +113,9 @@ def _reference_backward(
     dtype = compute_dtype(query.dtype)
     d_query = torch.zeros(query.shape, dtype=dtype, device=query.device) if needs[0] else None
     # Keys and values receive scattered sums from every row that selected them: accumulate flat over (b, t).
-    d_key = torch.zeros(batch * seq, kv_heads, dim, dtype=dtype, device=query.device) if needs[1] else None
-    d_value = torch.zeros(batch * seq, kv_heads, value_dim, dtype=dtype, device=query.device) if needs[2] else None
+    num_keys = key.shape[1]  # may exceed the query rows (context parallelism: the gathered keys)
+    d_key = torch.zeros(batch * num_keys, kv_heads, dim, dtype=dtype, device=query.device) if needs[1] else None
+    d_value = torch.zeros(batch * num_keys, kv_heads, value_dim, dtype=dtype, device=query.device) if needs[2] else None
     for start in range(0, seq, rows_per_chunk):
         stop = min(start + rows_per_chunk, seq)
         rows = stop - start
@@ -129,7 +130,8 @@ def _reference_backward(
         d_probs = torch.einsum("bcgnv,bckgv->bcgnk", d_o, values)
         delta = (d_o * o).sum(-1, keepdim=True)
         d_scores = probs * (d_probs - delta) * scaling
-        flat = (torch.arange(batch, device=slots.device)[:, None, None] * seq + chunk_slots.clamp_min(0)).reshape(-1)
+        batch_rows = torch.arange(batch, device=slots.device)[:, None, None] * num_keys
+        flat = (batch_rows + chunk_slots.clamp_min(0)).reshape(-1)
         if d_query is not None:
             d_q = torch.einsum("bcgnk,bckgd->bcgnd", d_scores, keys)
             d_query[:, start:stop] = d_q.reshape(batch, rows, heads, dim)
@@ -201,11 +203,12 @@ def _triton_usable(query: Tensor, key: Tensor, value: Tensor) -> bool:
 
 
 def _check(query: Tensor, key: Tensor, value: Tensor, slots: Tensor) -> None:
+    """Shapes; keys may outnumber query rows (context parallelism: a rank's rows against the gathered keys)."""
     batch, seq, heads, dim = query.shape
-    if key.dim() != 4 or key.shape[:2] != (batch, seq) or key.shape[3] != dim:
-        raise ValueError(f"key must be [B={batch}, T={seq}, H_kv, D={dim}], got {tuple(key.shape)}")
+    if key.dim() != 4 or key.shape[0] != batch or key.shape[3] != dim:
+        raise ValueError(f"key must be [B={batch}, S, H_kv, D={dim}], got {tuple(key.shape)}")
     if value.dim() != 4 or value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"value must be [B, T, H_kv={key.shape[2]}, D_v], got {tuple(value.shape)}")
+        raise ValueError(f"value must be [B, S, H_kv={key.shape[2]}, D_v], got {tuple(value.shape)}")
     if heads % key.shape[2]:
         raise ValueError(f"H={heads} query heads is not a multiple of H_kv={key.shape[2]} key heads")
     if slots.dim() != 3 or slots.shape[:2] != (batch, seq) or slots.dtype != torch.long:

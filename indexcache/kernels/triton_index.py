@@ -36,7 +36,7 @@ def triton_index_supports(q: Tensor, k: Tensor) -> bool:
 @triton.jit
 def _index_scores_kernel(
     q_ptr, k_ptr, w_ptr, real_ptr, out_ptr,
-    row_start, row_stop, num_keys, num_heads,
+    row_start, row_stop, num_keys, num_heads, query_offset,
     s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_rb, s_ob, s_ot,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, MASK_KEYS: tl.constexpr,
 ):  # fmt: skip
@@ -56,10 +56,12 @@ def _index_scores_kernel(
             k_ptr + b * s_kb + cols[None, :].to(tl.int64) * s_kt + d[:, None], mask=cols[None, :] < num_keys, other=0.0
         )
         acc = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
-        q_rows = q_ptr + b * s_qb + rows[:, None].to(tl.int64) * s_qt + d[None, :]
+        # q and w hold the rows from global position query_offset on (context parallelism); k every key.
+        q_index = (rows - query_offset).to(tl.int64)
+        q_rows = q_ptr + b * s_qb + q_index[:, None] * s_qt + d[None, :]
         for j in range(num_heads):
             q_j = tl.load(q_rows + j * s_qj, mask=row_in[:, None], other=0.0)
-            w_j = tl.load(w_ptr + b * s_wb + rows.to(tl.int64) * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
+            w_j = tl.load(w_ptr + b * s_wb + q_index * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
             acc += w_j[:, None] * tl.maximum(tl.dot(q_j, k_t), 0.0)
         visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] < num_keys)
         if MASK_KEYS:
@@ -67,16 +69,20 @@ def _index_scores_kernel(
         tl.store(out_ptrs, tl.where(visible, acc, float("-inf")), mask=store_mask)
 
 
-def triton_index_scores(q: Tensor, k: Tensor, w: Tensor, real: Tensor | None, start: int, stop: int) -> Tensor:
-    """[B, stop - start, stop] float32 masked indexer scores of query rows [start, stop) (see the module doc)."""
+def triton_index_scores(
+    q: Tensor, k: Tensor, w: Tensor, real: Tensor | None, start: int, stop: int, query_offset: int = 0
+) -> Tensor:
+    """[B, stop - start, query_offset + stop] float32 masked indexer scores of local query rows [start, stop) at
+    global positions query_offset + t (see the module doc)."""
     batch, _, num_heads, dim = q.shape
     rows = stop - start
-    out = torch.empty(batch, rows, stop, dtype=torch.float32, device=q.device)
+    row_start, row_stop = query_offset + start, query_offset + stop
+    out = torch.empty(batch, rows, row_stop, dtype=torch.float32, device=q.device)
     real_arg = real.to(torch.int8).contiguous() if real is not None else out  # read only with MASK_KEYS
-    grid = (triton.cdiv(stop, BLOCK_KEYS), triton.cdiv(rows, BLOCK_ROWS), batch)
+    grid = (triton.cdiv(row_stop, BLOCK_KEYS), triton.cdiv(rows, BLOCK_ROWS), batch)
     _index_scores_kernel[grid](
         q, k, w, real_arg, out,
-        start, stop, stop, num_heads,
+        row_start, row_stop, row_stop, num_heads, query_offset,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         real_arg.stride(0), out.stride(0), out.stride(1),
         D=dim, BLOCK_T=BLOCK_ROWS, BLOCK_S=BLOCK_KEYS, MASK_KEYS=real is not None, num_warps=4,

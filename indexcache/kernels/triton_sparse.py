@@ -221,7 +221,7 @@ def _sparse_probs_kernel(
 @triton.jit
 def _sparse_backward_kernel(
     q_ptr, k_ptr, v_ptr, slot_ptr, out_ptr, dout_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
-    seq, num_slots, heads_per_kv, head_blocks, scaling, scale_log2,
+    num_keys, num_slots, heads_per_kv, head_blocks, scaling, scale_log2,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ib, s_it, s_ob, s_ot, s_oh, s_gb, s_gt, s_gh, s_lb, s_lt,
     s_dqb, s_dqt, s_dqh, s_dkt, s_dkh, s_dvt, s_dvh,
     D1: tl.constexpr, D2: tl.constexpr, D_REST: tl.constexpr, DV: tl.constexpr,
@@ -246,9 +246,9 @@ def _sparse_backward_kernel(
     lse = tl.where(head_ok, lse, 0.0)
     k_base = k_ptr + b * s_kb + kv * s_kh
     v_base = v_ptr + b * s_vb + kv * s_vh
-    # dK and dV are float32 [B * T, H_kv, width] buffers: batch b's rows start at b * T.
-    dk_base = dk_ptr + b * seq * s_dkt + kv * s_dkh
-    dv_base = dv_ptr + b * seq * s_dvt + kv * s_dvh
+    # dK and dV are float32 [B * S, H_kv, width] buffers (S keys): batch b's rows start at b * S.
+    dk_base = dk_ptr + b * num_keys * s_dkt + kv * s_dkh
+    dv_base = dv_ptr + b * num_keys * s_dvt + kv * s_dvh
     d1 = tl.arange(0, D1)
     dq1 = tl.zeros([BLOCK_H, D1], tl.float32)
     dq2 = dq1  # the remainder columns' dQ, when there are any
@@ -387,14 +387,17 @@ def triton_sparse_backward(
         d_out = d_out.contiguous()
     lse = lse.float()
     d_query = torch.empty_like(query)
-    d_key = torch.zeros(batch * seq, kv_heads, dim, dtype=torch.float32, device=query.device)
+    num_keys = key.shape[1]  # may exceed the query rows (context parallelism: the gathered keys)
+    d_key = torch.zeros(batch * num_keys, kv_heads, dim, dtype=torch.float32, device=query.device)
     d_value = (
-        d_key if dv_into_dk else torch.zeros(batch * seq, kv_heads, value_dim, dtype=torch.float32, device=query.device)
+        d_key
+        if dv_into_dk
+        else torch.zeros(batch * num_keys, kv_heads, value_dim, dtype=torch.float32, device=query.device)
     )
     grid = (seq, kv_heads * head_blocks, batch)
     _sparse_backward_kernel[grid](
         query, key, value, slots, out, d_out, lse, d_query, d_key, d_value,
-        seq, slots.shape[-1], heads_per_kv, head_blocks, scaling, scaling * LOG2E,
+        num_keys, slots.shape[-1], heads_per_kv, head_blocks, scaling, scaling * LOG2E,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), slots.stride(0), slots.stride(1),
         out.stride(0), out.stride(1), out.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),

@@ -33,20 +33,36 @@ def multi_layer_kl(
     topk_indices: Tensor | None = None,
     impl: str = "auto",
     chunk_size: int = 1024,
+    query_offset: int = 0,
+    num_rows: int | None = None,
 ) -> KLResult:
-    """KL of one F group; `teachers[0]` is the F layer itself, then the layers that reuse its indices."""
+    """KL of one F group; `teachers[0]` is the F layer itself, then the layers that reuse its indices.
+
+    `query_offset` > 0: the query-side tensors hold the rows at global positions query_offset .. query_offset + T - 1
+    and the key-side tensors (indexer k, teacher keys, `attention_mask`) the query_offset + T keys before and among
+    them (context parallelism: one chunk of a rank against the gathered keys). `num_rows`: divide the row sums by
+    this count instead of the valid rows given (context parallelism: the rows of every rank), so that the ranks'
+    losses add up to the one-process loss.
+    """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r} is unknown: use one of {IMPLEMENTATIONS}")
-    validate_inputs(indexer, teachers, attention_mask, topk_indices)
+    validate_inputs(indexer, teachers, attention_mask, topk_indices, query_offset)
+    whole = query_offset == 0 and num_rows is None
     if impl == "auto":
-        impl = "fused" if _fused_usable(indexer, teachers) else "chunked"
+        # The fused kernels take whole sequences (rows and keys from position 0); a chunk with a causal offset
+        # runs the chunked path.
+        impl = "fused" if query_offset == 0 and _fused_usable(indexer, teachers) else "chunked"
     if impl == "reference":
+        if not whole:
+            raise ValueError("impl='reference' takes whole sequences: use impl='chunked' with query_offset/num_rows")
         return reference_multi_layer_kl(indexer, teachers, attention_mask, topk_indices)
-    if impl == "chunked":
-        return chunked_multi_layer_kl(indexer, teachers, attention_mask, topk_indices, chunk_size)
-    from indexcache.losses.fused import fused_multi_layer_kl  # lazy: needs triton and CUDA
+    if impl == "fused":
+        from indexcache.losses.fused import fused_multi_layer_kl  # lazy: needs triton and CUDA
 
-    return fused_multi_layer_kl(indexer, teachers, attention_mask, topk_indices)
+        if query_offset:
+            raise ValueError("impl='fused' takes whole sequences: use impl='chunked' or 'auto' with query_offset > 0")
+        return fused_multi_layer_kl(indexer, teachers, attention_mask, topk_indices, num_rows)
+    return chunked_multi_layer_kl(indexer, teachers, attention_mask, topk_indices, chunk_size, query_offset, num_rows)
 
 
 def _fused_usable(indexer: IndexerOutputs, teachers: list[TeacherInputs]) -> bool:

@@ -57,25 +57,30 @@ def exact_tf32(source_dtype: torch.dtype) -> Iterator[None]:
         torch.backends.cuda.matmul.fp32_precision = previous
 
 
-def _chunk_allowed(real: Tensor, rows: Tensor, topk_indices: Tensor | None, start: int, stop: int) -> Tensor:
-    """[B, c, S=stop] bool: keys in each row's distribution for query rows [start, stop)."""
+def _chunk_allowed(
+    real: Tensor, rows: Tensor, topk_indices: Tensor | None, start: int, stop: int, query_offset: int = 0
+) -> Tensor:
+    """[B, c, query_offset + stop] bool: keys in each row's distribution for local query rows [start, stop)."""
     device = real.device
-    query_pos = torch.arange(start, stop, device=device)
-    key_pos = torch.arange(stop, device=device)
-    allowed = (key_pos[None, :] <= query_pos[:, None])[None] & real[:, None, :stop]
+    key_stop = query_offset + stop
+    query_pos = torch.arange(query_offset + start, key_stop, device=device)
+    key_pos = torch.arange(key_stop, device=device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None] & real[:, None, :key_stop]
     if topk_indices is not None:
         chunk_idx = topk_indices[:, start:stop]
-        # Entries already vetted for visibility (so they are < stop); counts > 0 tolerates duplicates.
-        entries = selected_entries(topk_indices, real)[:, start:stop]
+        # Entries already vetted for visibility (so they are < key_stop); counts > 0 tolerates duplicates.
+        entries = selected_entries(chunk_idx, real, first_row=query_offset + start)
         counts = torch.zeros(allowed.shape, dtype=torch.int32, device=device)
-        counts.scatter_add_(2, chunk_idx.clamp(0, stop - 1).long(), entries.int())
+        counts.scatter_add_(2, chunk_idx.clamp(0, key_stop - 1).long(), entries.int())
         allowed = allowed & (counts > 0)
     # Rows without loss see every key so their softmax stays finite; their weight is zero.
     return allowed | ~rows[:, start:stop, None]
 
 
 def _teacher_chunk(teacher: TeacherInputs, allowed: Tensor, start: int, stop: int, dtype: torch.dtype) -> Tensor:
-    """[B, c, S] head-averaged teacher probabilities for query rows [start, stop), one KV head at a time."""
+    """[B, c, S] head-averaged teacher probabilities for local query rows [start, stop) over the keys [0, S) of
+    `allowed`, one KV head at a time."""
+    key_stop = allowed.shape[-1]
     num_heads, num_kv_heads = teacher.query.shape[1], teacher.key.shape[1]
     heads_per_kv = num_heads // num_kv_heads
     blocked = ~allowed[:, None]
@@ -83,7 +88,7 @@ def _teacher_chunk(teacher: TeacherInputs, allowed: Tensor, start: int, stop: in
     for kv_head in range(num_kv_heads):
         heads = slice(kv_head * heads_per_kv, (kv_head + 1) * heads_per_kv)
         query = teacher.query[:, heads, start:stop].to(dtype)
-        key = teacher.key[:, kv_head, :stop].to(dtype)
+        key = teacher.key[:, kv_head, :key_stop].to(dtype)
         with exact_tf32(teacher.query.dtype):
             scores = torch.einsum("bhcd,bsd->bhcs", query, key).mul_(teacher.scaling)
         p += scores.masked_fill_(blocked, float("-inf")).softmax(dim=-1).sum(dim=1)
@@ -99,7 +104,9 @@ def chunked_sums(
     topk_indices: Tensor | None,
     chunk_size: int,
     want_grad: bool,
+    query_offset: int = 0,
 ) -> Sums:
+    """Row sums (and gradients divided by `num_rows`) of local rows [0, T) at global positions query_offset + t."""
     q, k, w = indexer.q, indexer.k, indexer.w
     seq = q.shape[1]
     dtype = compute_dtype(q.dtype)
@@ -111,12 +118,13 @@ def chunked_sums(
     dw = torch.zeros(w.shape, dtype=dtype, device=q.device) if want_grad else None
 
     for start in range(0, seq, chunk_size):
-        stop = min(start + chunk_size, seq)  # causality: rows < stop never see keys >= stop
-        allowed = _chunk_allowed(real, rows, topk_indices, start, stop)
+        stop = min(start + chunk_size, seq)
+        key_stop = query_offset + stop  # causality: these rows never see keys at or beyond key_stop
+        allowed = _chunk_allowed(real, rows, topk_indices, start, stop, query_offset)
         row_mask = rows[:, start:stop].to(dtype)
         q_chunk = q[:, start:stop].to(dtype)
         w_chunk = w[:, start:stop].to(dtype)
-        k_visible = k[:, :stop].to(dtype)
+        k_visible = k[:, :key_stop].to(dtype)
 
         with exact_tf32(q.dtype):
             relu_scores = torch.einsum("bcjd,bsd->bcjs", q_chunk, k_visible).clamp_min_(0.0)
@@ -139,7 +147,7 @@ def chunked_sums(
         dw[:, start:stop] = torch.einsum("bcs,bcjs->bcj", d_logits, relu_scores)
         d_scores = (relu_scores > 0).to(dtype).mul_(d_logits[:, :, None]).mul_(w_chunk[..., None])
         dq[:, start:stop] = torch.einsum("bcjs,bsd->bcjd", d_scores, k_visible)
-        dk[:, :stop] += torch.einsum("bcjs,bcjd->bsd", d_scores, q_chunk)
+        dk[:, :key_stop] += torch.einsum("bcjs,bcjd->bsd", d_scores, q_chunk)
     return Sums(kl=kl, entropy=entropy, num_rows=num_rows, dq=dq, dk=dk, dw=dw)
 
 
@@ -181,20 +189,25 @@ def chunked_multi_layer_kl(
     attention_mask: Tensor | None,
     topk_indices: Tensor | None = None,
     chunk_size: int = 1024,
+    query_offset: int = 0,
+    num_rows: int | None = None,
 ) -> KLResult:
+    """See `indexcache.losses.multi_layer_kl` (query_offset and num_rows included)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid: use a positive number of query rows")
-    batch, seq = indexer.q.shape[:2]
-    real = key_mask(attention_mask, batch, seq, indexer.q.device)
-    rows = valid_rows(real, topk_indices)
-    # Normalisation: all per-row sums are divided by the number of valid rows (computed once, here).
-    num_rows = int(rows.sum())
+    batch = indexer.q.shape[0]
+    real = key_mask(attention_mask, batch, indexer.k.shape[1], indexer.q.device)
+    rows = valid_rows(real, topk_indices, query_offset)
+    # Normalisation: all per-row sums are divided by the number of valid rows (computed once, here), or by the
+    # caller's global count (context parallelism: the rows of every rank).
+    if num_rows is None:
+        num_rows = int(rows.sum())
     detached = [TeacherInputs(t.query.detach(), t.key.detach(), t.scaling) for t in teachers]
 
     want_grad = wants_grad(indexer)
 
     def compute() -> Sums:
-        return chunked_sums(indexer, detached, real, rows, num_rows, topk_indices, chunk_size, want_grad)
+        return chunked_sums(indexer, detached, real, rows, num_rows, topk_indices, chunk_size, want_grad, query_offset)
 
     loss, kl_per_layer, entropy = PrecomputedGradKL.apply(indexer.q, indexer.k, indexer.w, compute)
     return KLResult(loss=loss, kl_per_layer=kl_per_layer, teacher_entropy=entropy, num_rows=num_rows)

@@ -607,7 +607,9 @@ def fused_multi_layer_kl(
     teachers: list[TeacherInputs],
     attention_mask: Tensor | None,
     topk_indices: Tensor | None = None,
+    num_rows: int | None = None,
 ) -> KLResult:
+    """The fused group KL of whole sequences; `num_rows` replaces the valid-row count as the normaliser."""
     if not fused_supports(indexer, teachers):
         raise ValueError("impl='fused' needs CUDA bf16/fp16 tensors, D_I a power of two <= 256, equal teacher shapes")
     batch, seq = indexer.q.shape[:2]
@@ -615,7 +617,8 @@ def fused_multi_layer_kl(
     rows = valid_rows(real, topk_indices)
     # Normalisation: all per-row sums are divided by the number of valid rows (computed once, here). Without
     # padding or top-k every row counts: known on the host, so the training step does not wait on the GPU here.
-    num_rows = batch * seq if attention_mask is None and topk_indices is None else int(rows.sum())
+    if num_rows is None:
+        num_rows = batch * seq if attention_mask is None and topk_indices is None else int(rows.sum())
     mask_keys = attention_mask is not None and not bool(real.all())
     detached = [TeacherInputs(t.query.detach(), t.key.detach(), t.scaling, t.logsumexp) for t in teachers]
     want_grad = wants_grad(indexer)

@@ -51,13 +51,22 @@ def validate_inputs(
     teachers: list[TeacherInputs],
     attention_mask: Tensor | None,
     topk_indices: Tensor | None,
+    query_offset: int = 0,
 ) -> None:
-    """Raise ValueError naming the offending tensor when shapes disagree (user error, not an invariant)."""
+    """Raise ValueError naming the offending tensor when shapes disagree (user error, not an invariant).
+
+    Query-side tensors (indexer q and w, teacher queries and LSE, top-k) hold T rows, the global positions
+    query_offset .. query_offset + T - 1; key-side tensors (indexer k, teacher keys, the mask) hold the
+    S = query_offset + T keys those rows may see (context parallelism: a rank's chunk against the gathered keys).
+    """
+    if query_offset < 0:
+        raise ValueError(f"query_offset={query_offset} is invalid: use the global position of the first row (>= 0)")
     if indexer.q.dim() != 4:
         raise ValueError(f"indexer.q must be [B, T, H_I, D_I], got shape {tuple(indexer.q.shape)}")
     batch, seq, num_idx_heads, idx_dim = indexer.q.shape
-    if tuple(indexer.k.shape) != (batch, seq, idx_dim):
-        raise ValueError(f"indexer.k must be [B, T, D_I]={(batch, seq, idx_dim)}, got {tuple(indexer.k.shape)}")
+    num_keys = query_offset + seq
+    if tuple(indexer.k.shape) != (batch, num_keys, idx_dim):
+        raise ValueError(f"indexer.k must be [B, S, D_I]={(batch, num_keys, idx_dim)}, got {tuple(indexer.k.shape)}")
     if tuple(indexer.w.shape) != (batch, seq, num_idx_heads):
         raise ValueError(f"indexer.w must be [B, T, H_I]={(batch, seq, num_idx_heads)}, got {tuple(indexer.w.shape)}")
     if not teachers:
@@ -67,9 +76,9 @@ def validate_inputs(
         if query.dim() != 4 or query.shape[0] != batch or query.shape[2] != seq:
             raise ValueError(f"teachers[{pos}].query must be [B={batch}, H, T={seq}, D], got {tuple(query.shape)}")
         num_heads, head_dim = query.shape[1], query.shape[3]
-        if key.dim() != 4 or key.shape[0] != batch or key.shape[2] != seq or key.shape[3] != head_dim:
+        if key.dim() != 4 or key.shape[0] != batch or key.shape[2] != num_keys or key.shape[3] != head_dim:
             raise ValueError(
-                f"teachers[{pos}].key must be [B={batch}, H_kv, T={seq}, D={head_dim}], got {tuple(key.shape)}"
+                f"teachers[{pos}].key must be [B={batch}, H_kv, S={num_keys}, D={head_dim}], got {tuple(key.shape)}"
             )
         if num_heads % key.shape[1] != 0:
             raise ValueError(
@@ -80,8 +89,8 @@ def validate_inputs(
             raise ValueError(
                 f"teachers[{pos}].logsumexp must be [B={batch}, H={num_heads}, T={seq}], got {tuple(lse.shape)}"
             )
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
-        raise ValueError(f"attention_mask must be [B, T]={(batch, seq)}, got {tuple(attention_mask.shape)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, num_keys):
+        raise ValueError(f"attention_mask must be [B, S]={(batch, num_keys)}, got {tuple(attention_mask.shape)}")
     if topk_indices is not None:
         if topk_indices.dim() != 3 or tuple(topk_indices.shape[:2]) != (batch, seq):
             raise ValueError(f"topk_indices must be [B={batch}, T={seq}, K], got {tuple(topk_indices.shape)}")
@@ -96,28 +105,33 @@ def key_mask(attention_mask: Tensor | None, batch: int, seq: int, device: torch.
     return attention_mask.to(device=device).bool()
 
 
-def selected_entries(topk_indices: Tensor, real: Tensor, first_row: int = 0) -> Tensor:
+def selected_entries(
+    topk_indices: Tensor, real: Tensor, first_row: int = 0, row_positions: Tensor | None = None
+) -> Tensor:
     """[B, R, K] bool: which top-k entries name a key visible from their row (not -1, s <= t, s real).
 
-    `topk_indices` holds rows first_row .. first_row + R - 1 of the sequence (all of it by default); `real` [B, S]
-    covers every key.
+    `topk_indices` holds rows first_row .. first_row + R - 1 of the sequence (all of it by default), or the rows at
+    `row_positions` [R] (global positions, context parallelism); `real` [B, S] covers every key.
     """
     batch, rows, _ = topk_indices.shape
-    row = torch.arange(first_row, first_row + rows, device=topk_indices.device).view(1, rows, 1)
+    if row_positions is None:
+        row_positions = torch.arange(first_row, first_row + rows, device=topk_indices.device)
+    row = row_positions.to(topk_indices.device).view(1, rows, 1)
     in_range = (topk_indices >= 0) & (topk_indices <= row)
     keys = topk_indices.clamp(0, real.shape[1] - 1).reshape(batch, -1)
     return in_range & torch.gather(real, 1, keys).view_as(topk_indices)
 
 
-def valid_rows(real: Tensor, topk_indices: Tensor | None) -> Tensor:
-    """[B, T] bool: rows that carry loss.
+def valid_rows(real: Tensor, topk_indices: Tensor | None, query_offset: int = 0) -> Tensor:
+    """[B, T] bool: rows that carry loss (`real` [B, S] covers the keys; rows are S - query_offset .. S - 1).
 
     A real query row always sees itself in the dense variant; in the sparse variant a row whose selected set has
     no visible key has no distribution to match, so it carries no loss and is not counted.
     """
+    rows = real[:, query_offset:]
     if topk_indices is None:
-        return real
-    return real & selected_entries(topk_indices, real).any(dim=-1)
+        return rows
+    return rows & selected_entries(topk_indices, real, first_row=query_offset).any(dim=-1)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -130,21 +144,31 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 VISIBLE_SLOTS_CHUNK_ROWS = 4096
 
 
-def visible_slots(topk_indices: Tensor, real: Tensor | None, chunk_rows: int = VISIBLE_SLOTS_CHUNK_ROWS) -> Tensor:
+def visible_slots(
+    topk_indices: Tensor,
+    real: Tensor | None,
+    chunk_rows: int = VISIBLE_SLOTS_CHUNK_ROWS,
+    row_positions: Tensor | None = None,
+) -> Tensor:
     """[B, T, K] int64: `topk_indices` with -1 in every slot that names no key its row may attend to.
 
     A slot is dropped when it is -1 already, names a future key (s > t) or a padding key (`real` [B, T] bool False;
     None: no padding), or repeats a key an earlier slot of the row names (the top-k is a set: a repeated key must
     not count twice in a softmax). Keys stay in their slots, so slot k of the result is slot k of the input. Rows are
     independent, so they are done `chunk_rows` at a time: only the result is of size [B, T, K].
+
+    `row_positions` [T] gives the rows' global positions when they are not 0 .. T - 1 (context parallelism: a
+    rank's two chunks); `real` [B, S] then covers all S keys (None: no padding).
     """
     batch, seq, _ = topk_indices.shape
     if real is None:
-        real = torch.ones(batch, seq, dtype=torch.bool, device=topk_indices.device)
+        num_keys = seq if row_positions is None else int(row_positions.max()) + 1
+        real = torch.ones(batch, num_keys, dtype=torch.bool, device=topk_indices.device)
     out = torch.empty(topk_indices.shape, dtype=torch.long, device=topk_indices.device)
     for start in range(0, seq, chunk_rows):
         chunk = topk_indices[:, start : start + chunk_rows]
-        keyed = torch.where(selected_entries(chunk, real, first_row=start), chunk.long(), -1)
+        positions = None if row_positions is None else row_positions[start : start + chunk_rows]
+        keyed = torch.where(selected_entries(chunk, real, first_row=start, row_positions=positions), chunk.long(), -1)
         ordered, order = keyed.sort(dim=-1, stable=True)  # stable: the earliest slot of a repeated key stays
         repeat_sorted = torch.zeros_like(ordered, dtype=torch.bool)
         repeat_sorted[..., 1:] = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)

@@ -134,8 +134,14 @@ class CausalLMLoss(nn.Module):
             raise ValueError(f"impl={impl!r} is unknown: use one of {IMPLEMENTATIONS}")
         self.chunk_size, self.impl = chunk_size, impl
 
-    def forward(self, hidden_BTD: Tensor, weight_VD: Tensor, labels_BT: Tensor) -> Tensor:
-        return causal_lm_loss(hidden_BTD, weight_VD, labels_BT, chunk_size=self.chunk_size, impl=self.impl)
+    def forward(self, hidden_BTD: Tensor, weight_VD: Tensor, labels_BT: Tensor, aligned: bool = False) -> Tensor:
+        """The LM loss; `aligned=True`: `labels_BT` are already the targets of each position (`shift_labels`)."""
+        if not aligned:
+            return causal_lm_loss(hidden_BTD, weight_VD, labels_BT, chunk_size=self.chunk_size, impl=self.impl)
+        hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
+        return linear_cross_entropy(
+            hidden_ND, weight_VD, labels_BT.reshape(-1), IGNORE_INDEX, self.chunk_size, self.impl
+        )
 
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, impl={self.impl}"

@@ -38,9 +38,12 @@ class SparseGroupKL:
     Args:
         indexer: the F layer's indexer outputs, with autograd to its parameters.
         slots: [B, T, K] int64 from `visible_slots` (-1: no key), the set every layer of the group attends to.
-        real: [B, T] bool real tokens (None: no padding).
+            Slots name rows of `indexer.k`, which may hold more keys than there are query rows (context
+            parallelism: a rank's rows against the gathered keys).
+        real: [B, T] bool real query rows (None: no padding).
         num_layers: G, the number of layers the group serves (the F layer first).
         chunk_size: query rows per chunk (None: sized to CHUNK_BYTES).
+        num_rows: the normaliser of the row sums (None: the valid rows given; context parallelism: every rank's).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class SparseGroupKL:
         real: Tensor | None,
         num_layers: int,
         chunk_size: int | None = None,
+        num_rows: int | None = None,
     ) -> None:
         batch, seq = indexer.q.shape[:2]
         if tuple(slots.shape[:2]) != (batch, seq) or slots.dtype != torch.long:
@@ -59,7 +63,7 @@ class SparseGroupKL:
         self.indexer, self.slots, self.num_layers = indexer, slots, num_layers
         self.dtype = compute_dtype(indexer.q.dtype)
         self.rows = key_mask(real, batch, seq, slots.device) & (slots >= 0).any(dim=-1)
-        self.num_rows = int(self.rows.sum())
+        self.num_rows = int(self.rows.sum()) if num_rows is None else num_rows
         self.fused = _fused_usable(indexer)
         if chunk_size is None:  # the PyTorch path: gathered keys and [c, H_I, K] scores per row (the kernels: none)
             per_row = 4 * slots.shape[-1] * (indexer.k.shape[-1] + 3 * indexer.q.shape[2])
@@ -159,8 +163,9 @@ class SparseGroupKL:
             return student_gradients(q.detach(), k.detach(), w.detach(), self.slots, self._lse, p_bar, row_weight)
         dq = torch.zeros(q.shape, dtype=self.dtype, device=q.device)
         dw = torch.zeros(w.shape, dtype=self.dtype, device=q.device)
-        dk_flat = torch.zeros(batch * seq, k.shape[-1], dtype=self.dtype, device=q.device)
-        batch_offset = torch.arange(batch, device=q.device)[:, None, None] * seq
+        num_keys = k.shape[1]
+        dk_flat = torch.zeros(batch * num_keys, k.shape[-1], dtype=self.dtype, device=q.device)
+        batch_offset = torch.arange(batch, device=q.device)[:, None, None] * num_keys
         for start in self._chunks():
             stop = min(start + self.chunk_size, seq)
             keys, relu_scores, log_q, valid = self._student(start, stop)

@@ -26,6 +26,7 @@ from transformers.models.deepseek_v32.modeling_deepseek_v32 import (
     apply_rotary_pos_emb_interleave,
 )
 
+from indexcache.model.context import CONTEXT_KWARG
 from indexcache.model.families_common import (
     LatentMlaAttention,
     decoder_attentions,
@@ -63,7 +64,9 @@ class IndexCacheDeepseekV32Attention(LatentMlaAttention, DeepseekV32Attention):
         q_resid, q_pass, q_rot, k_pass, k_rot = self.latent_projections(
             hidden_states, position_embeddings, apply_rotary_pos_emb_interleave
         )
-        selection = self.indexer(hidden_states, q_resid, position_embeddings, attention_mask, position_ids)
+        selection = self.indexer(
+            hidden_states, q_resid, position_embeddings, attention_mask, position_ids, context=kwargs.get(CONTEXT_KWARG)
+        )
         return self.attend(q_pass, q_rot, k_pass, k_rot, selection, attention_mask, **kwargs)
 
 

@@ -14,15 +14,16 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from indexcache.model.context import CONTEXT_KWARG
 from indexcache.model.indexer import IndexerSelection, rebuild_as
 from indexcache.model.registry import SharedIndexerFactory
-from indexcache.model.wrapper import CONTEXT_KWARG
 from indexcache.pattern import IndexCachePattern
 
 __all__ = [
     "LatentMlaAttention",
     "decoder_attentions",
     "indexer_installer",
+    "latent_weights",
     "record_pattern_in_config",
     "swap_in_stand_ins",
 ]
@@ -81,6 +82,13 @@ class LatentMlaAttention:
         interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = 0.0 if not self.training else self.attention_dropout
         latent = context is not None and context.mode == "sparse"
+        if context is not None and context.shard is not None:
+            # Context parallelism: the whole sequence's latents (576 values a token), the only tensor of this
+            # attention that crosses ranks; in dense mode every rank expands the gathered latents itself.
+            rank = self.kv_lora_rank
+            k_pass, k_rot = context.gather_keys(torch.cat((k_pass, k_rot), dim=-1), dim=2).split(
+                [rank, k_rot.shape[-1]], dim=-1
+            )
         if latent:
             kv_b = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
             w_uk, w_uv = kv_b[:, : self.qk_nope_head_dim], kv_b[:, self.qk_nope_head_dim :]
@@ -92,7 +100,7 @@ class LatentMlaAttention:
                 query[:, rows, :, :rank] = torch.einsum("bhtn,hnc->bthc", q_pass[:, :, rows], w_uk)
             query[..., rank:] = q_rot.transpose(1, 2)
             query = query.transpose(1, 2)
-            key = torch.cat((k_pass, k_rot), dim=-1)  # [B, 1, T, 576]: one head, so token-major already
+            key = torch.cat((k_pass, k_rot), dim=-1)  # [B, 1, S, 576]: one head, so token-major already
             value = key[..., : self.kv_lora_rank]
         else:
             query = torch.cat((q_pass, q_rot), dim=-1)
@@ -111,6 +119,11 @@ class LatentMlaAttention:
         if latent:  # each head's 512-wide latent output back up through the value half of kv_b_proj
             output = torch.einsum("bthc,hvc->bthv", output, w_uv)
         return self.o_proj(output.reshape(batch, seq, -1)), weights
+
+
+def latent_weights(model: PreTrainedModel) -> list[tuple[nn.Module, nn.Parameter]]:
+    """`ModelFamily.weights_read_outside_forward` of the MLA families: the latent form reads `kv_b_proj.weight`."""
+    return [(attention, attention.kv_b_proj.weight) for attention in decoder_attentions(model)]
 
 
 def decoder_attentions(model: PreTrainedModel) -> list[nn.Module]:

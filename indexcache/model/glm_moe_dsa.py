@@ -28,10 +28,12 @@ from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import (
     apply_rotary_pos_emb_interleave,
 )
 
+from indexcache.model.context import CONTEXT_KWARG
 from indexcache.model.families_common import (
     LatentMlaAttention,
     decoder_attentions,
     indexer_installer,
+    latent_weights,
     record_pattern_in_config,
 )
 from indexcache.model.indexer import IndexerSelection, TrainableGlmMoeDsaIndexer
@@ -72,7 +74,14 @@ class IndexCacheGlmMoeDsaAttention(LatentMlaAttention, GlmMoeDsaAttention):
             hidden_states, position_embeddings, apply_rotary_pos_emb_interleave
         )
         if self.indexer is not None:
-            selection = self.indexer(hidden_states, q_resid, position_embeddings, attention_mask, position_ids)
+            selection = self.indexer(
+                hidden_states,
+                q_resid,
+                position_embeddings,
+                attention_mask,
+                position_ids,
+                context=kwargs.get(CONTEXT_KWARG),
+            )
         elif prev_topk_indices is None:
             raise ValueError("Shared DSA layers require top-k indices from a previous full indexer layer.")
         else:
@@ -111,5 +120,6 @@ GLM_MOE_DSA = register_family(
         dsa_attentions=decoder_attentions,
         install_indexers=indexer_installer(GlmMoeDsaIndexer, TrainableGlmMoeDsaIndexer, IndexCacheGlmMoeDsaAttention),
         apply_pattern=_apply_pattern,
+        weights_read_outside_forward=latent_weights,
     )
 )

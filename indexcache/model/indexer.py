@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32In
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaIndexer, apply_rotary_pos_emb_interleave
 
 from indexcache.losses import IndexerOutputs
+
+if TYPE_CHECKING:
+    from indexcache.model.context import ForwardContext
 
 RopeFn = Callable[..., tuple[Tensor, Tensor]]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -38,6 +41,7 @@ __all__ = [
     "key_padding_mask",
     "rebuild_as",
     "select_topk",
+    "topk_lowest_index_ties",
 ]
 
 
@@ -77,51 +81,103 @@ def select_topk(
     attention_mask: Tensor | None,
     topk: int,
     chunk_size: int = 1024,
+    query_offset: int = 0,
 ) -> Tensor:
     """Top-k keys per query row under the causal + padding mask, computed in query-row chunks.
 
     Args:
-        q: [B, T, H_I, D_I] indexer queries (after RoPE).
-        k: [B, T, D_I] indexer keys (after k_norm and RoPE).
+        q: [B, T, H_I, D_I] indexer queries (after RoPE) of the rows at global positions query_offset + t.
+        k: [B, S, D_I] indexer keys (after k_norm and RoPE), S = query_offset + T: every key those rows may see.
         w: [B, T, H_I] head weights with every scale folded in.
-        attention_mask: [B, T] with 1 for real tokens, 0 for padding (keys that are padding are never chosen), or
+        attention_mask: [B, S] with 1 for real tokens, 0 for padding (keys that are padding are never chosen), or
             None for no padding.
         topk: how many keys each row keeps.
-        chunk_size: query rows scored at once; peak extra memory is a few [B, chunk_size, T] float32 buffers.
+        chunk_size: query rows scored at once; peak extra memory is a few [B, chunk_size, S] float32 buffers.
+        query_offset: the global position of the first row (context parallelism: a rank's chunk against the
+            gathered keys); 0 for a whole sequence.
 
     Returns:
-        [B, T, K] int64 key positions, K = min(topk, T), each row ordered by decreasing score. A row that sees
+        [B, T, K] int64 key positions, K = min(topk, S), each row ordered by decreasing score. A row that sees
         fewer than K keys (early rows, rows near padding) lists all of them and fills the remaining slots with -1;
         consumers must ignore -1 (the loss and the `indexcache` backend do).
+
+    Ties: among keys of equal score the lower key position wins, both for membership (a tie across the K-th place
+    keeps the lowest positions) and for the order within the row. The result is therefore a function of the scores
+    alone, the same for every chunk size, device and scorer that produces those scores (`torch.topk` alone leaves
+    tied members to its algorithm; exact ties are common, e.g. rows whose keys all score 0 after the ReLU).
     """
     if topk < 1:
         raise ValueError(f"topk={topk} is invalid: a row must keep at least one key")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid: use a positive number of query rows")
     batch, seq = q.shape[:2]
-    num_keep = min(topk, seq)
+    num_keys = query_offset + seq
+    if k.shape[1] != num_keys:
+        raise ValueError(f"k holds {k.shape[1]} keys, but rows at offset {query_offset} see {num_keys}")
+    num_keep = min(topk, num_keys)
     real_BS = (
-        torch.ones(batch, seq, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask.bool()
+        torch.ones(batch, num_keys, dtype=torch.bool, device=q.device)
+        if attention_mask is None
+        else attention_mask.bool()
     )
     out = torch.full((batch, seq, num_keep), -1, dtype=torch.long, device=q.device)
     fused = _triton_index_usable(q, k)
     for start in range(0, seq, chunk_size):
         stop = min(start + chunk_size, seq)
-        # Causality: rows [start, stop) never see keys at or beyond `stop`, so they are not scored at all.
+        key_stop = query_offset + stop
+        # Causality: rows before `key_stop` never see keys at or beyond it, so they are not scored at all.
         if fused:
             from indexcache.kernels.triton_index import triton_index_scores
 
-            scores = triton_index_scores(q, k, w, attention_mask, start, stop)
+            scores = triton_index_scores(q, k, w, attention_mask, start, stop, query_offset)
         else:
-            scores = index_scores(q[:, start:stop], k[:, :stop], w[:, start:stop])
-            query_pos = torch.arange(start, stop, device=q.device)[:, None]
-            key_pos = torch.arange(stop, device=q.device)[None, :]
-            visible = (key_pos <= query_pos)[None] & real_BS[:, None, :stop]
+            scores = index_scores(q[:, start:stop], k[:, :key_stop], w[:, start:stop])
+            query_pos = torch.arange(query_offset + start, key_stop, device=q.device)[:, None]
+            key_pos = torch.arange(key_stop, device=q.device)[None, :]
+            visible = (key_pos <= query_pos)[None] & real_BS[:, None, :key_stop]
             scores = scores.masked_fill(~visible, float("-inf"))
-        values, indices = scores.topk(min(num_keep, stop), dim=-1)
+        values, indices = topk_lowest_index_ties(scores, min(num_keep, key_stop))
         # Only invisible keys score -inf (visible scores are finite sums of relus): those slots become -1.
         out[:, start:stop, : indices.shape[-1]] = indices.masked_fill(values == float("-inf"), -1)
     return out
+
+
+# Rows whose tie at the K-th place is repaired at once (the repair's cumulative count is [rows, S] int32).
+TIE_REPAIR_ROWS = 256
+
+
+def topk_lowest_index_ties(scores: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """`torch.topk(scores, width)` along the last dim with one tie rule: among equal scores the lower index wins.
+
+    Membership: where the K-th value is tied with values left out, the tied members become the lowest-index ones
+    (only those rows are redone). Order: by decreasing score, then increasing index. -inf scores take part like any
+    other value (the caller masks them).
+    """
+    values, indices = scores.topk(width, dim=-1)
+    threshold = values[..., -1:]
+    tied_total = (scores == threshold).sum(dim=-1)
+    tied_kept = (values == threshold).sum(dim=-1)
+    straddled = (tied_total > tied_kept).nonzero(as_tuple=True)
+    if straddled[0].numel():
+        flat_scores = scores[straddled]  # [n, S]: only rows whose tie crosses the K-th place
+        flat_threshold = threshold[straddled]
+        flat_indices = torch.empty(flat_scores.shape[0], width, dtype=indices.dtype, device=indices.device)
+        for first in range(0, flat_scores.shape[0], TIE_REPAIR_ROWS):
+            rows = slice(first, first + TIE_REPAIR_ROWS)
+            row_scores, row_threshold = flat_scores[rows], flat_threshold[rows]
+            above = row_scores > row_threshold
+            tied = row_scores == row_threshold
+            needed = width - above.sum(dim=-1, keepdim=True, dtype=torch.int32)
+            rank = tied.to(torch.int32).cumsum(dim=-1, dtype=torch.int32)
+            chosen = above | (tied & (rank <= needed))  # exactly `width` per row
+            flat_indices[rows] = chosen.nonzero()[:, 1].view(-1, width)
+        indices = indices.clone()
+        indices[straddled] = flat_indices
+    # Order: by index first, then a stable sort by decreasing score keeps lower indices first among equals.
+    indices, _ = indices.sort(dim=-1)
+    values = torch.gather(scores, -1, indices)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    return values, torch.gather(indices, -1, order)
 
 
 def _triton_index_usable(q: Tensor, k: Tensor) -> bool:
@@ -190,14 +246,12 @@ class TrainableIndexer:
     - its inputs are detached, so the KL reaches only the indexer and the LM loss never reaches it;
     - returns an `IndexerSelection`: the `IndexerOutputs` (q after RoPE [B, T, H_I, D_I], k [B, T, D_I],
       w [B, T, H_I] with softmax_scale * H_I^-0.5 folded in) the loss needs, plus the top-k indices computed from
-      the same scores (int64, -1 for missing keys; skipped when `compute_topk` is False, e.g. in dense warm-up);
+      the same scores (int64, -1 for missing keys; skipped when the forward's context says dense warm-up);
     - no KV cache: training and evaluation run whole sequences.
     A subclass names only its family's RoPE function (`rope`, the stock indexer's layout).
     """
 
     rope: ClassVar[RopeFn]
-    compute_topk: bool = True
-    chunk_size: int = 1024  # query rows per top-k chunk
 
     def forward(
         self,
@@ -207,16 +261,50 @@ class TrainableIndexer:
         attention_mask: Tensor | None,
         position_ids: Tensor | None = None,
         past_key_values: object | None = None,
+        context: ForwardContext | None = None,
     ) -> IndexerSelection:
+        """`context` (IndexCacheModel's per-forward state) says whether to compute the top-k (sparse mode), its
+        chunk size, and under context parallelism this rank's share: the key is then all-gathered (its gradient
+        summed back to the owners) and each local run of rows takes its top-k against the keys it may see."""
         if past_key_values is not None:
             raise ValueError("trainable indexers run on whole sequences only: call the model with use_cache=False")
         outputs = indexer_outputs(self, hidden_states, q_resid, position_embeddings, self.rope)
+        shard = None if context is None else context.shard
+        if shard is not None:
+            outputs = IndexerOutputs(q=outputs.q, k=context.gather_keys(outputs.k, dim=1), w=outputs.w)
         topk_indices = None
-        if self.compute_topk:
-            topk_indices = select_topk(
-                outputs.q, outputs.k, outputs.w, key_padding_mask(attention_mask), self.index_topk, self.chunk_size
-            )
+        if context is None or context.compute_topk:
+            chunk_size = 1024 if context is None else context.kernels.topk_chunk_size
+            mask = key_padding_mask(attention_mask) if shard is None else context.key_mask
+            if shard is None:
+                topk_indices = select_topk(outputs.q, outputs.k, outputs.w, mask, self.index_topk, chunk_size)
+            else:
+                # Every run as wide as the whole sequence's top-k (an early run sees fewer keys: -1 slots).
+                width = min(self.index_topk, shard.seq_len)
+                topk_indices = torch.cat(
+                    [
+                        _padded_slots(
+                            select_topk(
+                                outputs.q[:, segment.local],
+                                outputs.k[:, : segment.global_stop],
+                                outputs.w[:, segment.local],
+                                None if mask is None else mask[:, : segment.global_stop],
+                                self.index_topk,
+                                chunk_size,
+                                query_offset=segment.global_start,
+                            ),
+                            width,
+                        )
+                        for segment in shard.segments
+                    ],
+                    dim=1,
+                )
         return IndexerSelection(layer_idx=self.layer_idx, outputs=outputs, topk_indices=topk_indices)
+
+
+def _padded_slots(topk_indices: Tensor, width: int) -> Tensor:
+    """[B, T, width] with -1 in the slots beyond `topk_indices`' own."""
+    return torch.nn.functional.pad(topk_indices, (0, width - topk_indices.shape[-1]), value=-1)
 
 
 class TrainableGlmMoeDsaIndexer(TrainableIndexer, GlmMoeDsaIndexer):

@@ -47,6 +47,7 @@ from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32In
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, eager_attention_forward
 
 from indexcache.conversion.convert import DsaIndexConfig
+from indexcache.model.context import CONTEXT_KWARG
 from indexcache.model.families_common import (
     decoder_attentions,
     indexer_installer,
@@ -232,6 +233,8 @@ class LlamaDsaAttention(LlamaAttention):
         stock_mask = self.config._attn_implementation in ("eager", "sdpa")
         if stock_mask and attention_mask is None:
             attention_mask = _causal_mask(batch, seq, key_states.shape[2], hidden_states.device)
+        context = kwargs.get(CONTEXT_KWARG)
+        indexer_kwargs = {} if context is None else {"context": context}
         selection = self.indexer(
             hidden_states,
             hidden_states,  # q_resid: the normed hidden state stands in for the missing query latent
@@ -239,7 +242,12 @@ class LlamaDsaAttention(LlamaAttention):
             attention_mask[:, 0] if stock_mask else attention_mask,
             kwargs.get("position_ids"),
             past_key_values=past_key_values,
+            **indexer_kwargs,
         )
+        if context is not None and context.shard is not None:
+            # Context parallelism: the whole sequence's KV heads, the only tensors of this attention that cross ranks.
+            key_states = context.gather_keys(key_states, dim=2)
+            value_states = context.gather_keys(value_states, dim=2)
         self.topk_relay[self.layer_idx] = selection
 
         sparse_indices = None

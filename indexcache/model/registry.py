@@ -43,6 +43,9 @@ class ModelFamily:
             names; returns them by layer. The wrapper keeps this pool so a pattern can be changed later.
         apply_pattern: (model, pattern, indexers from `install_indexers`, factory for S-layer stand-ins): F layers
             get their pool indexer, S layers no indexer parameters (a stand-in, or the family's own sharing).
+        weights_read_outside_forward: (module, weight) pairs where `module`'s forward reads `weight` directly
+            rather than through the weight's own module (the MLA latent form reads `kv_b_proj.weight`); ZeRO-3 must
+            gather each for that module (`deepspeed ... register_external_parameter`). Default: none.
     """
 
     model_type: str
@@ -52,6 +55,7 @@ class ModelFamily:
     dsa_attentions: Callable[[PreTrainedModel], list[nn.Module]]
     install_indexers: Callable[[PreTrainedModel], dict[int, nn.Module]]
     apply_pattern: Callable[[PreTrainedModel, IndexCachePattern, dict[int, nn.Module], SharedIndexerFactory], None]
+    weights_read_outside_forward: Callable[[PreTrainedModel], list[tuple[nn.Module, nn.Parameter]]] = lambda _: []
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
