@@ -1,0 +1,194 @@
+"""Context parallelism: the zigzag layout, the offset pieces against the whole sequence, and CP runs against one
+process (2 and 4 ranks over gloo, each rank a process of the real torchrun launcher, float32).
+
+Bounds: every loss and metric within 1e-5 absolute (they differ from one process only by float32 summation order:
+the ranks' shares are added in float64 after each rank sums its rows); every gradient within 1e-4 of its tensor's
+largest entry; top-k sets identical row by row.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from indexcache.context_parallel import ContextShard, check_split
+from indexcache.kernels.dense_attention import offset_causal_attention_with_lse
+from indexcache.losses import IndexerOutputs, TeacherInputs, multi_layer_kl
+from indexcache.model.indexer import select_topk
+from tests.conftest import subprocess_env
+
+WORKER = Path(__file__).with_name("cp_parity_worker.py")
+
+
+# ---- layout -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cp_size", [1, 2, 4])
+def test_zigzag_split_covers_the_sequence_once_with_balanced_causal_work(cp_size: int):
+    seq = 48
+    shards = [ContextShard(rank, cp_size, seq) for rank in range(cp_size)]
+    positions = torch.cat([shard.positions() for shard in shards])
+    assert sorted(positions.tolist()) == list(range(seq))
+    # Rank r holds chunks r and 2 CP - 1 - r: the sum of visible keys (causal work) is the same on every rank.
+    work = {sum(p + 1 for p in shard.positions().tolist()) for shard in shards}
+    assert len(work) == 1
+    tokens = torch.arange(seq).view(1, seq) * 10
+    for shard in shards:
+        assert torch.equal(shard.split(tokens)[0], shard.positions() * 10)
+    # The reorder that `gather` applies to the ranks' local rows gives the sequence back.
+    assert torch.equal(shards[0]._reorder([shard.split(tokens) for shard in shards], dim=1), tokens)
+
+
+def test_a_length_the_split_cannot_take_is_refused():
+    with pytest.raises(ValueError, match="does not split into 2 x context_parallel_size=4 equal chunks"):
+        check_split(30, 2)
+    with pytest.raises(ValueError, match=r"every batch must have train\.seq_len tokens"):
+        ContextShard(0, 2, 32).split(torch.zeros(1, 16))
+
+
+# ---- the offset pieces against the whole sequence -------------------------------------------------------------
+def test_offset_causal_attention_equals_the_rows_of_whole_causal_attention():
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 3, 24, 16), torch.randn(2, 3, 24, 16), torch.randn(2, 3, 24, 8)
+    scaling = 0.3
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    expected_out, expected_lse = scores.softmax(-1) @ value, scores.logsumexp(-1)
+    for start, stop in ((0, 8), (8, 16), (16, 24), (5, 19)):
+        out, lse = offset_causal_attention_with_lse(
+            query[:, :, start:stop], key[:, :, :stop], value[:, :, :stop], scaling, start
+        )
+        torch.testing.assert_close(out, expected_out[:, :, start:stop], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, expected_lse[:, :, start:stop], rtol=1e-5, atol=1e-5)
+
+
+def _indexer(batch: int, seq: int, heads: int = 3, dim: int = 8) -> IndexerOutputs:
+    return IndexerOutputs(
+        q=torch.randn(batch, seq, heads, dim, dtype=torch.float64, requires_grad=True),
+        k=torch.randn(batch, seq, dim, dtype=torch.float64, requires_grad=True),
+        w=torch.rand(batch, seq, heads, dtype=torch.float64, requires_grad=True),
+    )
+
+
+def test_offset_losses_over_disjoint_rows_add_up_to_the_whole_loss_and_gradients():
+    """The dense multi-layer KL of rows [g, g + C) against keys [0, g + C), normalised by the global row count,
+    summed over a split of the rows: the whole loss, the same per-layer sums, the same gradients."""
+    torch.manual_seed(1)
+    batch, seq = 2, 24
+    indexer = _indexer(batch, seq)
+    f64 = torch.float64
+    teachers = [
+        TeacherInputs(torch.randn(batch, 4, seq, 8, dtype=f64), torch.randn(batch, 2, seq, 8, dtype=f64), 0.5)
+        for _ in range(2)
+    ]
+    whole = multi_layer_kl(indexer, teachers, None, impl="reference")
+    grads_whole = torch.autograd.grad(whole.loss, (indexer.q, indexer.k, indexer.w))
+    parts = []
+    for start, stop in ((0, 6), (6, 18), (18, 24)):
+        part_indexer = IndexerOutputs(indexer.q[:, start:stop], indexer.k[:, :stop], indexer.w[:, start:stop])
+        part_teachers = [TeacherInputs(t.query[:, :, start:stop], t.key[:, :, :stop], t.scaling) for t in teachers]
+        parts.append(
+            multi_layer_kl(
+                part_indexer, part_teachers, None, impl="chunked", chunk_size=5, query_offset=start,
+                num_rows=batch * seq,
+            )
+        )  # fmt: skip
+    loss = sum(part.loss for part in parts)
+    torch.testing.assert_close(loss, whole.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sum(p.kl_per_layer for p in parts), whole.kl_per_layer, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sum(p.teacher_entropy for p in parts), whole.teacher_entropy, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(loss, (indexer.q, indexer.k, indexer.w))
+    for got, expected in zip(grads, grads_whole, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="impl='reference' takes whole sequences"):
+        multi_layer_kl(part_indexer, part_teachers, None, impl="reference", query_offset=18)
+
+
+def test_offset_topk_equals_the_rows_of_the_whole_sequence_top_k():
+    torch.manual_seed(2)
+    batch, seq = 2, 40
+    q, k, w = torch.randn(batch, seq, 3, 8), torch.randn(batch, seq, 8), torch.rand(batch, seq, 3)
+    whole = select_topk(q, k, w, None, topk=6, chunk_size=7)
+    for start, stop in ((0, 10), (10, 30), (30, 40)):
+        part = select_topk(q[:, start:stop], k[:, :stop], w[:, start:stop], None, 6, chunk_size=4, query_offset=start)
+        assert torch.equal(part, whole[:, start:stop, : part.shape[-1]])
+
+
+# ---- CP runs against one process --------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_worker(out: Path, ranks: int, *args: str) -> dict:
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
+    if ranks == 1:
+        command = [sys.executable, str(WORKER)]
+    else:
+        torchrun = shutil.which("torchrun")
+        assert torchrun, "torchrun ships with torch"
+        command = [torchrun, "--nproc_per_node", str(ranks), "--master_port", str(_free_port()), str(WORKER)]
+    result = subprocess.run(
+        [*command, *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out)
+
+
+def _differences(one: dict, cp: dict) -> list[str]:
+    problems = []
+    for key in ("loss", "kl_loss", "lm_loss"):
+        if (one[key] is None) != (cp[key] is None) or (one[key] is not None and abs(one[key] - cp[key]) > 1e-5):
+            problems.append(f"{key}: {one[key]} vs {cp[key]}")
+    assert one["metrics"].keys() == cp["metrics"].keys()
+    problems += [
+        f"{name}: {value} vs {cp['metrics'][name]}"
+        for name, value in one["metrics"].items()
+        if abs(value - cp["metrics"][name]) > 1e-5
+    ]
+    for name, grad in one["grads"].items():
+        scale = max(float(grad.abs().max()), 1e-3)
+        if float((grad - cp["grads"][name]).abs().max()) > 1e-4 * scale:
+            problems.append(f"gradient of {name}")
+    assert one["topk"].keys() == cp["topk"].keys()
+    for layer, topk in one["topk"].items():
+        if not torch.equal(topk.sort(-1).values, cp["topk"][layer].sort(-1).values):
+            problems.append(f"top-k of layer {layer}")
+    return problems
+
+
+CASES = [
+    # (family, pattern, mode, extra args, ranks)
+    ("glm_moe_dsa", "FSSF", "dense", (), 2),
+    ("glm_moe_dsa", "FSSF", "sparse", ("--train-base",), 2),
+    ("glm_moe_dsa", "FSFS", "sparse", ("--teachers", "own"), 4),
+    ("deepseek_v32", "FSSF", "dense", (), 4),
+    ("deepseek_v32", "FSSF", "sparse", ("--train-base",), 2),
+    ("llama", "FSSF", "dense", (), 2),
+    ("llama", "FFSS", "sparse", ("--train-base",), 4),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "pattern", "mode", "extra", "ranks"), CASES)
+def test_context_parallel_equals_one_process(tmp_path: Path, family: str, pattern: str, mode: str, extra, ranks):
+    args = ("--family", family, "--pattern", pattern, "--mode", mode, *extra)
+    one = _run_worker(tmp_path / "one.pt", 1, *args)
+    cp = _run_worker(tmp_path / "cp.pt", ranks, *args)
+    assert one["topk"] or mode == "dense"  # sparse runs compare real top-k sets
+    assert not _differences(one, cp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("planted", ["positions", "normalisation", "split"])
+def test_a_planted_error_in_context_parallelism_is_caught(tmp_path: Path, planted: str):
+    args = ("--family", "glm_moe_dsa", "--pattern", "FSSF", "--mode", "sparse")
+    one = _run_worker(tmp_path / "one.pt", 1, *args)
+    broken = _run_worker(tmp_path / "cp.pt", 2, *args, "--plant", planted)
+    assert _differences(one, broken)
