@@ -13,8 +13,12 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+from indexcache.apps.evaluate import evaluate_export
 from indexcache.cli import hydra_main, user_error
 from indexcache.config import ConfigError, RunConfig
+from indexcache.distributed import init_distributed, shutdown
+from indexcache.run import Run, build_run, export_run, precheck
+from indexcache.trainer import NonFiniteLossError, train
 
 PROG = "indexcache"
 
@@ -25,10 +29,6 @@ WRITE_FAILED = "cannot write ({error}); the last complete checkpoint is kept: fr
 
 def train_job(cfg: RunConfig) -> int:
     """One training job. Returns 0 (finished, or stopped as asked) or an exit code after printing one line."""
-    from indexcache.distributed import init_distributed
-    from indexcache.run import build_run, export_run
-    from indexcache.trainer import NonFiniteLossError, train
-
     dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)
     with ExitStack() as stack:
         try:
@@ -41,8 +41,6 @@ def train_job(cfg: RunConfig) -> int:
             finished = train(run)
             exported = export_run(run) if finished and cfg.export.enabled else None
             if exported is not None and cfg.evaluate.after_training:
-                from indexcache.evaluate import evaluate_export
-
                 run.release_model()  # the evaluation loads the export (sharded like training under ZeRO-3)
                 evaluate_export(cfg, exported)
         except NonFiniteLossError as error:
@@ -54,7 +52,7 @@ def train_job(cfg: RunConfig) -> int:
     return 0
 
 
-def summary_line(run, finished: bool, exported: Path | None) -> str:
+def summary_line(run: Run, finished: bool, exported: Path | None) -> str:
     if not finished:
         return f"{PROG}: stopped after step {run.cfg.train.stop_after_steps}; the same command resumes"
     final = run.history[-1]["metrics"] if run.history else {}
@@ -77,9 +75,6 @@ def summary_line(run, finished: bool, exported: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from indexcache.distributed import shutdown
-    from indexcache.run import precheck
-
     try:
         return hydra_main(train_job, argv, prog=PROG, precheck=precheck)
     finally:

@@ -8,6 +8,8 @@ data are loaded and cross-checked; only then is the run directory created, locke
 from __future__ import annotations
 
 import fcntl
+import gc
+import json
 import os
 import sys
 from contextlib import ExitStack
@@ -27,11 +29,15 @@ from indexcache.config import (
     result_fingerprint,
     to_container,
 )
-from indexcache.conversion.sources import load_tokenizer, read_config, resolve_source
+from indexcache.conversion.sources import load_tokenizer, read_config
 from indexcache.data import PackedSplits, build_datasets
 from indexcache.distributed import DistInfo, barrier, main_first
+from indexcache.export import collect_trained_tensors, export_checkpoint, join_trained_gathers
+from indexcache.fsutil import atomic_write_text
+from indexcache.loading import LoadedModel, load_model, resolve_model_source
 from indexcache.metrics import MetricsLogger
 from indexcache.model import IndexCacheModel, get_family
+from indexcache.model.tiny import tiny_config
 from indexcache.pattern import IndexCachePattern
 from indexcache.stage import StagePlan, build_plans, trained_groups
 
@@ -49,8 +55,9 @@ class Run:
     cfg: RunConfig
     dist: DistInfo
     run_dir: Path
-    model: IndexCacheModel
-    pattern: IndexCachePattern  # the run's pattern (a stage may train all-F first)
+    loaded: LoadedModel | None  # the model (and, under ZeRO-3, what keeps it partitioned); None once released
+    # The run's pattern, the one source of what it checkpoints, reports and exports (a stage may train all-F).
+    pattern: IndexCachePattern
     plans: tuple[StagePlan, ...]
     source_dir: Path  # the DSA checkpoint folder the model was loaded from (export copies its shards)
     data: PackedSplits
@@ -58,7 +65,12 @@ class Run:
     checkpoints: CheckpointManager
     resume: ResumePoint | None  # where training continues from, decided once
     history: list[dict[str, Any]] = field(default_factory=list)
-    hf_ds_config: Any = None  # ZeRO-3: transformers' weak reference to the DeepSpeed config must stay alive
+
+    @property
+    def model(self) -> IndexCacheModel:
+        if self.loaded is None:
+            raise RuntimeError("the run's model was released after its export")
+        return self.loaded.model
 
     @property
     def total_steps(self) -> int:
@@ -66,10 +78,7 @@ class Run:
 
     def release_model(self) -> None:
         """Drop the trained model once exported, so that the run-end evaluation never holds two models at once."""
-        import gc
-
-        self.model = None  # type: ignore[assignment]
-        self.hf_ds_config = None
+        self.loaded = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -106,8 +115,6 @@ def source_layer_count(cfg: RunConfig) -> tuple[int, dict[str, Any]] | None:
     """The number of DSA layers and the config.json of `model.source`, read without loading weights (None when
     the source is a dense model still to be converted, or SmolLM2 before its first conversion)."""
     if cfg.model.source == "tiny":
-        from indexcache.model.tiny import tiny_config
-
         config = tiny_config(cfg.model.tiny_family).to_dict()
         return int(config["num_hidden_layers"]), config
     if cfg.model.source == "smollm2":
@@ -145,12 +152,6 @@ def build_pattern(cfg: PatternConfig, num_layers: int, source_config: dict[str, 
     raise ValueError(f"pattern.kind={cfg.kind!r} cannot be built here")
 
 
-def model_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
-
-
 def _check_tokenizer(tokenizer: Any, model: IndexCacheModel) -> None:
     vocab = model.hf_model.config.vocab_size
     if len(tokenizer) > vocab:
@@ -167,32 +168,16 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
     """
     resume = preflight(cfg)
     torch.manual_seed(cfg.train.seed)
-    source_dir = main_first(dist, lambda: resolve_source(cfg.model))
-    source_config = read_config(source_dir)
-    family = get_family(source_config["model_type"])
-    hf_ds_config = None
-    if cfg.deepspeed.zero_stage == 3:
-        # ZeRO-3: transformers must see the DeepSpeed config *before* construction to build partitioned weights.
-        from transformers.integrations import HfDeepSpeedConfig
-
-        first_stage = next(iter(cfg.stage.values()))
-        hf_ds_config = HfDeepSpeedConfig(cfg.deepspeed.engine_config(first_stage.grad_clip, dist.device))
-    try:
-        hf_model = family.load(source_dir, model_dtype(cfg.model.dtype, dist.device)).to(dist.device)
-    except Exception as error:  # transformers/safetensors raise their own types for a broken checkpoint
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(
-            f"model.source={source_dir} could not be loaded ({first_line}): check that its shards are complete"
-        ) from error
-    num_layers = len(family.dsa_attentions(hf_model))
-    pattern = build_pattern(cfg.pattern, num_layers, source_config)
+    source_dir, source_config = main_first(dist, lambda: resolve_model_source(cfg.model))
+    pattern = build_pattern(cfg.pattern, int(source_config["num_hidden_layers"]), source_config)
     if resume is not None and resume.state.pattern and resume.state.pattern != str(pattern):
         # Even with train.allow_config_change: the checkpoint holds the other pattern's F-layer indexers.
         raise ConfigError(
             f"resume refused: the checkpoint {resume.path} trained pattern {resume.state.pattern}, this run's is "
             f"{pattern}; use a new run_dir"
         )
-    model = IndexCacheModel(hf_model, pattern)
+    loaded = load_model(cfg.model, cfg.deepspeed, source_dir, source_config, pattern, dist.device)
+    model = loaded.model
     if cfg.pattern.kind == "source" and dist.is_main:
         print(f"indexcache: pattern from the source checkpoint's config: {pattern}", file=sys.stderr)
     plans = build_plans(cfg, pattern)
@@ -220,7 +205,7 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
         cfg=cfg,
         dist=dist,
         run_dir=run_dir,
-        model=model,
+        loaded=loaded,
         pattern=pattern,
         plans=plans,
         source_dir=source_dir,
@@ -229,13 +214,10 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
         checkpoints=checkpoints,
         resume=resume,
         history=list(resume.state.history) if resume else [],
-        hf_ds_config=hf_ds_config,
     )
 
 
 def _write_config(run_dir: Path, cfg: RunConfig) -> None:
-    from indexcache.fsutil import atomic_write_text
-
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))
 
 
@@ -277,8 +259,6 @@ def export_run(run: Run) -> Path | None:
     base when a stage trained it. Trained tensors stream out one parameter at a time (gathered one by one under
     ZeRO-3), so every rank runs the stream in step; only rank 0 writes.
     """
-    from indexcache.export import collect_trained_tensors, export_checkpoint, join_trained_gathers
-
     cfg = run.cfg
     target = Path(cfg.export.dir or run.run_dir / "export").resolve()
     groups = trained_groups(run.plans)
@@ -317,8 +297,6 @@ def export_run(run: Run) -> Path | None:
 
 def _same_run(target: Path, summary: dict[str, Any]) -> bool:
     """A re-run of a finished run finds its own export: nothing to redo (a different run's export is kept)."""
-    import json
-
     meta = target / "indexcache.json"
     if not meta.is_file():
         return False

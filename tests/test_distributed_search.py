@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from indexcache.apps.evaluate import run_evaluation
+from indexcache.apps.search import run_search
 from indexcache.config import load_config
-from indexcache.evaluate import run_evaluation
-from indexcache.search import run_search
 from tests.conftest import subprocess_env
 
 # 2 boundaries of one rank's share: 2 batches x 2 sequences x 32 tokens x hidden 64 x float32, in GiB.

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from indexcache.apps.evaluate import main, run_evaluation
 from indexcache.attention_stats import attention_metrics
 from indexcache.config import load_config
 from indexcache.conversion.sources import resolve_source
-from indexcache.evaluate import evaluate_model, main, run_evaluation
+from indexcache.evaluate import evaluate_model
 from indexcache.model import IndexCacheModel
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from indexcache.apps.search import main, run_search
 from indexcache.config import load_config
 from indexcache.conversion.sources import resolve_source
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
 from indexcache.prefix_reuse import SearchModel, SearchObjective, boundary_bytes
-from indexcache.search import SearchConfig, greedy_search, main, pinned_layers, run_search, switch
+from indexcache.search import SearchConfig, greedy_search, pinned_layers, switch
 from tests.conftest import subprocess_env
 
 FAMILIES = ["glm_moe_dsa", "deepseek_v32", "llama"]

@@ -1,0 +1,263 @@
+"""`indexcache-search`: the greedy pattern search as a job, resumable, with its outputs.
+
+    indexcache-search [key=value ...]  |  python -m indexcache.search ...
+    deepspeed --module indexcache.search ...  |  torchrun -m indexcache.search ...   (several ranks)
+
+The search itself (objective, stopping rules, prefix reuse, block speed-up): indexcache/search.py. This job checks
+the request against the source's config.json and the calibration data before the weights load, loads the model
+through indexcache.loading, rewrites `search_state.json` (atomically) after every step so that the same command
+continues a killed search, and on rank 0 writes to `search.out_dir` (default `<run_dir>/search`), each atomically:
+`pattern.txt` (for `pattern=file pattern.path=...`), `search_curve.json` and `search_curve.png` (the loss after each
+step, with the dense model's loss and the uniform schedule's on the same batches), and a W&B run with the curve, a
+table and the PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from indexcache.cli import hydra_main, user_error
+from indexcache.config import ConfigError, RunConfig, to_container
+from indexcache.distributed import from_main, init_distributed, main_first, rank_and_world, shutdown
+from indexcache.fsutil import atomic_write_text
+from indexcache.loading import load_data, load_model, model_dtype, resolve_model_source
+from indexcache.metrics import MetricsLogger
+from indexcache.pattern import IndexCachePattern
+from indexcache.plots import plot_search_curve
+from indexcache.prefix_reuse import SearchModel, SearchObjective, boundary_bytes, cache_budget_error
+from indexcache.search import (
+    CURVE_FILE,
+    CURVE_PNG,
+    PATTERN_FILE,
+    STATE_FILE,
+    SearchResult,
+    calibration_batches,
+    check_reachable,
+    greedy_search,
+    pinned_layers,
+)
+
+PROG = "indexcache-search"
+
+
+def search_fingerprint(cfg: RunConfig, source_dir: Path) -> dict[str, Any]:
+    """What must match for a state file to be continued: model, data, sequence length and search settings."""
+    container = to_container(cfg)
+    # Where outputs go, when to stop and the cache's size and place change no loss: a resume may change them.
+    ignored = ("out_dir", "stop_after_steps", "cache_budget_gib", "cache_on_cpu")
+    search = {k: v for k, v in container["search"].items() if k not in ignored}
+    return {
+        "source": str(source_dir),
+        "model": container["model"],
+        "data": {k: v for k, v in container["data"].items() if k not in ("cache_dir", "num_proc")},
+        "seq_len": cfg.train.seq_len,
+        "search": search,
+    }
+
+
+def out_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.search.out_dir or Path(cfg.run_dir) / "search").resolve()
+
+
+def _read_state(path: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]] | None:
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        raise ValueError(
+            f"{path} was written by a search with other settings: delete it, or give search.out_dir another folder"
+        )
+    return state["curve"]
+
+
+def run_search(cfg: RunConfig) -> SearchResult:
+    """Load the model and calibration data, check the request, search, and write the outputs.
+
+    Under a launcher (`deepspeed` / `torchrun`) every rank runs this: each scores its share of the calibration
+    batches (the model sharded by ZeRO-3 with `deepspeed=zero3`), every rank takes the same decisions, and rank 0
+    alone reads the state file (sent to all) and writes the outputs.
+    """
+    search = cfg.search
+    if search.calibration_tokens < cfg.train.seq_len:
+        raise ValueError(
+            f"search.calibration_tokens={search.calibration_tokens} is shorter than one train.seq_len="
+            f"{cfg.train.seq_len} sequence: raise it or lower train.seq_len"
+        )
+    dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)
+    _, world_size = rank_and_world()
+    # Everything that can be checked from config.json and the data is checked before the weights load.
+    source_dir, source_config = main_first(dist, lambda: resolve_model_source(cfg.model))
+    num_layers = int(source_config["num_hidden_layers"])
+    start = (
+        IndexCachePattern.parse(search.start, num_layers) if search.start else IndexCachePattern.all_full(num_layers)
+    )
+    check_reachable(search, start, pinned_layers(search, num_layers))
+    data = main_first(dist, lambda: load_data(cfg.data, source_dir, cfg.train.seq_len))
+    windows = data.train if search.split == "train" else data.validation
+    batches = calibration_batches(windows, cfg.train.seq_len, search, search.split)
+    budget = (
+        None if search.cache_budget_gib is None or not search.prefix_reuse else int(search.cache_budget_gib * 2**30)
+    )
+    if budget is not None:
+        check_cache_budget(budget, batches, world_size, source_config, model_dtype(cfg.model.dtype, dist.device))
+    out_dir = out_dir_of(cfg)
+    fingerprint = search_fingerprint(cfg, source_dir)
+    state_path = out_dir / STATE_FILE
+    resumed = from_main(lambda: _read_state(state_path, fingerprint))
+    # Every check has passed: from here on, outputs may be written.
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(
+        cfg.model, cfg.deepspeed, source_dir, source_config, None, dist.device, model_class=SearchModel, inference=True
+    )
+    cache_device = torch.device("cpu") if search.cache_on_cpu else None
+    objective = SearchObjective(loaded.model, batches, search.prefix_reuse, budget, cache_device)
+    started = time.perf_counter()
+
+    def save_state(curve: list[dict[str, Any]]) -> None:
+        layer_forwards, naive_layer_forwards = objective.cost()  # a collective: every rank calls it
+        if not dist.is_main:
+            return
+        state = {
+            "fingerprint": fingerprint,
+            "curve": curve,
+            "layer_forwards": layer_forwards,
+            "naive_layer_forwards": naive_layer_forwards,
+        }
+        atomic_write_text(state_path, json.dumps(state, indent=1))
+        last = curve[-1]
+        print(
+            f"{PROG}: step {last['step']}: {last['num_full']}/{num_layers} F, loss {last['loss']:.5f}, "
+            f"switched {last['switched']} ({time.perf_counter() - started:.0f} s)",
+            file=sys.stderr,
+        )
+
+    try:
+        result = greedy_search(objective, start, cfg.search, resume=resumed, on_step=save_state)
+    finally:
+        objective.close()
+    if not result.finished:
+        return result
+    # What a user compares the curve with, on the same calibration batches: the dense model (no top-k at all) and
+    # the uniform schedule of the run's pattern settings (the engines' formula; freq 4 offset 2 by default).
+    freq, offset = (cfg.pattern.freq, cfg.pattern.offset) if cfg.pattern.kind == "uniform" else (4, 2)
+    uniform = IndexCachePattern.uniform(num_layers, freq, offset)
+    dense_loss, uniform_loss = objective.full_loss(uniform, mode="dense"), objective.full_loss(uniform)
+    if not dist.is_main:
+        return result
+    windows = sum(len(b["input_ids"]) for b in batches)
+    summary = {
+        "pattern": result.pattern,
+        "num_layers": num_layers,
+        "num_full": result.pattern.count("F"),
+        "stop_reason": result.stop_reason,
+        "source": str(source_dir),
+        "calibration": {"split": cfg.search.split, "windows": windows},
+        "seq_len": cfg.train.seq_len,
+        "world_size": world_size,
+        "cost": {
+            "layer_forwards": result.layer_forwards,
+            "naive_layer_forwards": result.naive_layer_forwards,
+            "cache_stride": objective.stride,
+            "note": "decoder-layer forwards counted on all ranks (padding included), by this process's run only "
+            "(a resumed search counts its own part); cache_stride: every how many F layers the bounded cache keeps "
+            "an input (null: unbounded)",
+        },
+        "config": asdict(cfg.search),
+        "references": {
+            "dense": dense_loss,
+            "uniform": {"pattern": uniform.value, "num_full": len(uniform.full_layers), "loss": uniform_loss},
+        },
+        "curve": result.curve,
+    }
+    atomic_write_text(out_dir / PATTERN_FILE, result.pattern + "\n")
+    atomic_write_text(out_dir / CURVE_FILE, json.dumps(summary, indent=1))
+    plot_search_curve(
+        result.curve,
+        out_dir / CURVE_PNG,
+        title=f"Greedy IndexCache search, {num_layers} layers (calibration: {windows} x {cfg.train.seq_len} tokens)",
+        references={f"uniform freq={freq} offset={offset}": (len(uniform.full_layers), uniform_loss)},
+        lines={"dense (no top-k)": dense_loss},
+    )
+    _log_to_wandb(cfg, out_dir, result)
+    return result
+
+
+def check_cache_budget(
+    budget_bytes: int,
+    batches: list[dict[str, Tensor]],
+    world_size: int,
+    source_config: dict[str, Any],
+    dtype: torch.dtype,
+) -> None:
+    """Raise (before the weights load) when the bounded cache cannot hold one layer boundary of a rank's batches."""
+    per_rank = -(-len(batches) // world_size)  # the largest share, padding included
+    sequences = per_rank * max(len(b["input_ids"]) for b in batches)
+    seq_len = batches[0]["input_ids"].shape[1]
+    per_boundary = boundary_bytes(sequences, seq_len, int(source_config["hidden_size"]), dtype)
+    if budget_bytes < per_boundary:
+        raise ValueError(cache_budget_error(budget_bytes, per_boundary))
+
+
+def _log_to_wandb(cfg: RunConfig, out_dir: Path, result: SearchResult) -> None:
+
+    with MetricsLogger(cfg.logger, out_dir, to_container(cfg)) as logger:
+        for entry in result.curve:
+            logger.log(
+                entry["step"],
+                {
+                    "indexcache/search/loss": entry["loss"],
+                    "indexcache/search/num_full": entry["num_full"],
+                    "indexcache/search/retention": entry["retention"],
+                },
+            )
+        rows = [
+            [e["step"], e["num_full"], e["retention"], e["loss"], e["pattern"], str(e["switched"])]
+            for e in result.curve
+        ]
+        logger.log_media(
+            step=len(result.curve) - 1,
+            images={"indexcache/search/curve": out_dir / CURVE_PNG},
+            tables={
+                "indexcache/search/steps": (["step", "num_full", "retention", "loss", "pattern", "switched"], rows)
+            },
+        )
+
+
+def search_job(cfg: RunConfig) -> int:
+    """One search job (Hydra's `-m` runs several). 0 when finished or stopped as asked; 2 after a user error."""
+    try:
+        result = run_search(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        return user_error(PROG, error) if rank_and_world()[0] == 0 else 2
+    if rank_and_world()[0] != 0:
+        return 0
+    if not result.finished:
+        print(f"{PROG}: {result.stop_reason}; the same command continues the search", file=sys.stderr)
+        return 0
+    print(
+        f"{PROG}: done: {result.pattern} ({result.pattern.count('F')}/{len(result.pattern)} F, {result.stop_reason}); "
+        f"loss {result.curve[0]['loss']:.5f} -> {result.curve[-1]['loss']:.5f}; cost {result.layer_forwards} "
+        f"layer-forwards (naive {result.naive_layer_forwards}); outputs in {out_dir_of(cfg)}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Hydra's command line, the same config surface as training (`--help`, `--cfg`, `-m`, one-line errors)."""
+    try:
+        return hydra_main(search_job, argv, prog=PROG)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
