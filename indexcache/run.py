@@ -277,11 +277,14 @@ def export_run(run: Run) -> Path | None:
             print(f"indexcache: export already complete at {target}")
         exported = target
     else:
+        # The run's pattern is the one exported, whatever pattern the last stage trained in (an all-F stage leaves
+        # an indexer on every layer): the model takes it first, so that its S layers' indexers are not exported.
+        run.model.apply_pattern(run.pattern)
         if run.dist.is_main:
             exported = export_checkpoint(
                 run.source_dir,
                 target,
-                run.model.pattern,
+                run.pattern,
                 read_config(run.source_dir)["model_type"],
                 collect_trained_tensors(run.model, groups),
                 summary,
