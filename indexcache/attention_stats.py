@@ -73,13 +73,14 @@ def _visible(start: int, stop: int, num_keys: int, real_BS: Tensor) -> Tensor:
 
 
 def _dense_probs(query: Tensor, key: Tensor, scaling: float, visible: Tensor, start: int, stop: int) -> Tensor:
-    """Head-averaged causal attention [B, stop - start, stop] of query rows [start, stop) (keys beyond are 0).
+    """Head-averaged causal attention [B, stop - start, S] of local query rows [start, stop) over the S keys of
+    `visible` [B, stop - start, S] (keys it hides are 0).
 
     float32 accumulation (float64 inputs stay float64). Rows with no visible key (padding queries) come out as 0.
     """
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     q = query[:, :, start:stop].to(dtype)
-    k = key[:, :, :stop].to(dtype)
+    k = key[:, :, : visible.shape[-1]].to(dtype)
     if k.shape[1] != q.shape[1]:  # GQA: each key head serves a contiguous group of query heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, c, stop]
@@ -95,17 +96,23 @@ def chunked_layer_stats(
     attention_mask: Tensor | None,
     chunk_size: int = 256,
     sample_positions: Tensor | None = None,
+    query_offset: int = 0,
 ) -> tuple[LayerStats, Tensor | None]:
     """Recall and coverage of one layer attending to `topk_indices` [B, T, K] (-1 = no key), chunked over rows.
 
     Returns the layer's stats and, when `sample_positions` (query positions, sorted) is given, the layer's own
     dense-attention top-k at those rows [B, len(positions), K] (-1 where the row is not sparse), for the overlap.
     Peak extra memory: a few [B, H, chunk_size, T] buffers.
+
+    `query_offset` > 0 (context parallelism): the teacher's query rows and `topk_indices` are the rows at global
+    positions query_offset + t, its key and `attention_mask` cover the query_offset + T keys they may see.
     """
     query, key = teacher.query, teacher.key
     batch, _, seq, _ = query.shape
+    if query_offset and sample_positions is not None:
+        raise ValueError("sampled rows (the overlap) are whole-sequence positions: not with a query offset")
     num_keep = topk_indices.shape[-1]
-    real_BS = torch.ones(batch, seq, dtype=torch.bool, device=query.device)
+    real_BS = torch.ones(batch, key.shape[2], dtype=torch.bool, device=query.device)
     if attention_mask is not None:
         real_BS = attention_mask.bool()
     stats = LayerStats()
@@ -116,20 +123,21 @@ def chunked_layer_stats(
     num_rows = 0
     for start in range(0, seq, chunk_size):
         stop = min(start + chunk_size, seq)
-        visible = _visible(start, stop, stop, real_BS)
+        key_stop = query_offset + stop
+        visible = _visible(query_offset + start, key_stop, key_stop, real_BS)
         probs = _dense_probs(query, key, scaling=teacher.scaling, visible=visible, start=start, stop=stop)
-        sparse_rows = real_BS[:, start:stop] & (visible.sum(dim=-1) > num_keep)  # [B, c]
+        sparse_rows = real_BS[:, query_offset + start : key_stop] & (visible.sum(dim=-1) > num_keep)  # [B, c]
         if not bool(sparse_rows.any()):
             continue
         # -1 slots (and, defensively, keys not visible) point at an extra zero column and so count for nothing.
         attended = topk_indices[:, start:stop].long()
-        attended = torch.where(attended >= 0, attended, stop)
+        attended = torch.where(attended >= 0, attended, key_stop)
         padded_probs = torch.cat([probs, probs.new_zeros(*probs.shape[:2], 1)], dim=-1)
-        coverage = padded_probs.gather(-1, attended.clamp(max=stop)).sum(dim=-1)
+        coverage = padded_probs.gather(-1, attended.clamp(max=key_stop)).sum(dim=-1)
         dense_topk = probs.topk(num_keep, dim=-1).indices  # [B, c, K]; sparse rows see > K keys, all K visible
         in_dense = torch.zeros_like(padded_probs, dtype=torch.bool).scatter_(-1, dense_topk, True)
-        in_dense[..., stop] = False
-        recall = in_dense.gather(-1, attended.clamp(max=stop)).sum(dim=-1).double() / num_keep
+        in_dense[..., key_stop] = False
+        recall = in_dense.gather(-1, attended.clamp(max=key_stop)).sum(dim=-1).double() / num_keep
         recall_sum = recall_sum + recall[sparse_rows].double().sum()
         coverage_sum = coverage_sum + coverage[sparse_rows].double().sum()
         num_rows += int(sparse_rows.sum())
@@ -227,7 +235,12 @@ class LayerStatsObserver:
     sampled_topk: dict[int, list[Tensor]] = field(default_factory=dict)
 
     def __call__(
-        self, layer_idx: int, selection: IndexerSelection, teacher: TeacherInputs, attention_mask: Tensor | None
+        self,
+        layer_idx: int,
+        selection: IndexerSelection,
+        teacher: TeacherInputs,
+        attention_mask: Tensor | None,
+        query_offset: int = 0,
     ) -> None:
         query = teacher.query
         batch, seq = query.shape[0], query.shape[2]
@@ -238,10 +251,14 @@ class LayerStatsObserver:
             # No attended set: score an empty one (all -1); only the sampled dense top-k is kept.
             topk = torch.full((batch, seq, min(self.topk, seq)), -1, dtype=torch.long, device=query.device)
         positions = None
+        if self.sample_rows_per_sequence > 0 and query_offset:
+            raise ValueError("the layer overlap samples whole sequences: not under context parallelism")
         if self.sample_rows_per_sequence > 0:
             positions = sample_rows(seq, topk.shape[-1], self.sample_rows_per_sequence).to(query.device)
         with torch.no_grad():
-            stats, sampled = chunked_layer_stats(teacher, topk, attention_mask, self.chunk_size, positions)
+            stats, sampled = chunked_layer_stats(
+                teacher, topk, attention_mask, self.chunk_size, positions, query_offset=query_offset
+            )
         if selection.topk_indices is not None:
             self.stats.setdefault(layer_idx, LayerStats()).add(stats)
         if sampled is not None:

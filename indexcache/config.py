@@ -172,12 +172,24 @@ class DeepSpeedConfig:
     gradient_accumulation_steps: int = 1
     bf16: str = "auto"  # auto: on for CUDA, off on CPU (fp32)
     dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    # Ranks that split each sequence between them (context parallelism, Megatron-LM's name for it): the world is
+    # data parallel x context parallel, neighbouring ranks form a CP group, ZeRO shards over the whole world.
+    # 1: every rank holds whole sequences.
+    context_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} is not 0, 1, 2 or 3: pick one")
         _at_least("deepspeed.micro_batch_size", self.micro_batch_size, 1)
         _at_least("deepspeed.gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        _at_least("deepspeed.context_parallel_size", self.context_parallel_size, 1)
+        # The launcher has set the world size by the time the config is checked; without one it is 1.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % self.context_parallel_size:
+            raise ConfigError(
+                f"deepspeed.context_parallel_size={self.context_parallel_size} does not divide the world size "
+                f"{world}: launch a multiple of {self.context_parallel_size} ranks, or pick a divisor of {world}"
+            )
         _choice("deepspeed.bf16", str(self.bf16).lower(), ("auto", "true", "false"))
         _choice("deepspeed.dist_backend", self.dist_backend, ("auto", "gloo", "nccl"))
 
@@ -265,6 +277,12 @@ class RunConfig:
                     f"stage.{name}.plateau_patience={stage.plateau_patience} needs evaluations to watch: "
                     "set train.eval_every to a positive number of steps"
                 )
+        cp_size = self.deepspeed.context_parallel_size
+        if cp_size > 1 and self.train.seq_len % (2 * cp_size):
+            raise ConfigError(
+                f"train.seq_len={self.train.seq_len} does not split into 2 x deepspeed.context_parallel_size="
+                f"{2 * cp_size} equal chunks: use a seq_len divisible by {2 * cp_size}"
+            )
         if self.model.index_topk >= self.train.seq_len:
             raise ConfigError(
                 f"model.index_topk={self.model.index_topk} >= train.seq_len={self.train.seq_len}: every row would "

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from indexcache.config import DeepSpeedConfig, ModelConfig
+from indexcache.context_parallel import ContextShard
 from indexcache.conversion.sources import load_tokenizer, read_config, resolve_source
 from indexcache.data import DataConfig, PackedSplits, build_datasets
 from indexcache.model import IndexCacheModel, get_family
@@ -58,6 +59,7 @@ def load_model(
     *,
     model_class: type[IndexCacheModel] = IndexCacheModel,
     inference: bool = False,
+    context_parallel: ContextShard | None = None,
 ) -> LoadedModel:
     """The family's loader, then `model_class` under `pattern`, on `device` (in eval mode with `inference`).
 
@@ -81,7 +83,7 @@ def load_model(
         raise ValueError(
             f"model.source={source_dir} could not be loaded ({first_line}): check that its shards are complete"
         ) from error
-    model = model_class(hf_model, pattern=pattern)
+    model = model_class(hf_model, pattern=pattern, context_parallel=context_parallel)
     if inference:
         model.eval()
         if ds.zero_stage == 3:

@@ -167,12 +167,10 @@ class SearchModel(IndexCacheModel):
     ) -> Tensor:
         pattern, context = self.pattern, self._context
         labels = cache.input_ids.masked_fill(~cache.attention_mask, -100)
-        for indexer in self._indexer_pool.values():
-            indexer.compute_topk = True  # sparse mode, as `forward` sets it
         layers = self.decoder_layers()
         model_device = cache.input_ids.device
         with self._capturing(cache, start, keep, device) if refresh else _no_capture() as observe:
-            context.reset("sparse", pattern, cache.attention_mask, self.loss_impl, self.loss_chunk_size, observe)
+            context.reset("sparse", pattern, cache.attention_mask, self.kernels, observe)
             try:
                 # The layers of `start`'s group below it are unchanged: hand the context what they recorded.
                 for layer in range(pattern.owner(start), start):

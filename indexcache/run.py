@@ -29,6 +29,7 @@ from indexcache.config import (
     result_fingerprint,
     to_container,
 )
+from indexcache.context_parallel import new_context_shard
 from indexcache.conversion.sources import load_tokenizer, read_config
 from indexcache.data import PackedSplits, build_datasets
 from indexcache.distributed import DistInfo, barrier, main_first
@@ -176,7 +177,11 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
             f"resume refused: the checkpoint {resume.path} trained pattern {resume.state.pattern}, this run's is "
             f"{pattern}; use a new run_dir"
         )
-    loaded = load_model(cfg.model, cfg.deepspeed, source_dir, source_config, pattern, dist.device)
+    # Context parallelism: every rank's CP group is made now (a collective), before any model is built.
+    shard = new_context_shard(cfg.deepspeed.context_parallel_size, cfg.train.seq_len)
+    loaded = load_model(
+        cfg.model, cfg.deepspeed, source_dir, source_config, pattern, dist.device, context_parallel=shard
+    )
     model = loaded.model
     if cfg.pattern.kind == "source" and dist.is_main:
         print(f"indexcache: pattern from the source checkpoint's config: {pattern}", file=sys.stderr)

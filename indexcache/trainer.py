@@ -17,7 +17,7 @@ import torch
 from indexcache.checkpoint import TrainerState
 from indexcache.config import result_fingerprint
 from indexcache.data import ResumableBatches
-from indexcache.distributed import all_reduce_mean
+from indexcache.distributed import all_reduce_mean, all_reduce_sums
 from indexcache.run import ResumePoint, Run
 from indexcache.stage import StagePlan
 
@@ -99,6 +99,7 @@ class Trainer:
         self.dist = run.dist
         self.global_step = run.resume.state.global_step if run.resume else 0
         self.fingerprint = result_fingerprint(run.cfg)
+        self.cp_size = run.cfg.deepspeed.context_parallel_size
         self.skipped_steps = 0  # non-finite steps skipped so far, logged with the next metrics line
 
     # ---- the story ----------------------------------------------------------------------------------------------
@@ -207,8 +208,9 @@ class Trainer:
             self.run.data.validation if validation else self.run.data.train,
             self.cfg.deepspeed.micro_batch_size,
             seed=0 if validation else self.cfg.train.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
+            # Every rank of a context-parallel group reads the same sequences: batches go by data-parallel replica.
+            rank=self.dist.rank // self.cp_size,
+            world_size=self.dist.world_size // self.cp_size,
         )
 
     def step(self, engine: Any, iterator: Any, plan: StagePlan) -> tuple[dict[str, float], bool]:
@@ -263,7 +265,8 @@ class Trainer:
                 metrics[key] = metrics.get(key, 0.0) + value / accum
         metrics.update({f"perf/{part}_s": seconds for part, seconds in split.items()})
         elapsed = time.perf_counter() - started
-        tokens = self.cfg.train.seq_len * self.cfg.deepspeed.micro_batch_size * accum * self.dist.world_size
+        replicas = self.dist.world_size // self.cp_size  # a CP group shares its sequences
+        tokens = self.cfg.train.seq_len * self.cfg.deepspeed.micro_batch_size * accum * replicas
         metrics.update({"perf/tokens_per_s": tokens / elapsed, "perf/step_time_s": elapsed})
         if self.dist.device.type == "cuda":
             metrics["perf/gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
@@ -324,9 +327,19 @@ class Trainer:
         n = self.cfg.train.eval_batches
         metrics = {k: all_reduce_mean(v / n, self.dist.device) for k, v in sums.items()}
         metrics["eval/lm_loss_gap"] = metrics["eval/lm_loss_sparse"] - metrics["eval/lm_loss_dense"]
+        # Recall and coverage are means over every rank's sparse rows (disjoint batches, or a CP group's disjoint
+        # rows): their sums and counts are reduced, then divided.
         layers = sorted(observer.stats)
-        recall = {i: all_reduce_mean(observer.stats[i].recall, self.dist.device) for i in layers}
-        coverage = {i: all_reduce_mean(observer.stats[i].coverage, self.dist.device) for i in layers}
+        sums = all_reduce_sums(
+            [v for i in layers for v in (observer.stats[i].recall_sum, observer.stats[i].coverage_sum,
+                                         float(observer.stats[i].num_rows))],
+            self.dist.device,
+        )  # fmt: skip
+        recall, coverage = {}, {}
+        for pos, i in enumerate(layers):
+            recall_sum, coverage_sum, rows = sums[3 * pos : 3 * pos + 3]
+            recall[i] = recall_sum / rows if rows else 1.0
+            coverage[i] = coverage_sum / rows if rows else 1.0
         metrics.update(layer_metrics(recall, coverage, prefix="eval"))
         return metrics
 

@@ -19,6 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from indexcache.attention_stats import LayerStatsObserver
 from indexcache.context_parallel import ContextShard, new_context_shard
 from indexcache.model import IndexCacheModel
 from indexcache.model.tiny import tiny_model
@@ -85,7 +86,8 @@ def main() -> None:
             lambda module, _args, output: selections.__setitem__(module.layer_idx, output.topk_indices)
         )
     labels = input_ids if args.train_base else None
-    out = model(input_ids, labels=labels, with_lm_loss=args.train_base)
+    observer = LayerStatsObserver() if args.mode == "sparse" else None  # evaluation's recall and coverage
+    out = model(input_ids, labels=labels, with_lm_loss=args.train_base, observer=observer)
     out.loss.backward()
 
     grads = {}
@@ -95,6 +97,14 @@ def main() -> None:
             dist.all_reduce(grad)
             grad /= shard.cp_size
         grads[name] = grad
+    stats = {}
+    for layer, layer_stats in ({} if observer is None else observer.stats).items():
+        sums = torch.tensor(
+            [layer_stats.recall_sum, layer_stats.coverage_sum, layer_stats.num_rows], dtype=torch.float64
+        )
+        if shard is not None:
+            dist.all_reduce(sums)
+        stats[layer] = sums.tolist()
     topk = {}
     for layer, local in selections.items():
         if local is None:
@@ -109,6 +119,7 @@ def main() -> None:
                 "metrics": out.metrics,
                 "grads": grads,
                 "topk": topk,
+                "stats": stats,
             },
             args.out,
         )

@@ -21,9 +21,11 @@ from indexcache.context_parallel import ContextShard, check_split
 from indexcache.kernels.dense_attention import offset_causal_attention_with_lse
 from indexcache.losses import IndexerOutputs, TeacherInputs, multi_layer_kl
 from indexcache.model.indexer import select_topk
-from tests.conftest import subprocess_env
+from tests.conftest import folder_tensors, subprocess_env, train_losses
 
 WORKER = Path(__file__).with_name("cp_parity_worker.py")
+REPO = WORKER.parent.parent
+MAIN = REPO / "train" / "main.py"
 
 
 # ---- layout -----------------------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def _free_port() -> int:
 
 
 def _run_worker(out: Path, ranks: int, *args: str) -> dict:
-    env = {**subprocess_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
+    env = {**subprocess_env(out.parent / "cache"), "PYTHONPATH": str(REPO)}
     if ranks == 1:
         command = [sys.executable, str(WORKER)]
     else:
@@ -156,6 +158,10 @@ def _differences(one: dict, cp: dict) -> list[str]:
         scale = max(float(grad.abs().max()), 1e-3)
         if float((grad - cp["grads"][name]).abs().max()) > 1e-4 * scale:
             problems.append(f"gradient of {name}")
+    assert one["stats"].keys() == cp["stats"].keys()
+    for layer, sums in one["stats"].items():  # evaluation's recall/coverage sums and sparse-row counts
+        if any(abs(a - b) > 1e-4 for a, b in zip(sums, cp["stats"][layer], strict=True)):
+            problems.append(f"recall/coverage of layer {layer}: {sums} vs {cp['stats'][layer]}")
     assert one["topk"].keys() == cp["topk"].keys()
     for layer, topk in one["topk"].items():
         if not torch.equal(topk.sort(-1).values, cp["topk"][layer].sort(-1).values):
@@ -192,3 +198,65 @@ def test_a_planted_error_in_context_parallelism_is_caught(tmp_path: Path, plante
     one = _run_worker(tmp_path / "one.pt", 1, *args)
     broken = _run_worker(tmp_path / "cp.pt", 2, *args, "--plant", planted)
     assert _differences(one, broken)
+
+
+# ---- the trainer through the real launcher -----------------------------------------------------------------------
+def _train(env: dict[str, str], launcher: list[str] | None, run_dir: Path, *overrides: str):
+    command = [*launcher, str(MAIN)] if launcher else [sys.executable, str(MAIN)]
+    return subprocess.run(
+        [*command, "conf=tiny", f"run_dir={run_dir}", "evaluate.after_training=false", *overrides],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_launcher_cp2_training_equals_one_process_and_resumes_exactly(tmp_path, cache_dir, two_rank_launcher):
+    """`deepspeed --num_gpus 2 train/main.py conf=tiny deepspeed.context_parallel_size=2` (both stages of the
+    tiny preset) against one process: the same losses and an export equal within 1e-5; a CP=2 run stopped after
+    2 steps and re-run resumes with the uninterrupted CP=2 run's losses and export."""
+    env = subprocess_env(cache_dir)
+    one = _train(env, None, tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    cp = _train(env, two_rank_launcher, tmp_path / "cp", "deepspeed.context_parallel_size=2")
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    one_losses, cp_losses = train_losses(tmp_path / "one"), train_losses(tmp_path / "cp")
+    assert one_losses.keys() == cp_losses.keys() and len(one_losses) >= 4
+    assert all(abs(one_losses[step] - cp_losses[step]) < 1e-5 for step in one_losses)
+    one_export, cp_export = folder_tensors(tmp_path / "one" / "export"), folder_tensors(tmp_path / "cp" / "export")
+    assert one_export.keys() == cp_export.keys()
+    assert max(float((one_export[k].float() - cp_export[k].float()).abs().max()) for k in one_export) < 1e-5
+
+    stopped = _train(env, two_rank_launcher, tmp_path / "resumed", "deepspeed.context_parallel_size=2",
+                     "train.stop_after_steps=2")  # fmt: skip
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert not (tmp_path / "resumed" / "export").exists()
+    resumed = _train(env, two_rank_launcher, tmp_path / "resumed", "deepspeed.context_parallel_size=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_losses = train_losses(tmp_path / "resumed")
+    assert resumed_losses == cp_losses
+    resumed_export = folder_tensors(tmp_path / "resumed" / "export")
+    assert all(torch.equal(resumed_export[k], cp_export[k]) for k in cp_export)
+
+
+@pytest.mark.slow
+def test_a_cp_degree_that_does_not_divide_the_world_is_one_line_exit_2_nothing_written(
+    tmp_path, cache_dir, two_rank_launcher
+):
+    result = _train(subprocess_env(cache_dir), two_rank_launcher, tmp_path / "run", "deepspeed.context_parallel_size=4")
+    assert result.returncode == 2
+    lines = {line for line in result.stderr.splitlines() if line.startswith("indexcache:")}
+    assert lines == {
+        "indexcache: config error: deepspeed.context_parallel_size=4 does not divide the world size 2: launch a "
+        "multiple of 4 ranks, or pick a divisor of 2"
+    }
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_length_the_cp_split_cannot_take_is_one_line_exit_2_nothing_written(tmp_path, cache_dir):
+    result = _train(subprocess_env(cache_dir), None, tmp_path / "run", "deepspeed.context_parallel_size=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "indexcache: config error: train.seq_len=32 does not split into 2 x deepspeed.context_parallel_size=6 "
+        "equal chunks: use a seq_len divisible by 6"
+    )
+    assert not (tmp_path / "run").exists()
