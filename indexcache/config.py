@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from indexcache.data import DataConfig
 from indexcache.evaluate import EvaluateConfig
+from indexcache.fsutil import unwritable_folder
 from indexcache.metrics import LoggerConfig
 from indexcache.search import SearchConfig
 
@@ -295,10 +296,8 @@ class RunConfig:
 
 def _check_writable(key: str, path: Path) -> None:
     """The nearest existing folder on the way to `path` must be writable (checked before anything is written)."""
-    probe = path.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    probe = unwritable_folder(path)
+    if probe is not None:
         raise ConfigError(f"{key}={path} cannot be written ({probe} is not a writable folder): choose another path")
 
 

@@ -12,7 +12,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["STAGING_TAG", "atomic_write_text", "dir_lock", "fsync_dir", "sibling", "staged_dir", "temp_sibling"]
+__all__ = [
+    "STAGING_TAG",
+    "atomic_write_text",
+    "dir_lock",
+    "fsync_dir",
+    "sibling",
+    "staged_dir",
+    "temp_sibling",
+    "unwritable_folder",
+]
 
 STAGING_TAG = re.compile(r"[0-9a-f]{12}")  # the random part of every staging/aside name written here
 
@@ -61,12 +70,24 @@ def temp_sibling(path: Path) -> Path:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file so that readers see the old content or the new, never a torn one."""
     tmp = temp_sibling(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves the old file and no temporary beside it
+        raise
     fsync_dir(path.parent)
+
+
+def unwritable_folder(path: Path) -> Path | None:
+    """The nearest existing folder on the way to `path` when it cannot be written into (None: it can)."""
+    probe = path.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return None if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK) else probe
 
 
 def sibling(final: Path, kind: str) -> Path:

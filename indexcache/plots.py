@@ -31,9 +31,14 @@ F_COLOR, S_COLOR = "#1f3b73", "#9db4d8"
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no temporary image behind
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 

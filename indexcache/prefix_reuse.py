@@ -200,14 +200,17 @@ def _no_capture() -> Iterator[None]:
 
 
 class LayerCounter:
-    """Counts decoder-layer forwards while installed: the search's cost, measured rather than computed."""
+    """Counts decoder-layer forwards, and the tokens they ran, while installed: the search's cost, measured."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.count = 0
-        self._handles = [layer.register_forward_pre_hook(self._hook) for layer in layers]
+        self.tokens = 0
+        self._handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in layers]
 
-    def _hook(self, module: nn.Module, args: tuple) -> None:
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.count += 1
+        hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, hidden]
+        self.tokens += hidden.shape[0] * hidden.shape[1]
 
     def close(self) -> None:
         for handle in self._handles:
@@ -275,10 +278,12 @@ class SearchObjective:
     def layer_forwards(self) -> int:
         return self.counter.count
 
-    def cost(self) -> tuple[int, int]:
-        """(decoder-layer forwards run, what the naive search would have run), summed over ranks (a collective)."""
-        run, naive = all_reduce_sums([self.layer_forwards, self.naive_layer_forwards], self._reduce_device)
-        return int(run), int(naive)
+    def cost(self) -> tuple[int, int, int]:
+        """(decoder-layer forwards run, what the naive search would have run, tokens the forwards ran), summed over
+        ranks (a collective)."""
+        counts = [self.layer_forwards, self.naive_layer_forwards, self.counter.tokens]
+        run, naive, tokens = all_reduce_sums(counts, self._reduce_device)
+        return int(run), int(naive), int(tokens)
 
     def _mean(self, losses: list[float]) -> float:
         total = sum(loss * w for loss, w in zip(losses, self._weights, strict=True))

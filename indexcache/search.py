@@ -43,11 +43,13 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from indexcache.fsutil import unwritable_folder
 from indexcache.pattern import IndexCachePattern
 
 if TYPE_CHECKING:
@@ -113,6 +115,12 @@ class SearchConfig:
             )
         if any(layer < 0 for layer in self.pinned_layers):
             raise ValueError(f"search.pinned_layers={list(self.pinned_layers)} has a negative layer: use 0..L-1")
+        blocked = None if self.out_dir is None else unwritable_folder(Path(self.out_dir))
+        if blocked is not None:
+            raise ValueError(
+                f"search.out_dir={self.out_dir} cannot be written ({blocked} is not a writable folder): "
+                "choose another folder"
+            )
 
 
 # ---- calibration data -----------------------------------------------------------------------------------------
@@ -145,6 +153,7 @@ class SearchResult:
     naive_layer_forwards: int
     finished: bool
     stop_reason: str
+    invocations: int = 1  # how many invocations of the command the search took (resumes included)
 
 
 def switch(pattern: IndexCachePattern, layers: list[int]) -> IndexCachePattern:
@@ -284,7 +293,7 @@ def _entry(
 def _result(
     pattern: IndexCachePattern, curve: list[dict[str, Any]], objective: SearchObjective, finished: bool, reason: str
 ) -> SearchResult:
-    layer_forwards, naive_layer_forwards = objective.cost()
+    layer_forwards, naive_layer_forwards, _ = objective.cost()
     return SearchResult(
         pattern=pattern.value,
         curve=curve,
@@ -293,6 +302,16 @@ def _result(
         finished=finished,
         stop_reason=reason,
     )
+
+
+COST_KEYS = ("layer_forwards", "naive_layer_forwards", "layer_tokens", "seconds")
+
+
+def total_cost(invocations: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cost counters summed over every invocation of one search (a resumed search has several)."""
+    totals: dict[str, Any] = {key: sum(entry[key] for entry in invocations) for key in COST_KEYS}
+    totals["seconds"] = round(totals["seconds"], 3)
+    return {**totals, "invocations": len(invocations)}
 
 
 if __name__ == "__main__":  # `python -m indexcache.search`: the job lives in indexcache.apps.search

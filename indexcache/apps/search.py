@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from indexcache.pattern import IndexCachePattern
 from indexcache.plots import plot_search_curve
 from indexcache.prefix_reuse import SearchModel, SearchObjective, boundary_bytes, cache_budget_error
 from indexcache.search import (
+    COST_KEYS,
     CURVE_FILE,
     CURVE_PNG,
     PATTERN_FILE,
@@ -43,9 +44,11 @@ from indexcache.search import (
     check_reachable,
     greedy_search,
     pinned_layers,
+    total_cost,
 )
 
 PROG = "indexcache-search"
+WRITE_HINT = "free space, then re-run the same command to continue"
 
 
 def search_fingerprint(cfg: RunConfig, source_dir: Path) -> dict[str, Any]:
@@ -67,15 +70,16 @@ def out_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.search.out_dir or Path(cfg.run_dir) / "search").resolve()
 
 
-def _read_state(path: Path, fingerprint: dict[str, Any]) -> list[dict[str, Any]] | None:
+def _read_state(path: Path, fingerprint: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
+    """(the curve so far, the cost of every earlier invocation of this search); (None, []) for a fresh search."""
     if not path.is_file():
-        return None
+        return None, []
     state = json.loads(path.read_text())
     if state.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         raise ValueError(
             f"{path} was written by a search with other settings: delete it, or give search.out_dir another folder"
         )
-    return state["curve"]
+    return state["curve"], list(state.get("invocations", []))
 
 
 def run_search(cfg: RunConfig) -> SearchResult:
@@ -111,7 +115,7 @@ def run_search(cfg: RunConfig) -> SearchResult:
     out_dir = out_dir_of(cfg)
     fingerprint = search_fingerprint(cfg, source_dir)
     state_path = out_dir / STATE_FILE
-    resumed = from_main(lambda: _read_state(state_path, fingerprint))
+    resumed, earlier = from_main(lambda: _read_state(state_path, fingerprint))
     # Every check has passed: from here on, outputs may be written.
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,16 +126,17 @@ def run_search(cfg: RunConfig) -> SearchResult:
     objective = SearchObjective(loaded.model, batches, search.prefix_reuse, budget, cache_device)
     started = time.perf_counter()
 
+    def invocations() -> list[dict[str, Any]]:
+        """The earlier invocations' costs and this one's so far (a collective: every rank calls it)."""
+        counts = (*objective.cost(), round(time.perf_counter() - started, 3))
+        return [*earlier, dict(zip(COST_KEYS, counts, strict=True))]
+
     def save_state(curve: list[dict[str, Any]]) -> None:
-        layer_forwards, naive_layer_forwards = objective.cost()  # a collective: every rank calls it
+        spent = invocations()
         if not dist.is_main:
             return
-        state = {
-            "fingerprint": fingerprint,
-            "curve": curve,
-            "layer_forwards": layer_forwards,
-            "naive_layer_forwards": naive_layer_forwards,
-        }
+        # Each invocation's own counts are kept, so a resumed search reports what all of them cost together.
+        state = {"fingerprint": fingerprint, "curve": curve, "invocations": spent}
         atomic_write_text(state_path, json.dumps(state, indent=1))
         last = curve[-1]
         print(
@@ -144,6 +149,14 @@ def run_search(cfg: RunConfig) -> SearchResult:
         result = greedy_search(objective, start, cfg.search, resume=resumed, on_step=save_state)
     finally:
         objective.close()
+    spent = invocations()
+    cost = total_cost(spent)
+    result = replace(
+        result,
+        layer_forwards=cost["layer_forwards"],
+        naive_layer_forwards=cost["naive_layer_forwards"],
+        invocations=cost["invocations"],
+    )
     if not result.finished:
         return result
     # What a user compares the curve with, on the same calibration batches: the dense model (no top-k at all) and
@@ -164,12 +177,13 @@ def run_search(cfg: RunConfig) -> SearchResult:
         "seq_len": cfg.train.seq_len,
         "world_size": world_size,
         "cost": {
-            "layer_forwards": result.layer_forwards,
-            "naive_layer_forwards": result.naive_layer_forwards,
+            **cost,
             "cache_stride": objective.stride,
-            "note": "decoder-layer forwards counted on all ranks (padding included), by this process's run only "
-            "(a resumed search counts its own part); cache_stride: every how many F layers the bounded cache keeps "
-            "an input (null: unbounded)",
+            "per_invocation": spent,
+            "note": "decoder-layer forwards (and the tokens they ran) counted on all ranks, padding included, and "
+            "seconds of searching, summed over every invocation of this search (a resumed search has several; "
+            "per_invocation lists each); cache_stride: every how many F layers the bounded cache keeps an input "
+            "(null: unbounded)",
         },
         "config": asdict(cfg.search),
         "references": {
@@ -238,6 +252,9 @@ def search_job(cfg: RunConfig) -> int:
         result = run_search(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         return user_error(PROG, error) if rank_and_world()[0] == 0 else 2
+    except OSError as error:  # disk full, quota: the state file of the last finished step is kept, whole
+        message = OSError(f"cannot write ({error}); the search state of the last finished step is kept: {WRITE_HINT}")
+        return user_error(PROG, message, code=4) if rank_and_world()[0] == 0 else 4
     if rank_and_world()[0] != 0:
         return 0
     if not result.finished:
@@ -246,7 +263,8 @@ def search_job(cfg: RunConfig) -> int:
     print(
         f"{PROG}: done: {result.pattern} ({result.pattern.count('F')}/{len(result.pattern)} F, {result.stop_reason}); "
         f"loss {result.curve[0]['loss']:.5f} -> {result.curve[-1]['loss']:.5f}; cost {result.layer_forwards} "
-        f"layer-forwards (naive {result.naive_layer_forwards}); outputs in {out_dir_of(cfg)}"
+        f"layer-forwards (naive {result.naive_layer_forwards}) over {result.invocations} invocation(s); "
+        f"outputs in {out_dir_of(cfg)}"
     )
     return 0
 
