@@ -24,10 +24,12 @@ from transformers import (
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from indexcache.conversion.convert import DsaIndexConfig, convert_dense_to_dsa, write_dsa_folder
+from indexcache.conversion.convert import write_dsa_folder
+from indexcache.conversion.dispatch import convert_dense_to_dsa
 from indexcache.conversion.glm4_moe_lite import convert_glm4_moe_lite_to_dsa, interleave_permutation
 from indexcache.conversion.llama import convert_llama_to_dsa
 from indexcache.export import export_checkpoint
+from indexcache.model.dsa_config import DsaIndexConfig
 from indexcache.model.llama_dsa import (
     LlamaDsaAttention,
     LlamaDsaForCausalLM,

@@ -1,13 +1,11 @@
-"""Dense-to-DSA conversion: the machinery the converting families share, and dispatch on the source model_type.
+"""Dense-to-DSA conversion: the machinery the converting families share (indexcache/conversion/dispatch.py picks
+the family's converter by the source model_type).
 
-A conversion adds freshly initialised lightning indexers to a dense checkpoint and writes a new folder: base shards
-are copied byte for byte (or rewritten one at a time where a family must change a tensor), the indexer tensors go
-to their own shard, and the folder appears atomically. What a family decides (its DSA config, which tensors it
-rewrites, its default indexer shape) stays in its own file:
-
-    source model_type   converter                                             target model_type
-    llama               conversion.llama.convert_llama_to_dsa                 llama (our LlamaDsaForCausalLM)
-    glm4_moe_lite       glm4_moe_lite.convert_glm4_moe_lite_to_dsa            glm_moe_dsa (stock transformers)
+A conversion adds freshly initialised lightning indexers (shaped by `indexcache.model.dsa_config.DsaIndexConfig`)
+to a dense checkpoint and writes a new folder: base shards are copied byte for byte (or rewritten one at a time
+where a family must change a tensor), the indexer tensors go to their own shard, and the folder appears
+atomically. What a family decides (its DSA config, which tensors it rewrites, its default indexer shape) stays in
+its own file (conversion/llama.py, conversion/glm4_moe_lite.py).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +25,7 @@ from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
 from indexcache.fsutil import staged_dir
+from indexcache.model.dsa_config import DsaIndexConfig
 from indexcache.safetensors_io import INDEX_FILE, read_header, torch_dtype
 
 __all__ = [
@@ -35,11 +33,9 @@ __all__ = [
     "INDEXER_SHARD",
     "INDEX_FILE",
     "Converter",
-    "DsaIndexConfig",
     "TensorRewrite",
     "base_dtype",
-    "convert_dense_to_dsa",
-    "converters",
+    "checkpoint_folder",
     "init_indexer_tensors",
     "make_shareable",
     "source_folder",
@@ -50,63 +46,8 @@ INDEXER_SHARD = "model-indexer.safetensors"
 CONVERSION_RECORD = "indexcache_conversion.json"
 
 
-@dataclass(frozen=True)
-class DsaIndexConfig:
-    """Shape and initialisation of the lightning indexers a dense-to-DSA conversion adds.
-
-    index_rope_head_dim: roped indexer dims. None = the family's default (llama: index_head_dim // 2; glm4_moe_lite:
-        the model's qk_rope_head_dim, the only value transformers' glm_moe_dsa supports).
-    init_std: std of the normal init of wq_b / wk / weights_proj (k_norm starts at the identity). None = the
-        source config's initializer_range, what transformers would use.
-    seed: the indexers' init is a function of (seed, shapes) only, so a conversion is reproducible.
-    """
-
-    index_topk: int
-    index_n_heads: int
-    index_head_dim: int
-    index_rope_head_dim: int | None = None
-    init_std: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("index_topk", "index_n_heads", "index_head_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} is invalid: use a positive integer")
-        rope = self.index_rope_head_dim
-        if rope is not None and (rope < 2 or rope % 2 or rope > self.index_head_dim):
-            raise ValueError(
-                f"index_rope_head_dim={rope} is invalid: use an even number in [2, {self.index_head_dim}] "
-                "(the indexer's width)"
-            )
-        if self.init_std is not None and self.init_std <= 0:
-            raise ValueError(f"init_std={self.init_std} is invalid: use a positive std (or None)")
-
-
 # (source folder or in-memory model, out_dir, index_cfg) -> out_dir
 Converter = Callable[[PreTrainedModel | str | os.PathLike[str], str | os.PathLike[str], DsaIndexConfig], Path]
-
-
-def converters() -> dict[str, Converter]:
-    """The converter of each dense source `model_type` that can become DSA (the table in the module doc)."""
-    # Imported on use: both families build on the helpers below, so importing them at the top would be circular.
-    from indexcache.conversion.glm4_moe_lite import convert_glm4_moe_lite_to_dsa
-    from indexcache.conversion.llama import convert_llama_to_dsa
-
-    return {"llama": convert_llama_to_dsa, "glm4_moe_lite": convert_glm4_moe_lite_to_dsa}
-
-
-def convert_dense_to_dsa(
-    source_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], index_cfg: DsaIndexConfig
-) -> Path:
-    """Dense checkpoint folder -> DSA folder, by the converter of the source config's `model_type`; returns out_dir."""
-    config = json.loads((_checkpoint_folder(Path(source_dir)) / "config.json").read_text())
-    table = converters()
-    model_type = config.get("model_type")
-    if model_type not in table:
-        raise ValueError(
-            f"{source_dir} has model_type={model_type!r}: dense-to-DSA conversion supports {', '.join(sorted(table))}"
-        )
-    return table[model_type](source_dir, out_dir, index_cfg)
 
 
 @contextmanager
@@ -117,10 +58,10 @@ def source_folder(model_or_path: PreTrainedModel | str | os.PathLike[str]) -> It
             model_or_path.save_pretrained(scratch)
             yield Path(scratch)
     else:
-        yield _checkpoint_folder(Path(model_or_path))
+        yield checkpoint_folder(Path(model_or_path))
 
 
-def _checkpoint_folder(folder: Path) -> Path:
+def checkpoint_folder(folder: Path) -> Path:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json)")
     return folder

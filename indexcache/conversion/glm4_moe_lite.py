@@ -35,12 +35,12 @@ from torch import Tensor
 from transformers import Glm4MoeLiteConfig, GlmMoeDsaConfig, PreTrainedModel
 
 from indexcache.conversion.convert import (
-    DsaIndexConfig,
     base_dtype,
     init_indexer_tensors,
     source_folder,
     write_dsa_folder,
 )
+from indexcache.model.dsa_config import DsaIndexConfig
 
 __all__ = [
     "GLM4_MOE_LITE_INDEX",

@@ -10,15 +10,15 @@ from pathlib import Path
 from transformers import LlamaConfig, PreTrainedModel
 
 from indexcache.conversion.convert import (
-    DsaIndexConfig,
     base_dtype,
     init_indexer_tensors,
     source_folder,
     write_dsa_folder,
 )
-from indexcache.model.llama_dsa import INDEX_KEYS, llama_dsa_config
+from indexcache.model.dsa_config import DsaIndexConfig
+from indexcache.model.llama_dsa import INDEX_KEYS, LlamaDsaForCausalLM, check_rope_subsampling, llama_index_rope_dim
 
-__all__ = ["SMOLLM2_INDEX", "convert_llama_to_dsa"]
+__all__ = ["SMOLLM2_INDEX", "convert_llama_to_dsa", "llama_dsa_config"]
 
 SMOLLM2_INDEX = DsaIndexConfig(index_topk=256, index_n_heads=4, index_head_dim=64, index_rope_head_dim=32)
 
@@ -45,3 +45,26 @@ def convert_llama_to_dsa(
         )
         record = {"source": str(model_or_path), "source_model_type": "llama", "index": asdict(index_cfg)}
         return write_dsa_folder(source_dir, Path(out_dir), dsa_config, tensors, record)
+
+
+def llama_dsa_config(config: LlamaConfig, index_cfg: DsaIndexConfig) -> LlamaConfig:
+    """A copy of a dense llama config with the DSA keys added (every layer "full" and "indexed_attention")."""
+    if config.model_type != "llama":
+        raise ValueError(f"expected a llama config, got model_type={config.model_type!r}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = llama_index_rope_dim(index_cfg)
+    check_rope_subsampling(head_dim, rope)
+    fields = config.to_dict()
+    fields.pop("architectures", None)
+    num_layers = config.num_hidden_layers
+    fields.update(
+        index_topk=index_cfg.index_topk,
+        index_n_heads=index_cfg.index_n_heads,
+        index_head_dim=index_cfg.index_head_dim,
+        index_rope_head_dim=rope,
+        indexer_types=["full"] * num_layers,
+        # transformers' DynamicCache gives "indexed_attention" layers the indexer key cache DeepseekV32Indexer uses.
+        layer_types=["indexed_attention"] * num_layers,
+        architectures=[LlamaDsaForCausalLM.__name__],
+    )
+    return LlamaConfig.from_dict(fields)

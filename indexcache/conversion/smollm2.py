@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from indexcache.conversion.convert import DsaIndexConfig, make_shareable
+from indexcache.conversion.convert import make_shareable
 from indexcache.conversion.llama import SMOLLM2_INDEX, convert_llama_to_dsa
 from indexcache.fsutil import staged_dir
+from indexcache.model.dsa_config import DsaIndexConfig
 from indexcache.model.llama_dsa import llama_index_rope_dim
 from indexcache.paths import cache_root
 

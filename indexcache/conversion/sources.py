@@ -14,8 +14,10 @@ from pathlib import Path
 from transformers import AutoTokenizer, ByT5Tokenizer
 
 from indexcache.config import ModelConfig
-from indexcache.conversion.convert import DsaIndexConfig, convert_dense_to_dsa, converters
+from indexcache.conversion.dispatch import convert_dense_to_dsa, converters
+from indexcache.conversion.smollm2 import smollm2_dsa_path
 from indexcache.fsutil import staged_dir
+from indexcache.model.dsa_config import DsaIndexConfig
 from indexcache.model.tiny import tiny_model
 from indexcache.paths import cache_root
 
@@ -43,8 +45,6 @@ def resolve_source(cfg: ModelConfig) -> Path:
     if cfg.source == "tiny":
         return tiny_source(cfg)
     if cfg.source == "smollm2":
-        from indexcache.conversion.smollm2 import smollm2_dsa_path
-
         return smollm2_dsa_path(cfg.cache_dir, index_config(cfg))
     folder = Path(cfg.source).expanduser().resolve()
     if not (folder / "config.json").is_file():

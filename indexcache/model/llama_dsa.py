@@ -24,8 +24,8 @@ makes transformers' cache keep the indexer keys during generation). Base tensors
 indexer tensors sit in their own shard. Stock `LlamaForCausalLM` still loads the folder (it ignores the indexer);
 `load_llama_dsa` rebuilds the DSA model.
 
-The conversion machinery (`DsaIndexConfig`, `init_indexer_tensors`, `write_dsa_folder`) lives in `convert.py`,
-shared with `glm4_moe_lite.py`.
+The conversion (the dense config's DSA keys, `init_indexer_tensors`, `write_dsa_folder`) lives in
+indexcache/conversion/ (llama.py, convert.py); the indexers' shape, `DsaIndexConfig`, in model/dsa_config.py.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, eager_attention_forward
 
-from indexcache.conversion.convert import DsaIndexConfig
 from indexcache.model.context import CONTEXT_KWARG
+from indexcache.model.dsa_config import DsaIndexConfig
 from indexcache.model.families_common import (
     decoder_attentions,
     indexer_installer,
@@ -63,7 +63,6 @@ __all__ = [
     "LlamaDsaForCausalLM",
     "LlamaIndexerConfig",
     "SharedTopk",
-    "llama_dsa_config",
     "load_llama_dsa",
     "tiny_llama_dsa_config",
 ]
@@ -106,30 +105,7 @@ def llama_index_rope_dim(index_cfg: DsaIndexConfig) -> int:
     return index_cfg.index_rope_head_dim or index_cfg.index_head_dim // 2
 
 
-def llama_dsa_config(config: LlamaConfig, index_cfg: DsaIndexConfig) -> LlamaConfig:
-    """A copy of a dense llama config with the DSA keys added (every layer "full" and "indexed_attention")."""
-    if config.model_type != "llama":
-        raise ValueError(f"expected a llama config, got model_type={config.model_type!r}")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = llama_index_rope_dim(index_cfg)
-    _check_rope_subsampling(head_dim, rope)
-    fields = config.to_dict()
-    fields.pop("architectures", None)
-    num_layers = config.num_hidden_layers
-    fields.update(
-        index_topk=index_cfg.index_topk,
-        index_n_heads=index_cfg.index_n_heads,
-        index_head_dim=index_cfg.index_head_dim,
-        index_rope_head_dim=rope,
-        indexer_types=["full"] * num_layers,
-        # transformers' DynamicCache gives "indexed_attention" layers the indexer key cache DeepseekV32Indexer uses.
-        layer_types=["indexed_attention"] * num_layers,
-        architectures=[LlamaDsaForCausalLM.__name__],
-    )
-    return LlamaConfig.from_dict(fields)
-
-
-def _check_rope_subsampling(head_dim: int, rope_dim: int) -> None:
+def check_rope_subsampling(head_dim: int, rope_dim: int) -> None:
     if rope_dim < 2 or rope_dim % 2 or (head_dim // 2) % (rope_dim // 2):
         raise ValueError(
             f"index_rope_head_dim={rope_dim} is invalid for head_dim={head_dim}: the indexer reuses every "
@@ -186,7 +162,7 @@ class LlamaDsaAttention(LlamaAttention):
     def __init__(self, config: LlamaConfig, layer_idx: int, topk_relay: dict[int, object] | None = None) -> None:
         super().__init__(config, layer_idx)
         indexer_config = LlamaIndexerConfig.from_llama(config)
-        _check_rope_subsampling(self.head_dim, indexer_config.qk_rope_head_dim)
+        check_rope_subsampling(self.head_dim, indexer_config.qk_rope_head_dim)
         self.rope_stride = (self.head_dim // 2) // (indexer_config.qk_rope_head_dim // 2)
         self.topk_relay: dict[int, object] = {} if topk_relay is None else topk_relay
         types = getattr(config, "indexer_types", None) or ["full"] * config.num_hidden_layers
@@ -352,12 +328,22 @@ def tiny_llama_dsa_config(**overrides: object) -> LlamaConfig:
         "index_rope_head_dim": 8,
         **overrides,
     }
-    index_cfg = DsaIndexConfig(**{key: fields.pop(key) for key in INDEX_KEYS})
-    indexer_types = fields.pop("indexer_types", None)
-    config = llama_dsa_config(LlamaConfig(**fields), index_cfg)
-    if indexer_types is not None:
-        config.indexer_types = list(indexer_types)
-    return config
+    index_cfg = DsaIndexConfig(**{key: fields.pop(key) for key in INDEX_KEYS})  # checks the indexer's shape
+    num_layers = int(fields["num_hidden_layers"])  # type: ignore[call-overload]
+    indexer_types = list(fields.pop("indexer_types", None) or ["full"] * num_layers)  # type: ignore[call-overload]
+    rope = llama_index_rope_dim(index_cfg)
+    check_rope_subsampling(int(fields["head_dim"]), rope)  # type: ignore[call-overload]
+    return LlamaConfig(
+        **fields,
+        index_topk=index_cfg.index_topk,
+        index_n_heads=index_cfg.index_n_heads,
+        index_head_dim=index_cfg.index_head_dim,
+        index_rope_head_dim=rope,
+        indexer_types=indexer_types,
+        # transformers' DynamicCache gives "indexed_attention" layers the indexer key cache DeepseekV32Indexer uses.
+        layer_types=["indexed_attention"] * num_layers,
+        architectures=[LlamaDsaForCausalLM.__name__],
+    )
 
 
 def _build(config: PretrainedConfig) -> PreTrainedModel:
