@@ -13,8 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import ValidationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -315,14 +313,6 @@ def test_bad_inputs_fail_with_one_line(tmp_path, tokenizer, case):
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
-
-
-def test_config_is_an_omegaconf_structured_config():
-    cfg = OmegaConf.structured(DataConfig)
-    cfg.max_tokens = 1000
-    assert OmegaConf.to_object(cfg) == DataConfig(max_tokens=1000)
-    with pytest.raises(ValidationError):
-        cfg.max_files = "many"
 
 
 # ---- ResumableBatches -----------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from indexcache.metrics import LoggerConfig, MetricsLogger, WandbConfig
 
@@ -47,9 +46,9 @@ def test_offline_wandb_writes_the_run_under_run_dir(tmp_path):
     assert [line["step"] for line in read_lines(run_dir)] == [1, 2, 3]
 
 
-CHILDREN_AND_COST = textwrap.dedent(
+CHILDREN_AND_IMPORTS = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, sys
     from pathlib import Path
 
     def children():
@@ -65,18 +64,14 @@ CHILDREN_AND_COST = textwrap.dedent(
                     found.append(int(entry.name))
         return found
 
-    started = time.perf_counter()
     from indexcache.metrics import LoggerConfig, MetricsLogger, WandbConfig
-    imported = time.perf_counter()
     cfg = LoggerConfig(wandb=WandbConfig(mode="disabled"), progress_bar=True)
     logger = MetricsLogger(cfg, sys.argv[1], {"a": 1}, rank=0)
     for step in range(1, 101):
         logger.log(step, {"train/loss": 1.0})
         logger.progress(step, 100, 1.0, 1000.0)
     logger.close()
-    done = time.perf_counter()
-    print(json.dumps({"wandb_imported": "wandb" in sys.modules, "children": children(),
-                      "import_s": imported - started, "logger_s": done - imported}))
+    print(json.dumps({"wandb_imported": "wandb" in sys.modules, "children": children()}))
     """
 )
 
@@ -85,16 +80,13 @@ def test_disabled_wandb_imports_nothing_and_spawns_nothing(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-c", CHILDREN_AND_COST, str(run_dir)], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-c", CHILDREN_AND_IMPORTS, str(run_dir)], capture_output=True, text=True, env=env, check=True
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["wandb_imported"] is False
     assert report["children"] == []
     assert not (run_dir / "wandb").exists()
     assert len(read_lines(run_dir)) == 100
-    # Measured 0.02-0.07 s to import and 0.11-0.15 s for the logger with its bar (tqdm's import is most of it) and
-    # 100 logged steps; wandb alone takes ~0.5 s to import plus ~0.6 s to start, so these bounds catch that.
-    assert report["import_s"] < 0.5 and report["logger_s"] < 0.6, report
 
 
 def test_metrics_jsonl_has_one_line_per_step_after_a_resume(tmp_path):
@@ -167,10 +159,3 @@ def test_progress_bar_shows_loss_throughput_and_eta(tmp_path, capsys):
     logger.close()
     err = capsys.readouterr().err
     assert "3/10" in err and "loss=2.5000" in err and "tok_s=12,345" in err and "<" in err  # "<" precedes tqdm's ETA
-
-
-def test_config_is_an_omegaconf_structured_config():
-    cfg = OmegaConf.structured(LoggerConfig)
-    cfg.wandb.mode = "offline"
-    cfg.wandb.tags = ["a", "b"]
-    assert OmegaConf.to_object(cfg) == LoggerConfig(wandb=WandbConfig(mode="offline", tags=["a", "b"]))
