@@ -2,8 +2,8 @@
 
     python bench/dense_attention.py [--lengths 8192 32768] [--out FILE]
 
-Both return each head's LSE, which the dense stage hands to its fused loss, and both come with torch (through the
-aten ops sdpa dispatches to: `indexcache.model.wrapper._causal_attention_with_lse`). Shapes are one layer's after
+Both return each head's LSE, which the dense stage hands to its fused loss, and both come with torch (through
+the aten ops sdpa dispatches to: `indexcache.kernels.dense_attention.causal_attention_with_lse`). Shapes are one layer's after
 the MLA up-projection, B = 1, bf16: GLM-5 (64 heads, q.k 256, v 256) and DeepSeek-V3.2 (128 heads, q.k 192, v 128;
 flash zero-pads the value to 192, cuDNN takes it as it is). Per kernel: forward ms (what the dense stage pays: its
 base does not train), forward + backward ms, TFLOP/s of the causal forward (2 H T^2/2 (d_qk + d_v) FLOPs, the
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from e2e import timed  # bench/ is on the path when this runs as a script
 
-from indexcache.model.wrapper import _causal_attention_with_lse
+from indexcache.kernels.dense_attention import causal_attention_with_lse
 
 SHAPES = {"glm5": (64, 256, 256), "dsv32": (128, 192, 128)}
 KERNELS = ("flash", "cudnn")
@@ -47,13 +47,13 @@ def rows_for(shape: str, seq: int) -> list[dict]:
         row = {"shape": shape, "seq": seq, "kernel": kernel}
         try:
             with torch.no_grad():
-                results[kernel] = _causal_attention_with_lse(query, key, value, scaling, 0.0, kernel)
-                attend = lambda k=kernel: _causal_attention_with_lse(query, key, value, scaling, 0.0, k)  # noqa: E731
+                results[kernel] = causal_attention_with_lse(query, key, value, scaling, 0.0, kernel)
+                attend = lambda k=kernel: causal_attention_with_lse(query, key, value, scaling, 0.0, k)  # noqa: E731
                 forward = timed(attend, repeats)
             leaves = [t.detach().requires_grad_() for t in (query, key, value)]
 
             def forward_backward(k=kernel, leaves=leaves) -> None:
-                output, _ = _causal_attention_with_lse(*leaves, scaling, 0.0, k)
+                output, _ = causal_attention_with_lse(*leaves, scaling, 0.0, k)
                 torch.autograd.grad(output, leaves, d_out)
 
             fwd_bwd = timed(forward_backward, repeats)

@@ -40,8 +40,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexcache.model import IndexCacheModel, get_family, wrapper
-from indexcache.model.wrapper import ForwardContext
+from indexcache.kernels.config import KernelConfig
+from indexcache.kernels.dense_attention import causal_kernel
+from indexcache.model import IndexCacheModel, get_family
+from indexcache.model.context import ForwardContext
 from indexcache.pattern import IndexCachePattern
 
 COMMON = {
@@ -88,7 +90,9 @@ class TimedContext(ForwardContext):
         self.spans.append(("loss", start, end))
 
 
-def build_model(shape: str, mode: str, train_base: bool, experts: str) -> IndexCacheModel:
+def build_model(
+    shape: str, mode: str, train_base: bool, experts: str, kernels: KernelConfig | None = None
+) -> IndexCacheModel:
     fields = {**COMMON, **SHAPES[shape], "experts_implementation": experts}
     family = get_family(fields.pop("model_type"))
     config = type(family.tiny_config())(**fields)  # the family's config class, without the tiny defaults
@@ -100,7 +104,7 @@ def build_model(shape: str, mode: str, train_base: bool, experts: str) -> IndexC
     for name, module in hf_model.named_modules():
         if name.endswith("indexer.weights_proj"):
             module.float()  # as the checkpoints keep it (transformers' _keep_in_fp32_modules)
-    model = IndexCacheModel(hf_model, IndexCachePattern(PATTERN), mode=mode)
+    model = IndexCacheModel(hf_model, IndexCachePattern(PATTERN), mode=mode, kernels=kernels)
     trainable = ("indexers", "base") if train_base else ("indexers",)
     model.configure(IndexCachePattern(PATTERN), mode, lm_weight=1.0, trainable=trainable)
     return model
@@ -171,11 +175,20 @@ def step(model, optimizer, input_ids, spans, train_base: bool) -> dict:
     return split
 
 
-def run_case(shape: str, mode: str, seq: int, steps: int, train_base: bool, experts: str, profile: bool) -> dict:
+def run_case(
+    shape: str,
+    mode: str,
+    seq: int,
+    steps: int,
+    train_base: bool,
+    experts: str,
+    profile: bool,
+    kernels: KernelConfig | None = None,
+) -> dict:
     row = {"shape": shape, "mode": mode, "seq": seq, "train_base": train_base, "experts": experts}
     model = optimizer = None
     try:
-        model = build_model(shape, mode, train_base, experts)
+        model = build_model(shape, mode, train_base, experts, kernels)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         spans = instrument(model)
@@ -392,8 +405,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="one more step under the profiler: its top kernels")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args()
-    if args.dense_kernel:
-        wrapper.CAUSAL_KERNEL = args.dense_kernel
+    kernels = KernelConfig(causal_kernel=args.dense_kernel)
     torch.backends.cuda.matmul.allow_tf32 = True  # the top-k scoring's float32 products (indexer scores)
     gpu = torch.cuda.get_device_name()
     rate = matmul_rate()
@@ -409,8 +421,9 @@ def main() -> None:
             for mode in args.stages:
                 started = time.time()
                 train_base = args.train_base and mode == "sparse"
-                row = run_case(args.shape, mode, seq, args.steps, train_base, args.experts, args.profile)
-                row.update(gpu=gpu, wall_s=round(time.time() - started, 1), dense_kernel=wrapper.causal_kernel("cuda"))
+                row = run_case(args.shape, mode, seq, args.steps, train_base, args.experts, args.profile, kernels)
+                kernel = causal_kernel(torch.device("cuda"), kernels.causal_kernel)
+                row.update(gpu=gpu, wall_s=round(time.time() - started, 1), dense_kernel=kernel)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from indexcache.kernels.config import KernelConfig
 from indexcache.model import IndexCacheModel
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
@@ -24,15 +27,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fused_loss_in_the_bf16_model_matches_chunked(model_type, mode):
     torch.manual_seed(1)
     hf = tiny_model(model_type, seed=3, index_topk=16).to("cuda", torch.bfloat16)
-    model = IndexCacheModel(hf, pattern=IndexCachePattern("FFSF"), mode=mode)
     input_ids = torch.randint(0, hf.config.vocab_size, (2, 96), device="cuda")
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 80:] = 0  # right padding in one row
 
     results = {}
     for impl in ("chunked", "fused"):
-        model.loss_impl = impl
-        model.zero_grad(set_to_none=True)
+        kernels = KernelConfig(loss_impl=impl)
+        model = IndexCacheModel(copy.deepcopy(hf), pattern=IndexCachePattern("FFSF"), mode=mode, kernels=kernels)
         out = model(input_ids, attention_mask=attention_mask)
         out.kl_loss.backward()
         grads = {name: p.grad.detach().clone() for name, p in model.indexer_parameters()}
@@ -54,14 +56,14 @@ def test_fused_loss_in_the_bf16_model_matches_chunked(model_type, mode):
 @pytest.mark.parametrize("dim, value_dim", [(64, 48), (256, 256), (192, 128)])  # small; GLM-5; DeepSeek-V3.2
 def test_causal_attention_returns_the_teachers_logsumexp(kernel, dim, value_dim):
     """The dense GPU path's attention equals sdpa and its LSE equals logsumexp of the causal scaled scores."""
-    from indexcache.model.wrapper import _causal_attention_with_lse
+    from indexcache.kernels.dense_attention import causal_attention_with_lse
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     batch, heads, seq, scaling = 2, 4, 200, dim**-0.5
     query, key = (torch.randn(batch, heads, seq, dim, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in "qk")
     value = torch.randn(batch, heads, seq, value_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
     query.requires_grad_()
-    output, lse = _causal_attention_with_lse(query, key, value, scaling, 0.0, kernel)
+    output, lse = causal_attention_with_lse(query, key, value, scaling, 0.0, kernel)
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     assert output.shape == expected.shape
     assert _rel(output, expected) < 1e-2
@@ -77,7 +79,7 @@ def test_causal_attention_returns_the_teachers_logsumexp(kernel, dim, value_dim)
 
 def test_masked_attention_returns_the_teachers_logsumexp():
     """The masked GPU path (padding or top-k) equals sdpa with the boolean mask; its LSE is over allowed keys."""
-    from indexcache.model.wrapper import _masked_attention_with_lse
+    from indexcache.kernels.dense_attention import masked_attention_with_lse
 
     gen = torch.Generator(device="cuda").manual_seed(6)
     batch, heads, seq, dim, value_dim, scaling = 2, 4, 200, 64, 48, 0.13  # 200: rows not a multiple of 16
@@ -87,7 +89,7 @@ def test_masked_attention_returns_the_teachers_logsumexp():
     allowed = (torch.rand(batch, 1, seq, seq, generator=gen, device="cuda") < 0.3) & causal
     allowed |= torch.eye(seq, dtype=torch.bool, device="cuda")  # every row keeps a key, as _allowed_keys ensures
     query.requires_grad_()
-    output, lse = _masked_attention_with_lse(query, key, value, allowed, scaling, 0.0)
+    output, lse = masked_attention_with_lse(query, key, value, allowed, scaling, 0.0)
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
     assert output.shape == expected.shape
     assert _rel(output, expected) < 1e-2
@@ -105,12 +107,11 @@ def test_unpadded_dense_model_hands_attention_lse_to_the_fused_loss(model_type):
     """Without padding every teacher carries its attention's LSE, and the loss still equals the chunked one."""
     torch.manual_seed(2)
     hf = tiny_model(model_type, seed=4, index_topk=16).to("cuda", torch.bfloat16)
-    model = IndexCacheModel(hf, pattern=IndexCachePattern("FFSF"), mode="dense")
     input_ids = torch.randint(0, hf.config.vocab_size, (2, 128), device="cuda")
     results = {}
     for impl in ("chunked", "fused"):
-        model.loss_impl = impl
-        model.zero_grad(set_to_none=True)
+        kernels = KernelConfig(loss_impl=impl)
+        model = IndexCacheModel(copy.deepcopy(hf), pattern=IndexCachePattern("FFSF"), mode="dense", kernels=kernels)
         out = model(input_ids)
         out.kl_loss.backward()
         grads = {name: p.grad.detach().clone() for name, p in model.indexer_parameters()}
