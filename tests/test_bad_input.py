@@ -1,8 +1,13 @@
-"""The bad-input matrix: every case through the real command line, one table, a summary line.
+"""The bad-input matrix: every case through the real command line's code, one table, a summary line.
 
 Each case must end with exactly one `indexcache:` line on stderr that names the problem and the fix, a non-zero
 exit code, and nothing written (or, for a run that had started, nothing half-written and the last complete
 checkpoint intact). W&B trouble is the one case that must not stop training: it falls back to offline.
+
+Most cases call the entry point in this process (`indexcache.main.main`: Hydra's command line, composition, checks
+and the job, exactly as `train/main.py` runs them); a few (`spawn=True`) run `train/main.py` as a process, for the
+process's own exit code and what a real process leaves on disk, and because a simulated full disk (RLIMIT_FSIZE)
+limits the whole process.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import pytest
 from transformers import ByT5Tokenizer
 
+from indexcache.main import main
 from tests.conftest import MAIN, SUMMARY_LINES, subprocess_env
 
 
@@ -30,8 +36,9 @@ class Case:
     needle: str  # what the one error line must contain
     code: int = 2
     writes: str = "nothing"  # "nothing" | "run kept" (a started run: only complete checkpoints, no partial export)
-    file_size_limit: int | None = None  # RLIMIT_FSIZE for the run: a simulated full disk
+    file_size_limit: int | None = None  # RLIMIT_FSIZE for the run: a simulated full disk (spawned cases only)
     env: dict[str, str] = field(default_factory=dict)
+    spawn: bool = False  # run train/main.py as a process (else the same entry point in this process)
 
 
 def _args(*overrides: str) -> Callable[[Path, Path], list[str]]:
@@ -126,7 +133,7 @@ CASES: dict[str, Case] = {
     "top-k not smaller than the context": Case(_args("model.index_topk=32"), "index_topk < seq_len"),
     "model type with no family": Case(_unknown_family, "gpt2"),
     "source with no shards": Case(_missing_shards, "no *.safetensors weights"),
-    "source with a corrupt shard": Case(_corrupt_shard, "could not be loaded"),
+    "source with a corrupt shard": Case(_corrupt_shard, "could not be loaded", spawn=True),
     "read-only run directory": Case(_read_only, "cannot be written"),
     "zero_stage out of range": Case(_args("deepspeed.zero_stage=4"), "deepspeed.zero_stage=4"),
     "non-positive learning rate": Case(_args("stage.warmup.lr=0"), "stage.warmup.lr=0"),
@@ -138,7 +145,7 @@ CASES: dict[str, Case] = {
     "invalid W&B mode": Case(_args("logger.wandb.mode=sometimes"), "logger.wandb.mode=sometimes"),
     "unknown key added with +": Case(_args("+train.foo=1"), "train.foo is not a config key"),
     "misspelt key added with +": Case(_args("+model.index_topkk=3"), "model.index_topkk is not a config key"),
-    "wrong type": Case(_args("train.seq_len=long"), "expected type integer"),
+    "wrong type": Case(_args("train.seq_len=long"), "expected type integer", spawn=True),
     "misspelt preset": Case(_args("conf=tinyy"), "choose one of"),
     "GPU asked for without one": Case(_args("device=cuda"), "no CUDA GPU"),
     "disk full on checkpoint": Case(
@@ -147,13 +154,16 @@ CASES: dict[str, Case] = {
         code=4,
         writes="run kept",
         file_size_limit=100_000,
+        spawn=True,
     ),
-    "disk full on export": Case(_full_disk(), "cannot write", code=4, writes="run kept", file_size_limit=600_000),
+    "disk full on export": Case(
+        _full_disk(), "cannot write", code=4, writes="run kept", file_size_limit=600_000, spawn=True
+    ),
 }
+# A refused resume through the command line; test_reliability.py refuses other changed keys (the pattern, the
+# sequence length, seeds) in-process.
 RESUME_CASES = {
     "checkpoint of another model": (["model.tiny_family=deepseek_v32"], "model.tiny_family"),
-    "checkpoint of another pattern": (["pattern=explicit", "pattern.value=FSFF"], "pattern"),
-    "resume with a changed sequence length": (["train.seq_len=64"], "train.seq_len"),
 }
 _results: dict[str, bool] = {}
 
@@ -193,16 +203,23 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
 
 
-def _check(proc: subprocess.CompletedProcess[str], needle: str, code: int) -> None:
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("indexcache:")]
-    assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}:\n{proc.stderr[-3000:]}"
-    assert len(errors) == 1, f"wanted one indexcache: line, got {errors}:\n{proc.stderr[-3000:]}"
+def run_in_process(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str]:
+    """The entry point `train/main.py` runs, called here: (exit code, what it wrote on stderr)."""
+    capsys.readouterr()
+    code = main(["conf=tiny", *args])
+    return code, capsys.readouterr().err
+
+
+def _check(returncode: int, stderr: str, needle: str, code: int) -> None:
+    errors = [line for line in stderr.splitlines() if line.startswith("indexcache:")]
+    assert returncode == code, f"exit {returncode}, wanted {code}:\n{stderr[-3000:]}"
+    assert len(errors) == 1, f"wanted one indexcache: line, got {errors}:\n{stderr[-3000:]}"
     assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name, tmp_path, cache_dir, tiny_source):
+def test_bad_input(name, tmp_path, cache_dir, tiny_source, capsys):
     case = CASES[name]
     _results[name] = False
     try:
@@ -210,8 +227,11 @@ def test_bad_input(name, tmp_path, cache_dir, tiny_source):
         if not any(arg.startswith("run_dir=") for arg in args):
             args.append(f"run_dir={tmp_path / 'run'}")
         run_dir = Path(next(arg for arg in args if arg.startswith("run_dir=")).removeprefix("run_dir="))
-        proc = run_cli(tmp_path, cache_dir, args, case)
-        _check(proc, case.needle, case.code)
+        if case.spawn:
+            proc = run_cli(tmp_path, cache_dir, args, case)
+            _check(proc.returncode, proc.stderr, case.needle, case.code)
+        else:
+            _check(*run_in_process(capsys, args), case.needle, case.code)
         if case.writes == "nothing":
             assert not run_dir.exists(), f"{run_dir} was written: {sorted(p.name for p in run_dir.rglob('*'))}"
         else:
@@ -232,7 +252,7 @@ def test_bad_resume(name, tmp_path, cache_dir):
     prior = _prior_run(tmp_path, cache_dir)
     before = _snapshot(prior)
     proc = run_cli(tmp_path, cache_dir, [f"run_dir={prior}", *change])
-    _check(proc, needle, 2)
+    _check(proc.returncode, proc.stderr, needle, 2)
     assert "resume refused" in proc.stderr
     assert _snapshot(prior) == before, "the refused resume wrote into the run"
     _results[name] = True
@@ -260,6 +280,9 @@ def test_unusable_wandb_falls_back_to_offline_and_training_finishes(tmp_path, ca
 def test_matrix_summary():
     """Runs last (file order): reports the matrix's size and failures in the session summary."""
     cases = len(CASES) + len(RESUME_CASES)
+    spawned = sum(case.spawn for case in CASES.values()) + len(RESUME_CASES)
     failed = sorted(name for name, ok in _results.items() if not ok)
-    SUMMARY_LINES.append(f"bad-input matrix: {cases} cases, {len(_results)} run, {len(failed)} failed {failed}")
+    SUMMARY_LINES.append(
+        f"bad-input matrix: {cases} cases ({spawned} as processes), {len(_results)} run, {len(failed)} failed {failed}"
+    )
     assert cases >= 20

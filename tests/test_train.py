@@ -155,14 +155,3 @@ def test_explicit_pattern_run_exports_that_pattern(tmp_path, train_tiny):
     assert_only_f_indexers_changed(run_dir, "FSFS")
     config = json.loads((run_dir / "export" / "config.json").read_text())
     assert config["index_topk_pattern"] == "FSFS" and config["use_index_cache"] is True
-
-
-@pytest.mark.parametrize(("value", "needle"), [("FSF", "3 characters"), ("SFFF", "position 0"), ("FXFF", "'X'")])
-def test_bad_explicit_pattern_fails_before_anything_is_written(tmp_path, cache_dir, value, needle):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(MAIN), "conf=tiny", f"run_dir={run_dir}", "pattern=explicit", f"pattern.value={value}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env(cache_dir))
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("indexcache:")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
-    assert not run_dir.exists()
