@@ -7,12 +7,13 @@ in the source's dtype and shard; S-layer indexers are dropped, or kept for deeps
 builds one on every layer. Every tensor written or copied gets its sha256 recorded (CHECKSUM_FILE), so the export
 can be checked with no source at hand.
 
-Trained values arrive as a stream of (checkpoint name, tensor) pairs (`collect_trained_tensors`, one parameter at
-a time) and are spooled to a raw file in the staging directory as they come, so no rank ever holds more than one
-trained parameter however large the base: shards are then assembled from the spool and the source by byte ranges.
+Trained values arrive as a stream of (checkpoint name, tensor) pairs (`export_gather.collect_trained_tensors`, one
+parameter at a time) and are spooled to a raw file in the staging directory as they come, so no rank ever holds
+more than one trained parameter however large the base: shards are then assembled from the spool and the source by
+byte ranges.
 The export is built in a temporary sibling directory, validated, fsynced and renamed into place, so readers see
 either no export or a complete one; temporary directories a killed export left beside the target are removed by
-the next export to it.
+the next export to it. What the export records about itself (indexcache.json, the model card): export_record.py.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from indexcache.export_record import model_card, record_json
 from indexcache.fsutil import STAGING_TAG, dir_lock, staged_dir
 from indexcache.pattern import IndexCachePattern
 from indexcache.safetensors_io import (
@@ -59,7 +61,7 @@ from indexcache.validate_export import (
 )
 
 if TYPE_CHECKING:
-    from indexcache.model.wrapper import IndexCacheModel
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -92,56 +94,6 @@ class _Source:
 class _Spooled:
     info: TensorInfo  # where the trained value's bytes (already in the stored dtype) sit in the spool
     group: str  # "indexers" or "base"
-
-
-def collect_trained_tensors(model: IndexCacheModel, groups: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (checkpoint name, CPU tensor) for every parameter of `groups` ("indexers", "base"), one at a time.
-
-    Parameters are taken one by one from `model.trainable_parameters(groups)`. A ZeRO-3 partitioned parameter is
-    gathered alone, copied to CPU and released before the next is gathered, and the consumer (the export's spool)
-    writes each value before asking for the next: memory stays at one full parameter whatever the model's size.
-    The gathers are collectives, so under ZeRO-3 every rank takes part, in step: the writing rank hands this
-    generator to `export_checkpoint` (which runs it to its end even when it fails), the others call
-    `join_trained_gathers` with the same model and groups.
-
-    Fused parameters (transformers 5.23 stores a layer's experts as one `gate_up_proj` / `down_proj` tensor) come
-    out in the checkpoint's layout and names (`mlp.experts.{e}.gate_proj.weight`, ...), converted by transformers'
-    own reverse weight conversion, the one `save_pretrained` applies.
-    """
-    from transformers.core_model_loading import revert_weight_conversion
-
-    unknown = set(groups) - set(TRAINED_GROUPS)
-    if unknown:
-        raise ExportError(f"trained groups {sorted(unknown)} are unknown: use any of {list(TRAINED_GROUPS)}")
-    for name, param in model.trainable_parameters(tuple(groups)):
-        value = _full_cpu_copy(param)
-        yield from revert_weight_conversion(model.hf_model, {name: value}).items()
-        del value
-
-
-def join_trained_gathers(model: IndexCacheModel, groups: Sequence[str]) -> None:
-    """On a rank that does not write the export: take part in each ZeRO-3 gather `collect_trained_tensors` makes.
-
-    Same parameters, same order, so the collectives pair up; nothing is copied or kept (on GLM-5 one layer's fused
-    experts are about 13 GB, which only the writing rank needs on the host). Without ZeRO-3 it does nothing.
-    """
-    partitioned = [param for _, param in model.trainable_parameters(tuple(groups)) if hasattr(param, "ds_id")]
-    if not partitioned:
-        return
-    import deepspeed
-
-    for param in partitioned:
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            pass
-
-
-def _full_cpu_copy(param: torch.nn.Parameter) -> torch.Tensor:
-    if not hasattr(param, "ds_id"):  # not partitioned by ZeRO-3: the local tensor is the whole parameter
-        return param.detach().to("cpu", copy=True)
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-        return param.detach().to("cpu", copy=True)
 
 
 def export_checkpoint(
@@ -222,11 +174,22 @@ def _export(
                 (staging / _SPOOL).unlink()
                 checksum_text = json.dumps({"algorithm": "sha256", "tensors": checksums}, indent=1) + "\n"
                 _write_text(staging / CHECKSUM_FILE, checksum_text)
-                record = _record_json(source, pattern, model_type, summary, groups, checksum_text, checksums)
+                record = record_json(
+                    source.directory,
+                    source.config_sha256,
+                    pattern,
+                    model_type,
+                    summary,
+                    groups,
+                    checksum_text,
+                    checksums,
+                )
                 config_text = json.dumps(serving_config(source.config, pattern), indent=2) + "\n"
                 _write_text(staging / "config.json", config_text)
                 _write_text(staging / RECORD_FILE, record)
-                card = _model_card(source, pattern, model_type, keep_shared, summary, groups)
+                card = model_card(
+                    source.directory, source.config_sha256, pattern, model_type, keep_shared, summary, groups
+                )
                 _write_text(staging / "README.md", card)
                 _copy_side_files(source_dir, staging)
                 validate_export(staging, source_dir)
@@ -483,129 +446,6 @@ def _write_shards(
         for name, info in plan.items()
     }
     return dict(sorted(entries.items()))
-
-
-def _record_json(
-    source: _Source,
-    pattern: IndexCachePattern,
-    model_type: str,
-    summary: Mapping[str, Any],
-    groups: tuple[str, ...],
-    checksum_text: str,
-    checksums: Mapping[str, Mapping[str, Any]],
-) -> str:
-    uniform = pattern.uniform_params()
-    trained_counts = Counter(entry["trained"] for entry in checksums.values() if entry["trained"] is not None)
-    record = {
-        "pattern": pattern.value,
-        "model_type": model_type,
-        "num_layers": pattern.num_layers,
-        "retention": pattern.retention,
-        "full_layers": pattern.full_layers,
-        "groups": {str(owner): served for owner, served in pattern.groups.items()},
-        "uniform": None if uniform is None else {"freq": uniform[0], "offset": uniform[1]},
-        "source": {"path": str(source.directory), "config_sha256": source.config_sha256},
-        # Which tensor groups carry trained values; every other tensor is the source's, byte for byte.
-        "trained_groups": list(groups),
-        "tensors": {
-            "file": CHECKSUM_FILE,
-            "sha256": hashlib.sha256(checksum_text.encode()).hexdigest(),
-            "count": len(checksums),
-            "trained": dict(trained_counts),
-        },
-        "summary": dict(summary),
-        "metrics": summary.get("metrics", {}),  # the final metrics, at the top level for quick reading
-    }
-    return json.dumps(record, indent=2) + "\n"
-
-
-def serving_notes(pattern: IndexCachePattern, model_type: str) -> list[str]:
-    """What each serving engine derives from this export's config.json, one line per engine (for the model card).
-
-    Where an engine's rule cannot express the pattern, the line says so and what that engine runs instead.
-    """
-    trained = f"the trained pattern `{pattern.value}`"
-    uniform = pattern.uniform_params()
-    if model_type == "glm_moe_dsa":
-        transformers_line = f"transformers 5.23 (`GlmMoeDsaConfig`): reads `indexer_types`, so it runs {trained}."
-    elif model_type == "deepseek_v32":
-        transformers_line = (
-            "transformers 5.23: cannot express this pattern. Its `deepseek_v32` model has no IndexCache and runs "
-            "every layer's own indexer (the S layers' source indexers, kept in this checkpoint for it). Serve with "
-            "vLLM or SGLang to run the trained pattern."
-        )
-    else:
-        transformers_line = f"transformers 5.23: its `{model_type}` model has no lightning indexer; it ignores them."
-    if uniform is None:
-        megatron_line = (
-            "Megatron-LM convention: cannot express this pattern. It reads only `index_topk_freq` / "
-            "`index_skip_topk_offset` (counting layers from 1), no uniform schedule reproduces this pattern, so both "
-            "keys are left out and such an engine keeps every layer's indexer. Serve with vLLM or SGLang"
-            + (" (or transformers)." if model_type == "glm_moe_dsa" else ".")
-        )
-    else:
-        freq, offset = uniform
-        numbers = ", ".join(str(layer + 1) for layer in pattern.full_layers)
-        megatron_line = (
-            f"Megatron-LM convention (layers counted from 1): `index_topk_freq` {freq}, `index_skip_topk_offset` "
-            f"{offset} give F layers {numbers}, which is {trained}."
-        )
-    return [
-        transformers_line,
-        f"vLLM: `use_index_cache` is true and `index_topk_pattern` overrides freq/offset, so it runs {trained}; the "
-        "MTP layer keeps its own indexer.",
-        f"SGLang: reads `indexer_types` first, so it runs {trained}.",
-        megatron_line,
-    ]
-
-
-def _model_card(
-    source: _Source,
-    pattern: IndexCachePattern,
-    model_type: str,
-    keep_shared: bool,
-    summary: Mapping[str, Any],
-    groups: tuple[str, ...],
-) -> str:
-    shared_note = (
-        "kept unchanged (transformers builds an indexer on every deepseek_v32 layer; IndexCache engines skip them)"
-        if keep_shared
-        else "removed"
-    )
-    trained_note = {
-        ("indexers",): "the F-layer indexers carry the trained values; every other tensor",
-        ("base",): "the base weights carry the trained values; every other tensor (indexers included)",
-    }.get(groups, "the F-layer indexers and the base weights carry the trained values; every other tensor")
-    lines = [
-        "---",
-        "tags: [indexcache, sparse-attention]",
-        "---",
-        f"# IndexCache export of `{source.directory.name}`",
-        "",
-        f"A `{model_type}` checkpoint where {len(pattern.full_layers)} of {pattern.num_layers} DSA layers keep their "
-        f"lightning indexer (F, retention {pattern.retention:.1%}); every other layer (S) reuses the top-k indices of "
-        "the nearest preceding F layer. The F indexers were trained to serve all the layers they cover.",
-        "",
-        f"- pattern (`index_topk_pattern`): `{pattern.value}`",
-        f"- F layers: {', '.join(map(str, pattern.full_layers))}",
-        f"- trained tensor groups: {', '.join(groups)}",
-        f"- S-layer indexer tensors: {shared_note}",
-        f"- source: `{source.directory}` (config.json sha256 `{source.config_sha256}`); {trained_note} (the MTP "
-        "layer included) is byte-identical to it",
-        "",
-        "`config.json` carries `indexer_types`, `index_topk_pattern` and `use_index_cache`; `indexcache.json` holds "
-        f"the groups, training summary and metrics; `{CHECKSUM_FILE}` the sha256 of every tensor. Check the files "
-        "with `python -m indexcache.validate_export DIR`.",
-        "",
-        "## Serving engines",
-        "",
-    ]
-    lines += [f"- {note}" for note in serving_notes(pattern, model_type)]
-    metrics = summary.get("metrics") or {}
-    if metrics:
-        lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value} |" for key, value in metrics.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _copy_side_files(source_dir: Path, staging: Path) -> None:

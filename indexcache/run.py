@@ -33,7 +33,8 @@ from indexcache.context_parallel import new_context_shard
 from indexcache.conversion.sources import load_tokenizer, read_config
 from indexcache.data import PackedSplits, build_datasets
 from indexcache.distributed import DistInfo, barrier, main_first
-from indexcache.export import collect_trained_tensors, export_checkpoint, join_trained_gathers
+from indexcache.export import export_checkpoint
+from indexcache.export_gather import collect_trained_tensors, join_trained_gathers
 from indexcache.fsutil import atomic_write_text
 from indexcache.loading import LoadedModel, load_model, resolve_model_source
 from indexcache.metrics import MetricsLogger

@@ -554,7 +554,7 @@ def trained_base_model(glm_source):
 def test_trained_base_export_keeps_the_source_layout_and_loads_as_the_trained_model(
     glm_source, trained_base_model, tmp_path
 ):
-    from indexcache.export import collect_trained_tensors
+    from indexcache.export_gather import collect_trained_tensors
 
     model = trained_base_model
     groups = ("indexers", "base")
@@ -605,7 +605,7 @@ def test_trained_base_export_keeps_the_source_layout_and_loads_as_the_trained_mo
 
 
 def test_trained_base_tensors_are_checked_against_the_record_not_the_source(glm_source, trained_base_model, tmp_path):
-    from indexcache.export import collect_trained_tensors
+    from indexcache.export_gather import collect_trained_tensors
 
     groups = ("indexers", "base")
     target = export_checkpoint(
