@@ -73,6 +73,46 @@ def check(name: str, cfg: fused.FusedConfig, padding: bool, sparse: bool, want_g
         sys.exit(f"{name}: fused disagrees with the float64 chunked loss: {bad}")
 
 
+def check_offset(name: str, cfg: fused.FusedConfig, query_offset: int) -> None:
+    """Rows from `query_offset` on against every key before and among them (context parallelism), teachers with
+    their attention's LSE: against the float64 chunked loss with the same offset."""
+    gen = torch.Generator().manual_seed(len(name))
+    batch, seq, idx_heads, idx_dim, heads, kv_heads, head_dim, layers = 2, 200, 4, 32, 4, 2, 64, 2
+    rows = seq - query_offset
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).half()
+
+    q, k, w = (
+        randn(batch, rows, idx_heads, idx_dim, scale=0.3),
+        randn(batch, seq, idx_dim, scale=0.3),
+        randn(batch, rows, idx_heads, scale=0.5),
+    )
+    causal = torch.arange(seq)[None, :] <= torch.arange(query_offset, seq)[:, None]
+    teachers = []
+    for _ in range(layers):
+        query, key = randn(batch, heads, rows, head_dim, scale=1.5), randn(batch, kv_heads, seq, head_dim, scale=1.5)
+        scores = query.double() @ key.double().repeat_interleave(heads // kv_heads, 1).transpose(-1, -2)
+        lse = (scores * head_dim**-0.5).masked_fill(~causal, float("-inf")).logsumexp(-1).float()
+        teachers.append(TeacherInputs(query, key, head_dim**-0.5, lse))
+    real = torch.ones(batch, seq, dtype=torch.bool)
+    num_rows = batch * seq  # the global count: this chunk's share of the loss
+    sums = fused.fused_sums(
+        IndexerOutputs(q, k, w), teachers, real, real[:, query_offset:], num_rows, None, True, False, cfg,
+        query_offset=query_offset,
+    )  # fmt: skip
+    indexer64 = IndexerOutputs(*(x.double().requires_grad_() for x in (q, k, w)))
+    teachers64 = [TeacherInputs(t.query.double(), t.key.double(), t.scaling) for t in teachers]
+    expected = chunked_multi_layer_kl(indexer64, teachers64, None, None, 64, query_offset, num_rows)
+    grads = torch.autograd.grad(expected.loss, (indexer64.q, indexer64.k, indexer64.w))
+    errors = {"kl": rel(sums.kl / num_rows, expected.kl_per_layer)}
+    errors.update({f"d{n}": rel(g, e) for n, g, e in zip("qkw", (sums.dq, sums.dk, sums.dw), grads, strict=True)})
+    print(f"{name:<28}", "  ".join(f"{key} {value:.1e}" for key, value in errors.items()), flush=True)
+    bad = {key: value for key, value in errors.items() if value > (VALUE_BOUND if key == "kl" else GRAD_BOUND)}
+    if bad:
+        sys.exit(f"{name}: fused disagrees with the float64 chunked loss: {bad}")
+
+
 def main() -> None:
     small = fused.FusedConfig(
         tile_rows=64, tile_cols=64, lse_rows=64, lse_cols=64, tile_depth=32,
@@ -85,6 +125,8 @@ def main() -> None:
     check("D/E blocks swapped", swapped, padding=True, sparse=False)
     check("head slabs of 3", dataclasses.replace(small, heads_per_launch=3), padding=False, sparse=True)
     check("no gradients", small, padding=True, sparse=True, want_grad=False)
+    check_offset("query offset 64", small, 64)
+    check_offset("query offset 128, 2 chunks", dataclasses.replace(small, scratch_bytes=2 * 4 * 2 * 256 * 32), 128)
     print("all cases agree")
 
 

@@ -49,9 +49,7 @@ def multi_layer_kl(
     validate_inputs(indexer, teachers, attention_mask, topk_indices, query_offset)
     whole = query_offset == 0 and num_rows is None
     if impl == "auto":
-        # The fused kernels take whole sequences (rows and keys from position 0); a chunk with a causal offset
-        # runs the chunked path.
-        impl = "fused" if query_offset == 0 and _fused_usable(indexer, teachers) else "chunked"
+        impl = "fused" if _fused_usable(indexer, teachers, topk_indices, query_offset) else "chunked"
     if impl == "reference":
         if not whole:
             raise ValueError("impl='reference' takes whole sequences: use impl='chunked' with query_offset/num_rows")
@@ -59,17 +57,19 @@ def multi_layer_kl(
     if impl == "fused":
         from indexcache.losses.fused import fused_multi_layer_kl  # lazy: needs triton and CUDA
 
-        if query_offset:
-            raise ValueError("impl='fused' takes whole sequences: use impl='chunked' or 'auto' with query_offset > 0")
-        return fused_multi_layer_kl(indexer, teachers, attention_mask, topk_indices, num_rows)
+        return fused_multi_layer_kl(indexer, teachers, attention_mask, topk_indices, num_rows, query_offset)
     return chunked_multi_layer_kl(indexer, teachers, attention_mask, topk_indices, chunk_size, query_offset, num_rows)
 
 
-def _fused_usable(indexer: IndexerOutputs, teachers: list[TeacherInputs]) -> bool:
+def _fused_usable(
+    indexer: IndexerOutputs, teachers: list[TeacherInputs], topk_indices: Tensor | None, query_offset: int
+) -> bool:
     if not indexer.q.is_cuda:
         return False
     try:
-        from indexcache.losses.fused import fused_supports
+        from indexcache.losses.fused import fused_supports, offset_supported
     except ImportError:  # no triton on this machine
         return False
+    if query_offset and not offset_supported(teachers, topk_indices, query_offset):
+        return False  # a chunk with a causal offset the kernels do not take runs the chunked path
     return fused_supports(indexer, teachers)

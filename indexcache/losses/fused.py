@@ -98,6 +98,14 @@ def fused_supports(indexer: IndexerOutputs, teachers: list[TeacherInputs]) -> bo
     return same and 16 <= first.query.shape[-1] <= 256
 
 
+def offset_supported(teachers: list[TeacherInputs], topk_indices: Tensor | None, query_offset: int) -> bool:
+    """Whether the kernels take rows from `query_offset` on: a whole number of pass-C row blocks, the dense
+    variant, and every teacher's LSE from its attention (pass A runs over whole sequences only)."""
+    return (
+        query_offset % CONFIG.tile_rows == 0 and topk_indices is None and all(t.logsumexp is not None for t in teachers)
+    )
+
+
 def selection_bitmap(topk_indices: Tensor, real: Tensor, rows_per_step: int = 1024) -> Tensor:
     """[B, T, ceil(T/32)] int32: bit s of row t is set iff top-k entry s is visible from t (built in row steps)."""
     batch, seq, _ = topk_indices.shape
@@ -152,7 +160,7 @@ def _finish_lse(running_max, running_sum):
 
 @triton.jit
 def _indexer_logits(q_ptr, w_ptr, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI: tl.constexpr):
-    """I[t, s] = sum_j w[t, j] relu(q[t, j] . k[s]) for one tile; k_t is [D_I, cols]."""
+    """I[t, s] = sum_j w[t, j] relu(q[t, j] . k[s]) for one tile; k_t is [D_I, cols]; `rows` index q and w."""
     di = tl.arange(0, BLOCK_DI)
     logits = tl.zeros([rows.shape[0], k_t.shape[1]], dtype=tl.float32)
     for j in range(num_idx_heads):
@@ -219,7 +227,7 @@ def _teacher_lse_kernel(
 @triton.jit
 def _student_tile_kernel(
     q_ptr, k_ptr, w_ptr, key_ok_ptr, bits_ptr, tiles_ptr, logits_ptr, stats_ptr,
-    seq_len, chunk_start, num_idx_heads,
+    seq_len, chunk_start, num_idx_heads, row_base,
     s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_okb, s_bitb, s_bitt, s_gb, s_gt, s_sb, s_st,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
     MASK_KEYS: tl.constexpr, SPARSE: tl.constexpr,
@@ -238,7 +246,7 @@ def _student_tile_kernel(
     key_ok, bits = key_ok_ptr + b * s_okb, bits_ptr + b * s_bitb
     k_t = tl.load(k_ptr + b * s_kb + cols[None, :] * s_kt + di[:, None], mask=cols[None, :] < seq_len, other=0.0)
     logits = _indexer_logits(
-        q_ptr + b * s_qb, w_ptr + b * s_wb, k_t, rows, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI
+        q_ptr + b * s_qb, w_ptr + b * s_wb, k_t, rows - row_base, row_in, num_idx_heads, s_qt, s_qj, s_wt, BLOCK_DI
     )
     logits = logits * 1.4426950408889634
     tl.store(logits_ptr + b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :], logits, mask=row_in[:, None])
@@ -255,7 +263,7 @@ def _student_tile_kernel(
 def _teacher_tile_kernel(
     q_table, k_table, scale_table, teacher_lse_ptr, student_lse_ptr, key_ok_ptr, row_ok_ptr, bits_ptr, tiles_ptr,
     partial_ptr, p_ptr, d_logits_ptr, logits_ptr,
-    seq_len, chunk_start, layer, first_head, num_slab_heads, num_layers, num_heads, heads_per_kv,
+    seq_len, chunk_start, layer, first_head, num_slab_heads, num_layers, num_heads, heads_per_kv, row_base, num_rows,
     s_tqb, s_tqh, s_tqt, s_tkb, s_tkh, s_tkt, s_okb, s_bitb, s_bitt, s_gb, s_gt,
     DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_D_CHUNKS: tl.constexpr, HEAD_DIM: tl.constexpr, STAGES: tl.constexpr,
@@ -276,11 +284,11 @@ def _teacher_tile_kernel(
     row_in, col_in = rows < seq_len, cols < seq_len
     tile = b * s_gb + (rows[:, None] - chunk_start) * s_gt + cols[None, :]
     # int64 bases (a teacher tensor can exceed 2^31 elements at long T); offsets inside a tile stay int32.
-    q_base = _table_pointer(q_table, layer, DTYPE) + b * s_tqb + (row_block * BLOCK_T).to(tl.int64) * s_tqt
+    q_base = _table_pointer(q_table, layer, DTYPE) + b * s_tqb + (row_block * BLOCK_T - row_base).to(tl.int64) * s_tqt
     k_base = _table_pointer(k_table, layer, DTYPE) + b * s_tkb + (col_block * BLOCK_S).to(tl.int64) * s_tkt
     tile_rows, tile_cols = tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_S)
     scale2 = tl.load(scale_table + layer) * 1.4426950408889634
-    lse_base = teacher_lse_ptr + ((layer * tl.num_programs(1) + b) * num_heads).to(tl.int64) * seq_len
+    lse_base = teacher_lse_ptr + ((layer * tl.num_programs(1) + b) * num_heads).to(tl.int64) * num_rows
     if FIRST:
         p_layer = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
     else:
@@ -298,7 +306,7 @@ def _teacher_tile_kernel(
             k_mask = col_in[None, :] & (d[:, None] < HEAD_DIM)
             key_t = tl.load(k_head + tile_cols[None, :] * s_tkt + d[:, None], mask=k_mask, other=0.0)
             scores = tl.dot(query, key_t, scores)
-        lse = tl.load(lse_base + h64 * seq_len + rows, mask=row_in, other=0.0)
+        lse = tl.load(lse_base + h64 * num_rows + rows - row_base, mask=row_in, other=0.0)
         # Disallowed entries may overflow to inf here; they are replaced by 0 below (no inf - inf occurs).
         p_layer += tl.exp2(scores * scale2 - lse[:, None])
     if LAST:
@@ -308,7 +316,7 @@ def _teacher_tile_kernel(
         p_layer = tl.where(allowed & row_ok[:, None], p_layer / num_heads, 0.0)
         part = partial_ptr + ((pid * tl.num_programs(1) + b) * num_layers + layer) * 2
         tl.store(part, tl.sum(tl.sum(p_layer * tl.log2(tl.where(p_layer > 0, p_layer, 1.0)), 1), 0))
-        student_lse = tl.load(student_lse_ptr + b * seq_len + rows, mask=row_in, other=0.0)
+        student_lse = tl.load(student_lse_ptr + b * num_rows + rows - row_base, mask=row_in, other=0.0)
         log2_q = tl.load(logits_ptr + tile, mask=row_in[:, None], other=0.0) - student_lse[:, None]
         log2_q = tl.where(allowed, log2_q, 0.0)
         tl.store(part + 1, tl.sum(tl.sum(p_layer * log2_q, 1), 0))
@@ -325,7 +333,7 @@ def _teacher_tile_kernel(
 @triton.jit
 def _dq_dw_kernel(
     q_ptr, k_ptr, w_ptr, d_logits_ptr, dq_ptr, dw_ptr,
-    seq_len, chunk_start, inv_rows,
+    seq_len, chunk_start, inv_rows, row_base,
     s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_gb, s_gt,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
 ):  # fmt: skip
@@ -335,9 +343,10 @@ def _dq_dw_kernel(
     j, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = chunk_start + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_in = rows < seq_len
+    local = rows - row_base  # q, w, dq and dw hold the rows from row_base on
     di = tl.arange(0, BLOCK_DI)
-    q_j = tl.load(q_ptr + b * s_qb + rows[:, None] * s_qt + j * s_qj + di[None, :], mask=row_in[:, None], other=0.0)
-    w_j = tl.load(w_ptr + b * s_wb + rows * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
+    q_j = tl.load(q_ptr + b * s_qb + local[:, None] * s_qt + j * s_qj + di[None, :], mask=row_in[:, None], other=0.0)
+    w_j = tl.load(w_ptr + b * s_wb + local * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
     dq = tl.zeros([BLOCK_T, BLOCK_DI], tl.float32)
     dw = tl.zeros([BLOCK_T], tl.float32)
     # Keys up to the block's last row; pass C wrote dI there (zeros above the diagonal of its own tiles, which
@@ -354,15 +363,15 @@ def _dq_dw_kernel(
         dw += tl.sum(grad * tl.maximum(scores, 0.0), 1)
         d_scores = tl.where(scores > 0, grad * w_j[:, None], 0.0)
         dq += tl.dot(d_scores.to(key.dtype), key)
-    out = rows[:, None] * s_qt + j * s_qj + di[None, :]
+    out = local[:, None] * s_qt + j * s_qj + di[None, :]
     tl.store(dq_ptr + b * s_qb + out, (dq * inv_rows).to(dq_ptr.dtype.element_ty), mask=row_in[:, None])
-    tl.store(dw_ptr + b * s_wb + rows * s_wt + j, (dw * inv_rows).to(dw_ptr.dtype.element_ty), mask=row_in)
+    tl.store(dw_ptr + b * s_wb + local * s_wt + j, (dw * inv_rows).to(dw_ptr.dtype.element_ty), mask=row_in)
 
 
 @triton.jit
 def _dk_kernel(
     q_ptr, k_ptr, w_ptr, d_logits_ptr, dk_ptr,
-    seq_len, chunk_start, chunk_stop, num_idx_heads, inv_rows,
+    seq_len, chunk_start, chunk_stop, num_idx_heads, inv_rows, row_base,
     s_qb, s_qt, s_qj, s_kb, s_kt, s_wb, s_wt, s_gb, s_gt, s_dkb, s_dkt,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
 ):  # fmt: skip
@@ -385,11 +394,12 @@ def _dk_kernel(
             mask=row_in[None, :] & col_in[:, None],
             other=0.0,
         )
+        local = rows - row_base  # q and w hold the rows from row_base on
         for j in range(num_idx_heads):
             q_j = tl.load(
-                q_ptr + b * s_qb + rows[:, None] * s_qt + j * s_qj + di[None, :], mask=row_in[:, None], other=0.0
+                q_ptr + b * s_qb + local[:, None] * s_qt + j * s_qj + di[None, :], mask=row_in[:, None], other=0.0
             )
-            w_j = tl.load(w_ptr + b * s_wb + rows * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
+            w_j = tl.load(w_ptr + b * s_wb + local * s_wt + j, mask=row_in, other=0.0).to(tl.float32)
             scores_t = tl.dot(key, tl.trans(q_j))
             d_scores_t = tl.where(scores_t > 0, grad_t * w_j[None, :], 0.0)
             dk += tl.dot(d_scores_t.to(q_j.dtype), q_j)
@@ -446,13 +456,14 @@ def _tile_order(first_block: int, stop_row: int, tile_rows: int, tile_cols: int,
 
 @functools.lru_cache(maxsize=32)
 def _chunk_tiles(
-    seq: int, chunk: int, tile_rows: int, tile_cols: int, tile_group: int, device: torch.device
+    seq: int, chunk: int, tile_rows: int, tile_cols: int, tile_group: int, device: torch.device, first_row: int = 0
 ) -> tuple[Tensor, ...]:
-    """Every row chunk's tile order on `device`, cached: a training run repeats the same few shapes, and building
-    the orders on the host (tens of ms at 32K) would leave the GPU idle when no teacher-LSE pass hides it."""
+    """Every row chunk's tile order on `device` (rows first_row .. seq - 1), cached: a training run repeats the same
+    few shapes, and building the orders on the host (tens of ms at 32K) would leave the GPU idle when no
+    teacher-LSE pass hides it."""
     orders = [
         _tile_order(start // tile_rows, min(start + chunk, seq), tile_rows, tile_cols, tile_group)
-        for start in range(0, seq, chunk)
+        for start in range(first_row, seq, chunk)
     ]
     return _to_device(torch.cat(orders), device).split([len(order) for order in orders])
 
@@ -509,29 +520,43 @@ def fused_sums(
     want_grad: bool,
     mask_keys: bool,
     cfg: FusedConfig | None = None,
+    query_offset: int = 0,
 ) -> Sums:
-    """The loss's row sums and gradients; `mask_keys`: some key in `real` is padding (the kernels then test it)."""
+    """The loss's row sums and gradients; `mask_keys`: some key in `real` is padding (the kernels then test it).
+
+    `query_offset` > 0 (context parallelism, `offset_supported`): the query-side tensors hold the rows from that
+    global position on, the key-side ones (indexer k, teacher keys, `real`) every key before and among them. The
+    kernels then index keys and causality by global position and the query side by `row - query_offset`.
+    """
     cfg = cfg or CONFIG
     for size in (cfg.dq_rows, cfg.dq_cols, cfg.dk_rows, cfg.dk_cols):
         if min(cfg.tile_rows, cfg.tile_cols) % size:
             raise ValueError(f"FusedConfig: pass D/E block {size} must divide the pass-C tile {cfg.tile_rows}")
     q, k, w = (x.contiguous() for x in (indexer.q, indexer.k, indexer.w))
-    batch, seq, num_idx_heads, idx_dim = q.shape
+    batch, local_rows, num_idx_heads, idx_dim = q.shape
+    seq = query_offset + local_rows  # keys, and the global position after the last row
     teachers, q_table, k_table, scales = _teacher_tables(teachers)
     query, key = teachers[0].query, teachers[0].key
     num_layers, num_heads, num_kv_heads, head_dim = len(teachers), query.shape[1], key.shape[1], query.shape[3]
     device = q.device
     sparse = topk_indices is not None
     key_ok = real.to(torch.int8).contiguous()
-    row_ok = rows_ok.to(torch.int8).contiguous()
+    # Rows by global position (none before the offset), so row and key masks share one layout.
+    row_ok = torch.zeros(batch, seq, dtype=torch.int8, device=device)
+    row_ok[:, query_offset:] = rows_ok.to(torch.int8)
     bits = selection_bitmap(topk_indices, real) if sparse else torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
     flags = {"MASK_KEYS": mask_keys, "SPARSE": sparse}
     index_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1))
     teacher_strides = (*query.stride()[:3], *key.stride()[:3])
     mask_strides = (key_ok.stride(0), bits.stride(0), bits.stride(1))
 
+    if query_offset and (query_offset % cfg.tile_rows or not all(t.logsumexp is not None for t in teachers)):
+        raise ValueError(
+            f"the fused loss takes query_offset={query_offset} only as a multiple of {cfg.tile_rows} rows, with "
+            "the teachers' attention LSE"
+        )
     teacher_lse = _teacher_lse(teachers, (q_table, k_table, scales), key_ok, bits, flags, cfg)
-    student_lse = torch.empty(batch, seq, dtype=torch.float32, device=device)
+    student_lse = torch.empty(batch, local_rows, dtype=torch.float32, device=device)
 
     slab = cfg.heads_per_launch if 0 < cfg.heads_per_launch < num_heads else num_heads
     depth = min(cfg.tile_depth, triton.next_power_of_2(head_dim))
@@ -550,19 +575,22 @@ def fused_sums(
     inv_rows = 1.0 / max(num_rows, 1)
     grad_strides = (scratch.stride(0), scratch.stride(1))
     partial_sums = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
-    chunks = [(start, min(start + chunk, seq)) for start in range(0, seq, chunk)]
-    all_tiles = _chunk_tiles(seq, chunk, cfg.tile_rows, cfg.tile_cols, cfg.tile_group, device)
+    chunks = [(start, min(start + chunk, seq)) for start in range(query_offset, seq, chunk)]
+    all_tiles = _chunk_tiles(seq, chunk, cfg.tile_rows, cfg.tile_cols, cfg.tile_group, device, query_offset)
     for (chunk_start, chunk_stop), tiles in zip(chunks, all_tiles, strict=True):
         grid = (tiles.shape[0], batch)
         stats[..., 0].fill_(float("-inf"))  # key blocks past a row block's diagonal have no tile: no keys
         stats[..., 1].zero_()
         _student_tile_kernel[grid](
             q, k, w, key_ok, bits, tiles, logits_scratch, stats,
-            seq, chunk_start, num_idx_heads, *index_strides, *mask_strides, *grad_strides, stats.stride(0),
+            seq, chunk_start, num_idx_heads, query_offset, *index_strides, *mask_strides, *grad_strides,
+            stats.stride(0),
             stats.stride(1), BLOCK_T=cfg.tile_rows, BLOCK_S=cfg.tile_cols, BLOCK_DI=idx_dim, **flags,
             num_warps=cfg.tile_warps, num_stages=cfg.stages,
         )  # fmt: skip
-        student_lse[:, chunk_start:chunk_stop] = _combine_student_lse(stats[:, : chunk_stop - chunk_start])
+        student_lse[:, chunk_start - query_offset : chunk_stop - query_offset] = _combine_student_lse(
+            stats[:, : chunk_stop - chunk_start]
+        )
         partial = torch.empty(tiles.shape[0], batch, num_layers, 2, dtype=torch.float32, device=device)
         for layer in range(num_layers):
             for first_head in range(0, num_heads, slab):
@@ -570,7 +598,8 @@ def fused_sums(
                     q_table, k_table, scales, teacher_lse, student_lse, key_ok, row_ok, bits, tiles,
                     partial, p_scratch, scratch, logits_scratch,
                     seq, chunk_start, layer, first_head, min(slab, num_heads - first_head), num_layers, num_heads,
-                    num_heads // num_kv_heads, *teacher_strides, *mask_strides, *grad_strides,
+                    num_heads // num_kv_heads, query_offset, local_rows, *teacher_strides, *mask_strides,
+                    *grad_strides,
                     DTYPE=_TL_DTYPES[query.dtype], BLOCK_T=cfg.tile_rows, BLOCK_S=cfg.tile_cols, BLOCK_D=depth,
                     NUM_D_CHUNKS=triton.cdiv(head_dim, depth), HEAD_DIM=head_dim, STAGES=cfg.tile_stages,
                     FIRST=first_head == 0, LAST=first_head + slab >= num_heads, FIRST_LAYER=layer == 0,
@@ -581,12 +610,13 @@ def fused_sums(
         if not want_grad:
             continue
         _dq_dw_kernel[(num_idx_heads, triton.cdiv(chunk_stop - chunk_start, cfg.dq_rows), batch)](
-            q, k, w, scratch, dq, dw, seq, chunk_start, inv_rows, *index_strides, *grad_strides,
+            q, k, w, scratch, dq, dw, seq, chunk_start, inv_rows, query_offset, *index_strides, *grad_strides,
             BLOCK_T=cfg.dq_rows, BLOCK_S=cfg.dq_cols, BLOCK_DI=idx_dim, num_warps=cfg.dq_warps,
             num_stages=cfg.stages,
         )  # fmt: skip
         _dk_kernel[(triton.cdiv(chunk_stop, cfg.dk_cols), batch)](
-            q, k, w, scratch, dk, seq, chunk_start, chunk_stop, num_idx_heads, inv_rows, *index_strides,
+            q, k, w, scratch, dk, seq, chunk_start, chunk_stop, num_idx_heads, inv_rows, query_offset,
+            *index_strides,
             *grad_strides, dk.stride(0), dk.stride(1),
             BLOCK_T=cfg.dk_rows, BLOCK_S=cfg.dk_cols, BLOCK_DI=idx_dim, num_warps=cfg.dk_warps,
             num_stages=cfg.stages,
@@ -608,13 +638,20 @@ def fused_multi_layer_kl(
     attention_mask: Tensor | None,
     topk_indices: Tensor | None = None,
     num_rows: int | None = None,
+    query_offset: int = 0,
 ) -> KLResult:
-    """The fused group KL of whole sequences; `num_rows` replaces the valid-row count as the normaliser."""
+    """The fused group KL; `num_rows` replaces the valid-row count as the normaliser, `query_offset` > 0 takes
+    rows from that global position on (`offset_supported`; see `multi_layer_kl`)."""
     if not fused_supports(indexer, teachers):
         raise ValueError("impl='fused' needs CUDA bf16/fp16 tensors, D_I a power of two <= 256, equal teacher shapes")
+    if query_offset and not offset_supported(teachers, topk_indices, query_offset):
+        raise ValueError(
+            f"impl='fused' takes query_offset={query_offset} only as a multiple of {CONFIG.tile_rows} rows, dense, "
+            "with every teacher's attention LSE: use impl='chunked' or 'auto'"
+        )
     batch, seq = indexer.q.shape[:2]
-    real = key_mask(attention_mask, batch, seq, indexer.q.device)
-    rows = valid_rows(real, topk_indices)
+    real = key_mask(attention_mask, batch, indexer.k.shape[1], indexer.q.device)
+    rows = valid_rows(real, topk_indices, query_offset)
     # Normalisation: all per-row sums are divided by the number of valid rows (computed once, here). Without
     # padding or top-k every row counts: known on the host, so the training step does not wait on the GPU here.
     if num_rows is None:
@@ -625,7 +662,9 @@ def fused_multi_layer_kl(
     plain = IndexerOutputs(indexer.q.detach(), indexer.k.detach(), indexer.w.detach())
 
     def compute() -> Sums:
-        return fused_sums(plain, detached, real, rows, num_rows, topk_indices, want_grad, mask_keys)
+        return fused_sums(
+            plain, detached, real, rows, num_rows, topk_indices, want_grad, mask_keys, query_offset=query_offset
+        )
 
     loss, kl_per_layer, entropy = PrecomputedGradKL.apply(indexer.q, indexer.k, indexer.w, compute)
     return KLResult(loss=loss, kl_per_layer=kl_per_layer, teacher_entropy=entropy, num_rows=num_rows)
