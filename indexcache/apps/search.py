@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from indexcache.cli import hydra_main, user_error
 from indexcache.config import ConfigError, RunConfig, to_container
-from indexcache.distributed import from_main, init_distributed, main_first, rank_and_world, shutdown
+from indexcache.distributed import DistInfo, from_main, init_distributed, main_first, rank_and_world, shutdown
 from indexcache.fsutil import atomic_write_text
 from indexcache.loading import load_data, load_model, model_dtype, resolve_model_source
 from indexcache.metrics import MetricsLogger
@@ -82,22 +83,109 @@ def _read_state(path: Path, fingerprint: dict[str, Any]) -> tuple[list[dict[str,
     return state["curve"], list(state.get("invocations", []))
 
 
+@dataclass(frozen=True)
+class SearchRequest:
+    """A search request checked against the source's config.json and the calibration data, before the weights load."""
+
+    source_dir: Path
+    source_config: dict[str, Any]
+    num_layers: int
+    start: IndexCachePattern
+    batches: list[dict[str, Tensor]]
+    cache_budget: int | None  # bytes per rank of the bounded prefix-reuse cache; None: unbounded or no reuse
+    out_dir: Path
+    fingerprint: dict[str, Any]
+    resumed: list[dict[str, Any]] | None  # the curve of a search this one continues
+    earlier: list[dict[str, Any]]  # the cost of each earlier invocation of it
+
+
+@dataclass(frozen=True)
+class References:
+    """What a user compares the curve with, on the same calibration batches."""
+
+    uniform: IndexCachePattern
+    label: str
+    dense_loss: float
+    uniform_loss: float
+
+
+class Invocations:
+    """The cost of every invocation of one search: the earlier ones (from its state file) and this one so far."""
+
+    def __init__(self, objective: SearchObjective, earlier: list[dict[str, Any]]) -> None:
+        self.objective, self.earlier = objective, earlier
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def all(self) -> list[dict[str, Any]]:
+        """A collective (the counters are summed over ranks): every rank calls it."""
+        counts = (*self.objective.cost(), round(self.seconds(), 3))
+        return [*self.earlier, dict(zip(COST_KEYS, counts, strict=True))]
+
+
 def run_search(cfg: RunConfig) -> SearchResult:
-    """Load the model and calibration data, check the request, search, and write the outputs.
+    """Check the request, load the model, search (resumably), and write the outputs.
 
     Under a launcher (`deepspeed` / `torchrun`) every rank runs this: each scores its share of the calibration
     batches (the model sharded by ZeRO-3 with `deepspeed=zero3`), every rank takes the same decisions, and rank 0
     alone reads the state file (sent to all) and writes the outputs.
     """
+    dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)
+    request = check_request(cfg, dist)
+    if dist.is_main:  # every check has passed: from here on, outputs may be written
+        request.out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(
+        cfg.model,
+        cfg.deepspeed,
+        request.source_dir,
+        request.source_config,
+        None,
+        dist.device,
+        model_class=SearchModel,
+        inference=True,
+    )
+    cache_device = torch.device("cpu") if cfg.search.cache_on_cpu else None
+    objective = SearchObjective(
+        loaded.model, request.batches, cfg.search.prefix_reuse, request.cache_budget, cache_device
+    )
+    invocations = Invocations(objective, request.earlier)
+    try:
+        result = greedy_search(
+            objective,
+            request.start,
+            cfg.search,
+            resume=request.resumed,
+            on_step=state_writer(request, invocations, dist),
+        )
+    finally:
+        objective.close()
+    spent = invocations.all()
+    cost = total_cost(spent)
+    result = replace(
+        result,
+        layer_forwards=cost["layer_forwards"],
+        naive_layer_forwards=cost["naive_layer_forwards"],
+        invocations=cost["invocations"],
+    )
+    if not result.finished:
+        return result
+    references = measure_references(cfg, objective, request.num_layers)  # forwards: every rank runs them
+    if dist.is_main:
+        summary = {**cost, "cache_stride": objective.stride, "per_invocation": spent}
+        write_outputs(cfg, request, result, references, summary, dist.world_size)
+    return result
+
+
+def check_request(cfg: RunConfig, dist: DistInfo) -> SearchRequest:
+    """Everything that can be checked from config.json, the data and the state file, before the weights load."""
     search = cfg.search
     if search.calibration_tokens < cfg.train.seq_len:
         raise ValueError(
             f"search.calibration_tokens={search.calibration_tokens} is shorter than one train.seq_len="
             f"{cfg.train.seq_len} sequence: raise it or lower train.seq_len"
         )
-    dist = init_distributed(cfg.device, cfg.deepspeed.dist_backend)
-    _, world_size = rank_and_world()
-    # Everything that can be checked from config.json and the data is checked before the weights load.
     source_dir, source_config = main_first(dist, lambda: resolve_model_source(cfg.model))
     num_layers = int(source_config["num_hidden_layers"])
     start = (
@@ -111,75 +199,68 @@ def run_search(cfg: RunConfig) -> SearchResult:
         None if search.cache_budget_gib is None or not search.prefix_reuse else int(search.cache_budget_gib * 2**30)
     )
     if budget is not None:
-        check_cache_budget(budget, batches, world_size, source_config, model_dtype(cfg.model.dtype, dist.device))
+        check_cache_budget(budget, batches, dist.world_size, source_config, model_dtype(cfg.model.dtype, dist.device))
     out_dir = out_dir_of(cfg)
     fingerprint = search_fingerprint(cfg, source_dir)
-    state_path = out_dir / STATE_FILE
-    resumed, earlier = from_main(lambda: _read_state(state_path, fingerprint))
-    # Every check has passed: from here on, outputs may be written.
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(
-        cfg.model, cfg.deepspeed, source_dir, source_config, None, dist.device, model_class=SearchModel, inference=True
+    resumed, earlier = from_main(lambda: _read_state(out_dir / STATE_FILE, fingerprint))
+    return SearchRequest(
+        source_dir, source_config, num_layers, start, batches, budget, out_dir, fingerprint, resumed, earlier
     )
-    cache_device = torch.device("cpu") if search.cache_on_cpu else None
-    objective = SearchObjective(loaded.model, batches, search.prefix_reuse, budget, cache_device)
-    started = time.perf_counter()
 
-    def invocations() -> list[dict[str, Any]]:
-        """The earlier invocations' costs and this one's so far (a collective: every rank calls it)."""
-        counts = (*objective.cost(), round(time.perf_counter() - started, 3))
-        return [*earlier, dict(zip(COST_KEYS, counts, strict=True))]
+
+def state_writer(
+    request: SearchRequest, invocations: Invocations, dist: DistInfo
+) -> Callable[[list[dict[str, Any]]], None]:
+    """The search's `on_step`: rank 0 rewrites the state file (atomically) and prints one progress line."""
 
     def save_state(curve: list[dict[str, Any]]) -> None:
-        spent = invocations()
+        spent = invocations.all()
         if not dist.is_main:
             return
         # Each invocation's own counts are kept, so a resumed search reports what all of them cost together.
-        state = {"fingerprint": fingerprint, "curve": curve, "invocations": spent}
-        atomic_write_text(state_path, json.dumps(state, indent=1))
+        state = {"fingerprint": request.fingerprint, "curve": curve, "invocations": spent}
+        atomic_write_text(request.out_dir / STATE_FILE, json.dumps(state, indent=1))
         last = curve[-1]
         print(
-            f"{PROG}: step {last['step']}: {last['num_full']}/{num_layers} F, loss {last['loss']:.5f}, "
-            f"switched {last['switched']} ({time.perf_counter() - started:.0f} s)",
+            f"{PROG}: step {last['step']}: {last['num_full']}/{request.num_layers} F, loss {last['loss']:.5f}, "
+            f"switched {last['switched']} ({invocations.seconds():.0f} s)",
             file=sys.stderr,
         )
 
-    try:
-        result = greedy_search(objective, start, cfg.search, resume=resumed, on_step=save_state)
-    finally:
-        objective.close()
-    spent = invocations()
-    cost = total_cost(spent)
-    result = replace(
-        result,
-        layer_forwards=cost["layer_forwards"],
-        naive_layer_forwards=cost["naive_layer_forwards"],
-        invocations=cost["invocations"],
-    )
-    if not result.finished:
-        return result
-    # What a user compares the curve with, on the same calibration batches: the dense model (no top-k at all) and
-    # the uniform schedule of the run's pattern settings (the engines' formula; freq 4 offset 2 by default).
+    return save_state
+
+
+def measure_references(cfg: RunConfig, objective: SearchObjective, num_layers: int) -> References:
+    """The dense model's loss (no top-k at all) and the uniform schedule's of the run's pattern settings (the
+    engines' formula; freq 4 offset 2 by default)."""
     freq, offset = (cfg.pattern.freq, cfg.pattern.offset) if cfg.pattern.kind == "uniform" else (4, 2)
     uniform = IndexCachePattern.uniform(num_layers, freq, offset)
     dense_loss, uniform_loss = objective.full_loss(uniform, mode="dense"), objective.full_loss(uniform)
-    if not dist.is_main:
-        return result
-    windows = sum(len(b["input_ids"]) for b in batches)
+    return References(uniform, f"uniform freq={freq} offset={offset}", dense_loss, uniform_loss)
+
+
+def write_outputs(
+    cfg: RunConfig,
+    request: SearchRequest,
+    result: SearchResult,
+    references: References,
+    cost: dict[str, Any],
+    world_size: int,
+) -> None:
+    """pattern.txt, search_curve.json and search_curve.png (each atomically), and the W&B run (rank 0)."""
+    windows = sum(len(b["input_ids"]) for b in request.batches)
+    uniform = references.uniform
     summary = {
         "pattern": result.pattern,
-        "num_layers": num_layers,
+        "num_layers": request.num_layers,
         "num_full": result.pattern.count("F"),
         "stop_reason": result.stop_reason,
-        "source": str(source_dir),
+        "source": str(request.source_dir),
         "calibration": {"split": cfg.search.split, "windows": windows},
         "seq_len": cfg.train.seq_len,
         "world_size": world_size,
         "cost": {
             **cost,
-            "cache_stride": objective.stride,
-            "per_invocation": spent,
             "note": "decoder-layer forwards (and the tokens they ran) counted on all ranks, padding included, and "
             "seconds of searching, summed over every invocation of this search (a resumed search has several; "
             "per_invocation lists each); cache_stride: every how many F layers the bounded cache keeps an input "
@@ -187,22 +268,27 @@ def run_search(cfg: RunConfig) -> SearchResult:
         },
         "config": asdict(cfg.search),
         "references": {
-            "dense": dense_loss,
-            "uniform": {"pattern": uniform.value, "num_full": len(uniform.full_layers), "loss": uniform_loss},
+            "dense": references.dense_loss,
+            "uniform": {
+                "pattern": uniform.value,
+                "num_full": len(uniform.full_layers),
+                "loss": references.uniform_loss,
+            },
         },
         "curve": result.curve,
     }
+    out_dir = request.out_dir
     atomic_write_text(out_dir / PATTERN_FILE, result.pattern + "\n")
     atomic_write_text(out_dir / CURVE_FILE, json.dumps(summary, indent=1))
     plot_search_curve(
         result.curve,
         out_dir / CURVE_PNG,
-        title=f"Greedy IndexCache search, {num_layers} layers (calibration: {windows} x {cfg.train.seq_len} tokens)",
-        references={f"uniform freq={freq} offset={offset}": (len(uniform.full_layers), uniform_loss)},
-        lines={"dense (no top-k)": dense_loss},
+        title=f"Greedy IndexCache search, {request.num_layers} layers (calibration: {windows} x {cfg.train.seq_len} "
+        "tokens)",
+        references={references.label: (len(uniform.full_layers), references.uniform_loss)},
+        lines={"dense (no top-k)": references.dense_loss},
     )
     _log_to_wandb(cfg, out_dir, result)
-    return result
 
 
 def check_cache_budget(
