@@ -24,7 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from indexcache.data import DataConfig
+from indexcache.data_sources import DataConfig
 from indexcache.evaluate import EvaluateConfig
 from indexcache.fsutil import unwritable_folder
 from indexcache.metrics import LoggerConfig

@@ -19,7 +19,8 @@ import torch
 from indexcache.config import DeepSpeedConfig, ModelConfig
 from indexcache.context_parallel import ContextShard
 from indexcache.conversion.sources import load_tokenizer, read_config, resolve_source
-from indexcache.data import DataConfig, PackedSplits, build_datasets
+from indexcache.data import PackedSplits, build_datasets
+from indexcache.data_sources import DataConfig
 from indexcache.model import IndexCacheModel, get_family
 from indexcache.pattern import IndexCachePattern
 

@@ -16,14 +16,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from indexcache.data import (
-    DataConfig,
-    ResumableBatches,
-    build_datasets,
-    collate_padded,
-    document_split,
-    source_files,
-)
+from indexcache.batches import ResumableBatches, collate_padded
+from indexcache.data import build_datasets
+from indexcache.data_sources import DataConfig, document_split, source_files
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Small, pure-ASCII/UTF-8 stdlib modules: enough text for a few hundred 64-token windows, tokenised in well under 1 s.

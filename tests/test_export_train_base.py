@@ -22,7 +22,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from indexcache.data import DataConfig, ResumableBatches, build_datasets
+from indexcache.batches import ResumableBatches
+from indexcache.data import build_datasets
+from indexcache.data_sources import DataConfig
 from indexcache.validate_export import validate_export
 from tests.conftest import subprocess_env
 
