@@ -184,15 +184,18 @@ class DeepSpeedConfig:
         _at_least("deepspeed.micro_batch_size", self.micro_batch_size, 1)
         _at_least("deepspeed.gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         _at_least("deepspeed.context_parallel_size", self.context_parallel_size, 1)
-        # The launcher has set the world size by the time the config is checked; without one it is 1.
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world % self.context_parallel_size:
-            raise ConfigError(
-                f"deepspeed.context_parallel_size={self.context_parallel_size} does not divide the world size "
-                f"{world}: launch a multiple of {self.context_parallel_size} ranks, or pick a divisor of {world}"
-            )
         _choice("deepspeed.bf16", str(self.bf16).lower(), ("auto", "true", "false"))
         _choice("deepspeed.dist_backend", self.dist_backend, ("auto", "gloo", "nccl"))
+
+    def check_world(self, world_size: int) -> None:
+        """The launch's world must split into CP groups (checked when a job starts, before anything loads; a config
+        is composed and printed without a launcher too)."""
+        if world_size % self.context_parallel_size:
+            raise ConfigError(
+                f"deepspeed.context_parallel_size={self.context_parallel_size} does not divide the world size "
+                f"{world_size}: launch a multiple of {self.context_parallel_size} ranks, or pick a divisor of "
+                f"{world_size}"
+            )
 
     def use_bf16(self, device: torch.device) -> bool:
         return self.bf16 == "true" or (self.bf16 == "auto" and device.type == "cuda")

@@ -130,6 +130,8 @@ def source_layer_count(cfg: RunConfig) -> tuple[int, dict[str, Any]] | None:
 def precheck(cfg: RunConfig) -> None:
     """Every check that needs more than the config but writes nothing: the pattern against the source's layer
     count, and that a resume continues this config. Runs before Hydra creates any directory."""
+    # The launcher has set the world size by now (without one it is 1).
+    cfg.deepspeed.check_world(int(os.environ.get("WORLD_SIZE", "1")))
     found = source_layer_count(cfg)
     if found is not None:
         try:
