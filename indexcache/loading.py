@@ -65,8 +65,15 @@ def load_model(
     """The family's loader, then `model_class` under `pattern`, on `device` (in eval mode with `inference`).
 
     `pattern` None: the checkpoint's own layer types (an export keeps no indexer on its S layers, so all-F could not
-    be applied; a job applies its pattern later). With `deepspeed=zero3` every rank must then run the same forwards in the same order (each gathers parameters).
+    be applied; a job applies its pattern later). With `deepspeed=zero3` every rank must then run the same forwards
+    in the same order (each gathers parameters).
     """
+    if ds.context_parallel_size > 1 and context_parallel is None:
+        raise ValueError(
+            f"pattern search and evaluation do not split sequences (deepspeed.context_parallel_size="
+            f"{ds.context_parallel_size}): run them with deepspeed.context_parallel_size=1 at a train.seq_len one GPU "
+            "holds"
+        )
     family = get_family(source_config["model_type"])
     if pattern is None:
         pattern = IndexCachePattern.from_source_config(source_config, int(source_config["num_hidden_layers"]))
