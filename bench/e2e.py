@@ -40,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexcache.kernels.config import KernelConfig
+from indexcache.kernels.config import KernelConfig, SparseKLTiling
 from indexcache.kernels.dense_attention import causal_kernel
 from indexcache.model import IndexCacheModel, get_family
 from indexcache.model.context import ForwardContext
@@ -286,7 +286,7 @@ def attention_rows(name: str, heads: int, seq: int, slots: torch.Tensor, rate: f
 def kernel_rows(seq: int, rate: float) -> list[dict]:
     """Sparse attention (latent, GLM-5 and DeepSeek-V3.2 widths) and the G=4 sparse KL at T=seq, against floors."""
     from indexcache.kernels import visible_slots
-    from indexcache.losses import IndexerOutputs, SparseGroupKL, sparse_fused
+    from indexcache.losses import IndexerOutputs, SparseGroupKL
 
     topk = 2048
     scores = torch.rand(1, seq, topk, device="cuda")
@@ -302,21 +302,20 @@ def kernel_rows(seq: int, rate: float) -> list[dict]:
     probs = torch.rand(1, seq, topk, device="cuda").masked_fill_(slots < 0, 0.0)
     probs /= probs.sum(-1, keepdim=True)
 
-    def kl_step() -> None:
-        group = SparseGroupKL(IndexerOutputs(q, k, w), slots, None, layers)
+    def kl_step(tiling: SparseKLTiling) -> None:
+        group = SparseGroupKL(IndexerOutputs(q, k, w), slots, None, layers, tiling=tiling)
         for _ in range(layers):
             group.add_layer(probs)
         group.result().loss.backward()
 
     floor = (layers * heads * seq * topk * head_dim * 2 + 3 * idx_heads * seq * topk * idx_dim * 2) / rate
-    default = (sparse_fused.BLOCK_SLOTS, sparse_fused.WARPS)
-    for block_slots, warps in [default, (128, 4), (64, 8), (128, 8), (32, 4)]:  # the default first, then a sweep
-        sparse_fused.BLOCK_SLOTS, sparse_fused.WARPS = block_slots, warps
+    default = SparseKLTiling()
+    for tiling in [default, SparseKLTiling(64, 8), SparseKLTiling(128, 8), SparseKLTiling(32, 4)]:  # default first
         label = "sparse_kl G=4 (teachers handed over)" + (
-            "" if (block_slots, warps) == default else f" k{block_slots}w{warps}"
+            "" if tiling == default else f" k{tiling.block_slots}w{tiling.warps}"
         )
-        rows.append({"kernel": label, "seq": seq, "ms": timed(kl_step) * 1e3, "floor_ms": floor * 1e3})
-    sparse_fused.BLOCK_SLOTS, sparse_fused.WARPS = default
+        ms = timed(lambda t=tiling: kl_step(t)) * 1e3
+        rows.append({"kernel": label, "seq": seq, "ms": ms, "floor_ms": floor * 1e3})
     return rows
 
 

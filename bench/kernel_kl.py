@@ -92,14 +92,16 @@ def make_inputs(seq: int, shape: dict, sparse_k: int | None, seed: int = 0):
     return indexer, teachers, topk
 
 
-def step_fn(indexer, teachers, topk, impl: str, chunk_size: int = 1024, loss_fn=None):
+def step_fn(indexer, teachers, topk, impl: str, chunk_size: int = 1024, loss_fn=None, fused_config=None):
     def step() -> None:
         for x in (indexer.q, indexer.k, indexer.w):
             x.grad = None
         if loss_fn is not None:
             loss_fn(indexer, teachers, None, topk).loss.backward()
         else:
-            multi_layer_kl(indexer, teachers, None, topk, impl=impl, chunk_size=chunk_size).loss.backward()
+            multi_layer_kl(
+                indexer, teachers, None, topk, impl=impl, chunk_size=chunk_size, fused_config=fused_config
+            ).loss.backward()
 
     return step
 
@@ -133,11 +135,12 @@ def measure(
     loss_fn=None,
     lse: bool = False,
     shape: dict = GLM5,
+    fused_config=None,
 ) -> dict:
     indexer, teachers, topk = make_inputs(seq, shape, sparse_k)
     if lse:
         teachers = with_teacher_lse(teachers, topk)
-    step = step_fn(indexer, teachers, topk, impl, loss_fn=loss_fn)
+    step = step_fn(indexer, teachers, topk, impl, loss_fn=loss_fn, fused_config=fused_config)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -196,16 +199,15 @@ def tune(rate: float) -> dict:
     for variants in stages.values():
         stage_best, stage_time = best, float("inf")
         for name, change in variants.items():
-            fused.CONFIG = dataclasses.replace(best, **change)
+            variant = dataclasses.replace(best, **change)
             try:
-                timings[name] = measure(8192, None, "fused", rate, max_seconds=1.0)["seconds"]
+                timings[name] = measure(8192, None, "fused", rate, max_seconds=1.0, fused_config=variant)["seconds"]
             except Exception as error:  # a variant that does not fit (shared memory, registers) is reported
                 timings[name] = f"failed: {type(error).__name__}: {str(error)[:120]}"
             print(f"tune {name}: {timings[name]}", flush=True)
             if isinstance(timings[name], float) and timings[name] < stage_time:
-                stage_best, stage_time = fused.CONFIG, timings[name]
+                stage_best, stage_time = variant, timings[name]
         best = stage_best
-    fused.CONFIG = best
     print("tune chose", dataclasses.asdict(best), flush=True)
     return dict(timings=timings, chosen=dataclasses.asdict(best))
 

@@ -88,8 +88,8 @@ def as_float64(indexer: IndexerOutputs, teachers):
     return indexer64, teachers64
 
 
-def check_against_reference(indexer, teachers, mask, topk=None, impl="fused") -> None:
-    result = multi_layer_kl(indexer, teachers, mask, topk, impl=impl)
+def check_against_reference(indexer, teachers, mask, topk=None, impl="fused", fused_config=None) -> None:
+    result = multi_layer_kl(indexer, teachers, mask, topk, impl=impl, fused_config=fused_config)
     got = torch.autograd.grad(result.loss, (indexer.q, indexer.k, indexer.w))
     indexer64, teachers64 = as_float64(indexer, teachers)
     expected = reference_multi_layer_kl(indexer64, teachers64, mask, topk)
@@ -126,34 +126,31 @@ def test_fused_sparse_matches_reference(name: str, num_selected: int) -> None:
 
 
 @pytest.mark.parametrize("heads_per_launch", [0, 3])
-def test_fused_many_row_chunks(monkeypatch: pytest.MonkeyPatch, heads_per_launch: int) -> None:
+def test_fused_many_row_chunks(heads_per_launch: int) -> None:
     """A small dI scratch splits the rows into several chunks; dk must accumulate across them.
 
     With heads_per_launch=3 each layer's 4 heads take two launches, the partial head sum going through memory.
     """
     config = fused.FusedConfig(scratch_bytes=4 * 2 * 128 * 384, heads_per_launch=heads_per_launch)
-    monkeypatch.setattr(fused, "CONFIG", config)
-    check_against_reference(*make_inputs(seq=350, padding="both", seed=3))
+    check_against_reference(*make_inputs(seq=350, padding="both", seed=3), fused_config=config)
 
 
 @pytest.mark.parametrize("blocks", [(128, 64, 64, 128), (64, 128, 128, 64), (32, 64, 64, 32)])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_fused_gradient_block_shapes(monkeypatch: pytest.MonkeyPatch, blocks: tuple, sparse: bool) -> None:
+def test_fused_gradient_block_shapes(blocks: tuple, sparse: bool) -> None:
     """Passes D and E with row and key blocks of different sizes, over several row chunks, match the reference."""
     dq_rows, dq_cols, dk_rows, dk_cols = blocks
     config = fused.FusedConfig(
         scratch_bytes=4 * 2 * 2 * 128 * 384, dq_rows=dq_rows, dq_cols=dq_cols, dk_rows=dk_rows, dk_cols=dk_cols
     )
-    monkeypatch.setattr(fused, "CONFIG", config)
     indexer, teachers, mask = make_inputs(seq=350, padding="both", seed=4)
     topk = random_topk(2, 350, 40, seed=6) if sparse else None
-    check_against_reference(indexer, teachers, mask, topk)
+    check_against_reference(indexer, teachers, mask, topk, fused_config=config)
 
 
-def test_fused_rejects_gradient_blocks_that_do_not_divide_the_tile(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fused, "CONFIG", fused.FusedConfig(dq_rows=96))
+def test_fused_rejects_gradient_blocks_that_do_not_divide_the_tile() -> None:
     with pytest.raises(ValueError, match="must divide the pass-C tile"):
-        check_against_reference(*make_inputs(seq=130))
+        check_against_reference(*make_inputs(seq=130), fused_config=fused.FusedConfig(dq_rows=96))
 
 
 def teacher_logsumexp(teacher: TeacherInputs, mask, topk) -> torch.Tensor:

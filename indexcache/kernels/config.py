@@ -7,12 +7,46 @@ import it anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["CAUSAL_KERNELS", "LOSS_IMPLEMENTATIONS", "KernelConfig"]
+__all__ = ["CAUSAL_KERNELS", "LOSS_IMPLEMENTATIONS", "FusedConfig", "KernelConfig", "SparseKLTiling"]
 
 CAUSAL_KERNELS = ("flash", "cudnn")
 LOSS_IMPLEMENTATIONS = ("auto", "reference", "chunked", "fused")
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """The fused dense loss's block shapes (`indexcache.losses.fused`); bench/kernel_kl.py times variants
+    (bench/NOTES.md has the measurements)."""
+
+    lse_rows: int = 128  # pass A
+    lse_cols: int = 128
+    lse_warps: int = 8
+    lse_stages: int = 2  # pass A: Q [128, 256] + 2 K stages of [128, 256] bf16 = 192 KiB of shared memory
+    tile_rows: int = 128  # passes C0 and C1
+    tile_cols: int = 128
+    tile_depth: int = 64  # C1 multiplies Q K^T in chunks of this many channels, so 3 stages fit in shared memory
+    tile_warps: int = 8
+    tile_stages: int = 3
+    tile_group: int = 8  # row blocks whose tiles run side by side, so their Q and K tiles are shared in L2
+    heads_per_launch: int = 0  # C1 launches per layer split its heads into slabs of this many; 0: all heads
+    dq_rows: int = 64  # pass D: rows per program, keys per step (both must divide tile_rows and tile_cols)
+    dq_cols: int = 64
+    dq_warps: int = 4
+    dk_rows: int = 64  # pass E: rows per step, keys per program (likewise)
+    dk_cols: int = 64
+    dk_warps: int = 4
+    stages: int = 2  # passes C0, D, E
+    scratch_bytes: int = 512 * 2**20  # one row chunk's logits, dI and (with head slabs) partial p
+
+
+@dataclass(frozen=True)
+class SparseKLTiling:
+    """The sparse KL kernels' step (`indexcache.losses.sparse_fused`): slots per step and warps per program."""
+
+    block_slots: int = 128  # H200, G=4 at 32K: 128 -> 38.7 ms, 64 -> 40.6, 32 -> 54.9 (8 warps: slower)
+    warps: int = 4
 
 
 @dataclass(frozen=True)
@@ -25,6 +59,8 @@ class KernelConfig:
     loss_chunk_size: int = 1024  # query rows per chunk of the chunked (PyTorch) dense loss
     topk_chunk_size: int = 1024  # query rows scored at once by the indexer's top-k
     lm_chunk_size: int = 2048  # rows per block of the chunked LM cross-entropy
+    fused_loss: FusedConfig = field(default_factory=FusedConfig)  # the fused dense loss's tiling (CUDA)
+    sparse_kl: SparseKLTiling = field(default_factory=SparseKLTiling)  # the sparse KL kernels' step (CUDA)
 
     def __post_init__(self) -> None:
         if self.causal_kernel is not None and self.causal_kernel not in CAUSAL_KERNELS:

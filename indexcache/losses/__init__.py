@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from indexcache.kernels.config import FusedConfig
 from indexcache.losses.chunked import chunked_multi_layer_kl
 from indexcache.losses.interface import IndexerOutputs, KLResult, TeacherInputs, validate_inputs
 from indexcache.losses.reference import reference_multi_layer_kl
@@ -35,6 +36,7 @@ def multi_layer_kl(
     chunk_size: int = 1024,
     query_offset: int = 0,
     num_rows: int | None = None,
+    fused_config: FusedConfig | None = None,
 ) -> KLResult:
     """KL of one F group; `teachers[0]` is the F layer itself, then the layers that reuse its indices.
 
@@ -42,14 +44,14 @@ def multi_layer_kl(
     and the key-side tensors (indexer k, teacher keys, `attention_mask`) the query_offset + T keys before and among
     them (context parallelism: one chunk of a rank against the gathered keys). `num_rows`: divide the row sums by
     this count instead of the valid rows given (context parallelism: the rows of every rank), so that the ranks'
-    losses add up to the one-process loss.
+    losses add up to the one-process loss. `fused_config`: the fused kernels' tiling (default: theirs).
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r} is unknown: use one of {IMPLEMENTATIONS}")
     validate_inputs(indexer, teachers, attention_mask, topk_indices, query_offset)
     whole = query_offset == 0 and num_rows is None
     if impl == "auto":
-        impl = "fused" if _fused_usable(indexer, teachers, topk_indices, query_offset) else "chunked"
+        impl = "fused" if _fused_usable(indexer, teachers, topk_indices, query_offset, fused_config) else "chunked"
     if impl == "reference":
         if not whole:
             raise ValueError("impl='reference' takes whole sequences: use impl='chunked' with query_offset/num_rows")
@@ -57,12 +59,18 @@ def multi_layer_kl(
     if impl == "fused":
         from indexcache.losses.fused import fused_multi_layer_kl  # lazy: needs triton and CUDA
 
-        return fused_multi_layer_kl(indexer, teachers, attention_mask, topk_indices, num_rows, query_offset)
+        return fused_multi_layer_kl(
+            indexer, teachers, attention_mask, topk_indices, num_rows, query_offset, fused_config
+        )
     return chunked_multi_layer_kl(indexer, teachers, attention_mask, topk_indices, chunk_size, query_offset, num_rows)
 
 
 def _fused_usable(
-    indexer: IndexerOutputs, teachers: list[TeacherInputs], topk_indices: Tensor | None, query_offset: int
+    indexer: IndexerOutputs,
+    teachers: list[TeacherInputs],
+    topk_indices: Tensor | None,
+    query_offset: int,
+    fused_config: FusedConfig | None,
 ) -> bool:
     if not indexer.q.is_cuda:
         return False
@@ -70,6 +78,6 @@ def _fused_usable(
         from indexcache.losses.fused import fused_supports, offset_supported
     except ImportError:  # no triton on this machine
         return False
-    if query_offset and not offset_supported(teachers, topk_indices, query_offset):
+    if query_offset and not offset_supported(teachers, topk_indices, query_offset, fused_config):
         return False  # a chunk with a causal offset the kernels do not take runs the chunked path
     return fused_supports(indexer, teachers)

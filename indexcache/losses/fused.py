@@ -29,13 +29,13 @@ gathering the selected keys would be slower with per-head keys.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from indexcache.kernels.config import FusedConfig
 from indexcache.losses.chunked import PrecomputedGradKL, Sums, wants_grad
 from indexcache.losses.interface import (
     IndexerOutputs,
@@ -51,31 +51,7 @@ LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@dataclass
-class FusedConfig:
-    """Block shapes; bench/kernel_kl.py times variants (bench/NOTES.md has the measurements)."""
-
-    lse_rows: int = 128  # pass A
-    lse_cols: int = 128
-    lse_warps: int = 8
-    lse_stages: int = 2  # pass A: Q [128, 256] + 2 K stages of [128, 256] bf16 = 192 KiB of shared memory
-    tile_rows: int = 128  # passes C0 and C1
-    tile_cols: int = 128
-    tile_depth: int = 64  # C1 multiplies Q K^T in chunks of this many channels, so 3 stages fit in shared memory
-    tile_warps: int = 8
-    tile_stages: int = 3
-    tile_group: int = 8  # row blocks whose tiles run side by side, so their Q and K tiles are shared in L2
-    heads_per_launch: int = 0  # C1 launches per layer split its heads into slabs of this many; 0: all heads
-    dq_rows: int = 64  # pass D: rows per program, keys per step (both must divide tile_rows and tile_cols)
-    dq_cols: int = 64
-    dq_warps: int = 4
-    dk_rows: int = 64  # pass E: rows per step, keys per program (likewise)
-    dk_cols: int = 64
-    dk_warps: int = 4
-    stages: int = 2  # passes C0, D, E
-    scratch_bytes: int = 512 * 2**20  # one row chunk's logits, dI and (with head slabs) partial p
-
-
+# The default tiling; a model or benchmark passes its own (`KernelConfig.fused_loss`), nobody reassigns this.
 CONFIG = FusedConfig()
 
 
@@ -98,11 +74,15 @@ def fused_supports(indexer: IndexerOutputs, teachers: list[TeacherInputs]) -> bo
     return same and 16 <= first.query.shape[-1] <= 256
 
 
-def offset_supported(teachers: list[TeacherInputs], topk_indices: Tensor | None, query_offset: int) -> bool:
+def offset_supported(
+    teachers: list[TeacherInputs], topk_indices: Tensor | None, query_offset: int, cfg: FusedConfig | None = None
+) -> bool:
     """Whether the kernels take rows from `query_offset` on: a whole number of pass-C row blocks, the dense
     variant, and every teacher's LSE from its attention (pass A runs over whole sequences only)."""
     return (
-        query_offset % CONFIG.tile_rows == 0 and topk_indices is None and all(t.logsumexp is not None for t in teachers)
+        query_offset % (cfg or CONFIG).tile_rows == 0
+        and topk_indices is None
+        and all(t.logsumexp is not None for t in teachers)
     )
 
 
@@ -639,14 +619,17 @@ def fused_multi_layer_kl(
     topk_indices: Tensor | None = None,
     num_rows: int | None = None,
     query_offset: int = 0,
+    cfg: FusedConfig | None = None,
 ) -> KLResult:
     """The fused group KL; `num_rows` replaces the valid-row count as the normaliser, `query_offset` > 0 takes
-    rows from that global position on (`offset_supported`; see `multi_layer_kl`)."""
+    rows from that global position on (`offset_supported`; see `multi_layer_kl`); `cfg`: the tiling (default
+    `CONFIG`)."""
+    cfg = cfg or CONFIG
     if not fused_supports(indexer, teachers):
         raise ValueError("impl='fused' needs CUDA bf16/fp16 tensors, D_I a power of two <= 256, equal teacher shapes")
-    if query_offset and not offset_supported(teachers, topk_indices, query_offset):
+    if query_offset and not offset_supported(teachers, topk_indices, query_offset, cfg):
         raise ValueError(
-            f"impl='fused' takes query_offset={query_offset} only as a multiple of {CONFIG.tile_rows} rows, dense, "
+            f"impl='fused' takes query_offset={query_offset} only as a multiple of {cfg.tile_rows} rows, dense, "
             "with every teacher's attention LSE: use impl='chunked' or 'auto'"
         )
     batch, seq = indexer.q.shape[:2]
@@ -663,7 +646,7 @@ def fused_multi_layer_kl(
 
     def compute() -> Sums:
         return fused_sums(
-            plain, detached, real, rows, num_rows, topk_indices, want_grad, mask_keys, query_offset=query_offset
+            plain, detached, real, rows, num_rows, topk_indices, want_grad, mask_keys, cfg, query_offset=query_offset
         )
 
     loss, kl_per_layer, entropy = PrecomputedGradKL.apply(indexer.q, indexer.k, indexer.w, compute)

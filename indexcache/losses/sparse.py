@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from indexcache.kernels.config import SparseKLTiling
 from indexcache.losses.chunked import PrecomputedGradKL, Sums, exact_tf32, wants_grad
 from indexcache.losses.interface import IndexerOutputs, KLResult, compute_dtype, key_mask, visible_slots
 
@@ -44,6 +45,7 @@ class SparseGroupKL:
         num_layers: G, the number of layers the group serves (the F layer first).
         chunk_size: query rows per chunk (None: sized to CHUNK_BYTES).
         num_rows: the normaliser of the row sums (None: the valid rows given; context parallelism: every rank's).
+        tiling: the CUDA kernels' step (None: their default).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class SparseGroupKL:
         num_layers: int,
         chunk_size: int | None = None,
         num_rows: int | None = None,
+        tiling: SparseKLTiling | None = None,
     ) -> None:
         batch, seq = indexer.q.shape[:2]
         if tuple(slots.shape[:2]) != (batch, seq) or slots.dtype != torch.long:
@@ -65,6 +68,7 @@ class SparseGroupKL:
         self.rows = key_mask(real, batch, seq, slots.device) & (slots >= 0).any(dim=-1)
         self.num_rows = int(self.rows.sum()) if num_rows is None else num_rows
         self.fused = _fused_usable(indexer)
+        self.tiling = tiling or SparseKLTiling()
         if chunk_size is None:  # the PyTorch path: gathered keys and [c, H_I, K] scores per row (the kernels: none)
             per_row = 4 * slots.shape[-1] * (indexer.k.shape[-1] + 3 * indexer.q.shape[2])
             chunk_size = max(1, CHUNK_BYTES // max(batch * per_row, 1))
@@ -138,7 +142,7 @@ class SparseGroupKL:
             from indexcache.losses.sparse_fused import student_layer_stats
 
             q, k, w = self.indexer.q.detach(), self.indexer.k.detach(), self.indexer.w.detach()
-            kl_rows, entropy_rows, self._lse = student_layer_stats(q, k, w, self.slots, probs)
+            kl_rows, entropy_rows, self._lse = student_layer_stats(q, k, w, self.slots, probs, self.tiling)
             return (kl_rows * row_mask).sum(), (entropy_rows * row_mask).sum()
         kl = torch.zeros((), dtype=self.dtype, device=probs.device)
         entropy = torch.zeros((), dtype=self.dtype, device=probs.device)
@@ -160,7 +164,9 @@ class SparseGroupKL:
             from indexcache.losses.sparse_fused import student_gradients
 
             row_weight = self.rows.float() / max(self.num_rows, 1)
-            return student_gradients(q.detach(), k.detach(), w.detach(), self.slots, self._lse, p_bar, row_weight)
+            return student_gradients(
+                q.detach(), k.detach(), w.detach(), self.slots, self._lse, p_bar, row_weight, self.tiling
+            )
         dq = torch.zeros(q.shape, dtype=self.dtype, device=q.device)
         dw = torch.zeros(w.shape, dtype=self.dtype, device=q.device)
         num_keys = k.shape[1]

@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_SLOTS = 128  # slots per step; H200, G=4 at 32K: 128 -> 38.7 ms, 64 -> 40.6, 32 -> 54.9 (8 warps: slower)
-WARPS = 4
+from indexcache.kernels.config import SparseKLTiling
+
+DEFAULT_TILING = SparseKLTiling()  # a model passes its own (`KernelConfig.sparse_kl`); nobody reassigns this
 
 
 def fused_sparse_kl_supports(q: Tensor, k: Tensor, w: Tensor) -> bool:
@@ -134,7 +135,9 @@ def _block_heads(num_heads: int) -> int:
     return max(16, triton.next_power_of_2(num_heads))
 
 
-def student_layer_stats(q: Tensor, k: Tensor, w: Tensor, slots: Tensor, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def student_layer_stats(
+    q: Tensor, k: Tensor, w: Tensor, slots: Tensor, probs: Tensor, tiling: SparseKLTiling = DEFAULT_TILING
+) -> tuple[Tensor, Tensor, Tensor]:
     """One served layer against the student, per row, float32 [B, T] each: KL(p || q), the teacher's entropy, and
     the student's log-sum-exp over the row's slots (-inf for a row without one). `probs` [B, T, K] float32."""
     batch, seq, num_heads, idx_dim = q.shape
@@ -145,13 +148,20 @@ def student_layer_stats(q: Tensor, k: Tensor, w: Tensor, slots: Tensor, probs: T
         slots.shape[-1], num_heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         slots.stride(0), slots.stride(1), probs.stride(0), probs.stride(1), lse.stride(0),
-        D=idx_dim, BLOCK_H=_block_heads(num_heads), BLOCK_K=BLOCK_SLOTS, num_warps=WARPS,
+        D=idx_dim, BLOCK_H=_block_heads(num_heads), BLOCK_K=tiling.block_slots, num_warps=tiling.warps,
     )  # fmt: skip
     return kl, entropy, lse
 
 
 def student_gradients(
-    q: Tensor, k: Tensor, w: Tensor, slots: Tensor, lse: Tensor, p_bar: Tensor, row_weight: Tensor
+    q: Tensor,
+    k: Tensor,
+    w: Tensor,
+    slots: Tensor,
+    lse: Tensor,
+    p_bar: Tensor,
+    row_weight: Tensor,
+    tiling: SparseKLTiling = DEFAULT_TILING,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dw (float32) of sum_rows row_weight * KL(p_bar || q) w.r.t. the indexer outputs.
 
@@ -171,6 +181,6 @@ def student_gradients(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         slots.stride(0), slots.stride(1), lse.stride(0), p_bar.stride(0), p_bar.stride(1), row_weight.stride(0),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dw.stride(0), dw.stride(1),
-        D=idx_dim, BLOCK_H=_block_heads(num_heads), BLOCK_K=BLOCK_SLOTS, num_warps=WARPS,
+        D=idx_dim, BLOCK_H=_block_heads(num_heads), BLOCK_K=tiling.block_slots, num_warps=tiling.warps,
     )  # fmt: skip
     return dq, dk, dw

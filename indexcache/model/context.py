@@ -224,6 +224,7 @@ class ForwardContext:
                 topk_indices,
                 impl=kernels.loss_impl,
                 chunk_size=kernels.loss_chunk_size,
+                fused_config=kernels.fused_loss,
             )
         # One loss per run of local rows, against the keys those rows may see; the sums add up over the runs.
         parts = []
@@ -241,6 +242,7 @@ class ForwardContext:
                     chunk_size=kernels.loss_chunk_size,
                     query_offset=segment.global_start,
                     num_rows=settings.num_rows,
+                    fused_config=kernels.fused_loss,
                 )
             )
         return _sum_results(parts)
@@ -254,7 +256,12 @@ class ForwardContext:
         settings = self.settings
         if owner not in self._sparse_groups:
             self._sparse_groups[owner] = SparseGroupKL(
-                selection.outputs, self.slots(selection), settings.row_mask, len(served), num_rows=settings.num_rows
+                selection.outputs,
+                self.slots(selection),
+                settings.row_mask,
+                len(served),
+                num_rows=settings.num_rows,
+                tiling=settings.kernels.sparse_kl,
             )
         self._sparse_groups[owner].add_layer(teacher.probs)
         if layer_idx == served[-1]:
