@@ -5,9 +5,9 @@
 Both return each head's LSE, which the dense stage hands to its fused loss, and both come with torch (through
 the aten ops sdpa dispatches to: `indexcache.kernels.dense_attention.causal_attention_with_lse`). Shapes are one
 layer's after the MLA up-projection, B = 1, bf16: GLM-5 (64 heads, q.k 256, v 256) and DeepSeek-V3.2 (128 heads,
-q.k 192, v 128; flash zero-pads the value to 192, cuDNN takes it as it is). Per kernel: forward ms (what the dense stage pays: its
-base does not train), forward + backward ms, TFLOP/s of the causal forward (2 H T^2/2 (d_qk + d_v) FLOPs, the
-padding not counted), and cuDNN's output and LSE against flash's. Medians of 5 runs up to 32K, one run above.
+q.k 192, v 128; flash zero-pads the value to 192, cuDNN takes it as it is). Per kernel: forward ms (what the dense
+stage pays: its base does not train), forward + backward ms, TFLOP/s of the causal forward (2 H T^2/2 (d_qk + d_v)
+FLOPs, the padding not counted), and cuDNN's output and LSE against flash's. Medians of 5 runs up to 32K, one run above.
 """
 
 from __future__ import annotations
