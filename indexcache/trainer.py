@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from indexcache.attention_stats import LayerStatsObserver, layer_metrics
 from indexcache.checkpoint import TrainerState
 from indexcache.config import result_fingerprint
 from indexcache.data import ResumableBatches
@@ -300,8 +301,6 @@ class Trainer:
         layer's top-k recall and attention-mass coverage in sparse mode (which served layer is furthest from its
         teacher). The mode is passed per call: the model's configured stage is never changed behind its back.
         """
-        from indexcache.attention_stats import LayerStatsObserver, layer_metrics
-
         model = self.run.model
         was_training = model.training
         model.eval()

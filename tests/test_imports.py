@@ -27,12 +27,7 @@ OPTIONAL_MODULES = frozenset(
 
 # For the lead (issue 20, trainer.py is theirs): the edges that remain in the lead's files. Remove each entry as its
 # edge goes (test_lead_pending_edges_still_exist says when); nothing else may be added here.
-LEAD_PENDING_EDGES = frozenset(
-    {
-        # trainer.py imports attention_stats inside Trainer.evaluate.
-        ("indexcache.trainer", "indexcache.attention_stats"),
-    }
-)
+LEAD_PENDING_EDGES: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
