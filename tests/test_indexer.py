@@ -199,3 +199,35 @@ def test_trainable_indexer_refuses_a_kv_cache():
     cos_sin = model.model.rotary_emb(hidden, torch.arange(3)[None])
     with pytest.raises(ValueError, match="use_cache=False"):
         indexer(hidden, torch.randn(1, 3, 32), cos_sin, None, None, past_key_values=object())
+
+
+def _rule_on_full_rows(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int) -> torch.Tensor:
+    """The documented tie rule applied row by row in plain Python: visible keys ordered by (score desc, index asc)."""
+    scores = index_scores(q, k, w)
+    batch, seq, _ = scores.shape
+    width = min(topk, seq)
+    out = torch.full((batch, seq, width), -1, dtype=torch.long)
+    for b in range(batch):
+        for t in range(seq):
+            ranked = sorted(range(t + 1), key=lambda s, row=scores[b, t]: (-float(row[s]), s))[:width]
+            out[b, t, : len(ranked)] = torch.tensor(ranked)
+    return out
+
+
+def test_topk_ties_follow_one_rule_at_every_chunk_size():
+    """Planted exact ties (keys whose every indexer head scores 0 after the ReLU, and duplicated keys): the lower key
+    index wins, in membership and order, whatever the row chunk size, and equal to the rule applied to whole rows."""
+    torch.manual_seed(5)
+    batch, seq, heads, dim, topk = 2, 40, 3, 8, 6
+    q = torch.randn(batch, seq, heads, dim).abs()  # every query has positive entries only
+    k = torch.randn(batch, seq, dim).abs()
+    k[:, ::2] = -k[:, ::2]  # even keys score exactly 0 on every head: ties across the K-th place
+    k[:, 7] = k[:, 3]  # two keys with identical positive scores
+    w = torch.rand(batch, seq, heads)
+    expected = _rule_on_full_rows(q, k, w, topk)
+    assert (index_scores(q, k, w) == 0).sum() > batch * seq * seq // 4  # the ties are really there
+    for chunk_size in (1, 3, 7, 16, 1024):
+        assert torch.equal(select_topk(q, k, w, None, topk, chunk_size=chunk_size), expected)
+    # Context parallelism's offset runs follow the same rule.
+    part = select_topk(q[:, 20:], k, w[:, 20:], None, topk, chunk_size=5, query_offset=20)
+    assert torch.equal(part, expected[:, 20:])
