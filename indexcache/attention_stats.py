@@ -105,12 +105,11 @@ def chunked_layer_stats(
     Peak extra memory: a few [B, H, chunk_size, T] buffers.
 
     `query_offset` > 0 (context parallelism): the teacher's query rows and `topk_indices` are the rows at global
-    positions query_offset + t, its key and `attention_mask` cover the query_offset + T keys they may see.
+    positions query_offset + t, its key and `attention_mask` cover the query_offset + T keys they may see;
+    `sample_positions` then index those local rows.
     """
     query, key = teacher.query, teacher.key
     batch, _, seq, _ = query.shape
-    if query_offset and sample_positions is not None:
-        raise ValueError("sampled rows (the overlap) are whole-sequence positions: not with a query offset")
     num_keep = topk_indices.shape[-1]
     real_BS = torch.ones(batch, key.shape[2], dtype=torch.bool, device=query.device)
     if attention_mask is not None:
@@ -231,6 +230,9 @@ class LayerStatsObserver:
     chunk_size: int = 256
     sample_rows_per_sequence: int = 0
     topk: int | None = None  # K for dense forwards (they compute no top-k); sparse forwards use the selection's
+    # The whole sequence's length, where the sampled rows are chosen (context parallelism hands the observer one run
+    # of rows at a time); None: the rows it is handed are the whole sequence.
+    sequence_length: int | None = None
     stats: dict[int, LayerStats] = field(default_factory=dict)
     sampled_topk: dict[int, list[Tensor]] = field(default_factory=dict)
 
@@ -249,12 +251,14 @@ class LayerStatsObserver:
             if self.topk is None:
                 raise ValueError("a dense forward computes no top-k: give LayerStatsObserver(topk=K) for the overlap")
             # No attended set: score an empty one (all -1); only the sampled dense top-k is kept.
-            topk = torch.full((batch, seq, min(self.topk, seq)), -1, dtype=torch.long, device=query.device)
+            width = min(self.topk, self.sequence_length or seq)  # the whole sequence's K, whatever run this is
+            topk = torch.full((batch, seq, width), -1, dtype=torch.long, device=query.device)
         positions = None
-        if self.sample_rows_per_sequence > 0 and query_offset:
-            raise ValueError("the layer overlap samples whole sequences: not under context parallelism")
         if self.sample_rows_per_sequence > 0:
-            positions = sample_rows(seq, topk.shape[-1], self.sample_rows_per_sequence).to(query.device)
+            whole = self.sequence_length or seq
+            positions = sample_rows(whole, topk.shape[-1], self.sample_rows_per_sequence).to(query.device)
+            # This run's rows among them, as local rows (every rank's runs together take each sampled row once).
+            positions = positions[(positions >= query_offset) & (positions < query_offset + seq)] - query_offset
         with torch.no_grad():
             stats, sampled = chunked_layer_stats(
                 teacher, topk, attention_mask, self.chunk_size, positions, query_offset=query_offset

@@ -145,14 +145,17 @@ def rank_and_world() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def shard_for_rank(items: list[T]) -> list[tuple[T, bool]]:
+def shard_for_rank(items: list[T], group_size: int = 1) -> list[tuple[T, bool]]:
     """This rank's share of `items` (round robin), padded so that every rank gets the same number.
 
     ZeRO-3 forwards are collectives (every layer gathers its parameters from all ranks), so every rank must run the
     same forwards in the same order. A rank short of items gets copies of `items[0]` flagged `False`: it runs them
-    like the others and the caller gives them weight 0. Every item is real on exactly one rank.
+    like the others and the caller gives them weight 0. Every item is real on exactly one rank, or with
+    `group_size` > 1 (context parallelism: ranks [g * size, (g + 1) * size) split each sequence) on exactly one
+    group, whose ranks all get it.
     """
     rank, world = rank_and_world()
+    rank, world = rank // group_size, world // group_size
     own = [(item, True) for item in items[rank::world]]
     per_rank = -(-len(items) // world)
     return own + [(items[0], False)] * (per_rank - len(own))

@@ -94,7 +94,8 @@ def _mean_loss(model: IndexCacheModel, batches: list[dict[str, Tensor]], mode: s
     """Token-weighted LM loss over `batches`, each rank scoring its share (padding: weight 0, no observer)."""
     total = weight = 0.0
     device = next(model.parameters()).device
-    for batch, real in shard_for_rank(batches):
+    shard = model.context_parallel  # a CP group scores each of its batches together
+    for batch, real in shard_for_rank(batches, 1 if shard is None else shard.cp_size):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         out = model(ids, mask, labels=ids, mode=mode, observer=observer if real else None)
         tokens = float(mask[:, 1:].sum()) if real else 0.0
@@ -146,7 +147,12 @@ def evaluate_model(
     """
     topk = int(model.hf_model.config.index_topk)
     notes: list[str] = []
-    dense_observer = LayerStatsObserver(chunk_size=chunk_size, sample_rows_per_sequence=overlap_rows, topk=topk)
+    dense_observer = LayerStatsObserver(
+        chunk_size=chunk_size,
+        sample_rows_per_sequence=overlap_rows,
+        topk=topk,
+        sequence_length=int(batches[0]["input_ids"].shape[1]),
+    )
     model.apply_pattern(pattern)
     losses: dict[str, float | None] = {
         "dense": _mean_loss(model, batches, "dense", dense_observer if overlap_rows else None)

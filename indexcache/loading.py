@@ -70,9 +70,8 @@ def load_model(
     """
     if ds.context_parallel_size > 1 and context_parallel is None:
         raise ValueError(
-            f"pattern search and evaluation do not split sequences (deepspeed.context_parallel_size="
-            f"{ds.context_parallel_size}): run them with deepspeed.context_parallel_size=1 at a train.seq_len one GPU "
-            "holds"
+            f"pattern search does not split sequences (deepspeed.context_parallel_size={ds.context_parallel_size}): "
+            "run it with deepspeed.context_parallel_size=1 at a train.seq_len one GPU holds"
         )
     family = get_family(source_config["model_type"])
     if pattern is None:

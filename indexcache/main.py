@@ -42,15 +42,7 @@ def train_job(cfg: RunConfig) -> int:
             exported = export_run(run) if finished and cfg.export.enabled else None
             if exported is not None and cfg.evaluate.after_training:
                 run.release_model()  # the evaluation loads the export (sharded like training under ZeRO-3)
-                if cfg.deepspeed.context_parallel_size == 1:
-                    evaluate_export(cfg, exported)
-                elif dist.is_main:
-                    print(
-                        f"{PROG}: run-end evaluation skipped: evaluation does not split sequences (deepspeed."
-                        f"context_parallel_size={cfg.deepspeed.context_parallel_size}); run indexcache-evaluate on "
-                        f"{exported} with deepspeed.context_parallel_size=1 at a train.seq_len one GPU holds",
-                        file=sys.stderr,
-                    )
+                evaluate_export(cfg, exported)
         except NonFiniteLossError as error:
             return user_error(PROG, error, code=3)
         except OSError as error:  # disk full, quota, a vanished mount: what was complete stays complete

@@ -8,6 +8,7 @@ largest entry; top-k sets identical row by row.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -263,3 +264,30 @@ def test_a_length_the_cp_split_cannot_take_is_one_line_exit_2_nothing_written(tm
         "equal chunks: use a seq_len divisible by 4"
     }
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_launcher_cp2_evaluation_equals_one_process(tmp_path, cache_dir, two_rank_launcher):
+    """`deepspeed --num_gpus 2 --module indexcache.evaluate ... deepspeed.context_parallel_size=2` against one
+    process: the LM losses, every layer's recall and coverage, and the overlap matrix within 1e-5."""
+    env = subprocess_env(cache_dir)
+    common = ("conf=tiny", "evaluate.overlap_rows=8")
+    runs = {
+        "one": [sys.executable, "-m", "indexcache.evaluate", *common, f"run_dir={tmp_path / 'one'}"],
+        "cp": [*two_rank_launcher, "--module", "indexcache.evaluate", *common, f"run_dir={tmp_path / 'cp'}",
+               "deepspeed.context_parallel_size=2"],
+    }  # fmt: skip
+    reports = {}
+    for name, command in runs.items():
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[name] = json.loads((tmp_path / name / "evaluate" / "evaluation.json").read_text())["model"]
+    one, cp = reports["one"], reports["cp"]
+    assert one["pattern"] == cp["pattern"]
+    for mode, loss in one["lm_loss"].items():
+        assert abs(loss - cp["lm_loss"][mode]) < 1e-5, mode
+    for key in ("recall", "coverage"):
+        assert max(abs(a - b) for a, b in zip(one[key], cp[key], strict=True)) < 1e-5
+    overlap_one, overlap_cp = torch.tensor(one["overlap"]), torch.tensor(cp["overlap"])
+    assert torch.allclose(overlap_one, overlap_cp, atol=1e-5, equal_nan=True)
+    assert not torch.isnan(overlap_one).all()  # real sampled rows, on both

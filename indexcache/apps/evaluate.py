@@ -24,6 +24,7 @@ from torch import Tensor
 
 from indexcache.cli import hydra_main, user_error
 from indexcache.config import ConfigError, PatternConfig, RunConfig, to_container
+from indexcache.context_parallel import new_context_shard
 from indexcache.distributed import DistInfo, init_distributed, main_first, rank_and_world, shutdown
 from indexcache.evaluate import ModelReport, evaluate_model, evaluation_batches, report_json, scalar_metrics
 from indexcache.fsutil import atomic_write_text
@@ -147,8 +148,12 @@ def measure(
     batches: list[dict[str, Tensor]],
     overlap_rows: int,
 ) -> ModelReport:
-    """One model loaded, evaluated under `pattern`, and let go on return."""
-    loaded = load_model(cfg.model, cfg.deepspeed, source_dir, source_config, None, dist.device, inference=True)
+    """One model loaded, evaluated under `pattern`, and let go on return (each sequence split over a CP group when
+    `deepspeed.context_parallel_size` > 1, as in training)."""
+    shard = new_context_shard(cfg.deepspeed.context_parallel_size, cfg.train.seq_len)
+    loaded = load_model(
+        cfg.model, cfg.deepspeed, source_dir, source_config, None, dist.device, inference=True, context_parallel=shard
+    )
     return evaluate_model(loaded.model, pattern, batches, cfg.evaluate.chunk_size, overlap_rows)
 
 
