@@ -41,6 +41,7 @@ from indexcache.metrics import MetricsLogger
 from indexcache.model import IndexCacheModel, get_family
 from indexcache.model.tiny import tiny_config
 from indexcache.pattern import IndexCachePattern
+from indexcache.source_check import initialised_tensors
 from indexcache.stage import StagePlan, build_plans, trained_groups
 
 LOCK_FILE = ".lock"
@@ -277,6 +278,9 @@ def export_run(run: Run) -> Path | None:
         "config": to_container(cfg),
         "metrics": run.history[-1]["metrics"] if run.history else {},
         "world_size": run.dist.world_size,
+        # What did not come from the user's checkpoint: a dense-to-DSA conversion's fresh indexers, else nothing
+        # (every other tensor the model needs was checked to be in the source before the run started).
+        "initialised_tensors": initialised_tensors(run.source_dir),
     }
     done = target.exists() and not cfg.export.overwrite and _same_run(target, summary)
     exported = None

@@ -2,7 +2,9 @@
 
 This module owns the contract (indexer tensor names, the config edit, which families keep S-layer indexers, the
 checksum record); `indexcache.export` produces it and runs `validate_export` on the temporary directory before
-renaming it into place. It needs no torch, so `python -m indexcache.validate_export DIR` runs anywhere the files are.
+renaming it into place. It needs no torch, so `python -m indexcache.validate_export DIR` runs anywhere the files are;
+with torch and transformers at hand it also checks that the export holds every tensor the model built from its
+config.json loads (`indexcache.source_check`), which no record or source can vouch for.
 
 Integrity needs no source: the export records the sha256, dtype, shape and shard of every tensor it writes or
 copies (CHECKSUM_FILE, itself hashed in indexcache.json), so a flipped byte or a tensor dropped from both its
@@ -40,6 +42,11 @@ from indexcache.safetensors_io import (
     read_header,
     tensor_sha256,
 )
+
+try:  # the model's own needs are read with torch and transformers; without them only the files are checked
+    from indexcache.source_check import expected_tensors
+except ImportError:
+    expected_tensors = None
 
 # The contract's names live in `indexcache.contract` (torch-free; the model and the export read them too).
 # transformers builds deepseek_v32's indexer on every layer, so its S layers keep theirs (unused at serving time);
@@ -173,6 +180,8 @@ def validate_export(export_dir: Path, source_dir: Path | None = None) -> Validat
     keep_shared = KEEPS_SHARED_INDEXERS.get(config.get("model_type"))
     if pattern is not None and keep_shared is not None:
         _check_indexer_presence(tensors, pattern, keep_shared, problems)
+        if expected_tensors is not None:
+            _check_model_needs(export_dir, config, tensors, pattern, keep_shared, problems)
     record = _check_record(export_dir, pattern, problems)
     # Every stored byte is read once here; the record and the source are compared with these hashes.
     digests = {name: tensor_sha256(info) for name, info in tensors.items()}
@@ -284,6 +293,40 @@ def _check_indexer_presence(
             layer = indexer_layer(name, pattern.num_layers)
             if layer is not None and not pattern.is_full(layer):
                 problems.append(f"S layer {layer} still has {name}: S layers must carry no indexer tensors")
+
+
+def _check_model_needs(
+    export_dir: Path,
+    config: dict[str, Any],
+    tensors: dict[str, TensorInfo],
+    pattern: IndexCachePattern,
+    keep_shared: bool,
+    problems: list[str],
+) -> None:
+    """Every tensor the model built from config.json loads must be in the export, in its shape.
+
+    The checksums and the source only say that nothing changed since export: an export of a source that already
+    lacked a tensor (in its shard and its index alike) matches both, and transformers would load it with that
+    tensor at its random init. S layers carry no indexer by the contract, whatever the model builds there.
+    """
+    try:
+        expected = expected_tensors(export_dir)
+    except (ValueError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        problems.append(f"config.json does not build a {config.get('model_type')} model ({first})")
+        return
+    for name, shape in expected.items():
+        layer = indexer_layer(name, pattern.num_layers)
+        if layer is not None and not pattern.is_full(layer) and not keep_shared:
+            continue
+        info = tensors.get(name)
+        if info is None:
+            problems.append(
+                f"{name} is missing: the {config.get('model_type')} model built from config.json needs it "
+                "(transformers would give it its random init)"
+            )
+        elif info.shape != shape:
+            problems.append(f"{name} has shape {list(info.shape)}, the model built from config.json {list(shape)}")
 
 
 def _check_record(export_dir: Path, pattern: IndexCachePattern | None, problems: list[str]) -> dict[str, Any] | None:

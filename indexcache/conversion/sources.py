@@ -20,6 +20,7 @@ from indexcache.fsutil import staged_dir
 from indexcache.model.dsa_config import DsaIndexConfig
 from indexcache.model.tiny import tiny_model
 from indexcache.paths import cache_root
+from indexcache.source_check import check_source_tensors
 
 
 def tiny_source(cfg: ModelConfig) -> Path:
@@ -52,6 +53,8 @@ def resolve_source(cfg: ModelConfig) -> Path:
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"model.source={folder} has no *.safetensors weights: convert the checkpoint first")
     config = read_config(folder)
+    # Before anything loads or is written: transformers would give a tensor the folder lacks its random init.
+    check_source_tensors(folder)
     # A dense model (no indexer yet) is converted once; an already converted folder carries `index_topk`.
     if config["model_type"] in converters() and "index_topk" not in config:
         return convert_cached(folder, cfg)
