@@ -10,7 +10,7 @@ model or data is loaded and before anything is written. `compose_config` turns e
 
 from __future__ import annotations
 
-import os
+import json
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib.util import find_spec
@@ -28,6 +28,7 @@ from indexcache.data_sources import DataConfig
 from indexcache.evaluate import EvaluateConfig
 from indexcache.fsutil import unwritable_folder
 from indexcache.metrics import LoggerConfig
+from indexcache.model import known_families
 from indexcache.search import SearchConfig
 
 
@@ -90,6 +91,30 @@ class ModelConfig:
             raise ConfigError(
                 f"model.source={self.source} is not 'smollm2', 'tiny' or an existing model folder: fix the path"
             )
+        if self.source not in ("smollm2", "tiny", MISSING):
+            _check_model_folder(Path(self.source))
+        if self.source == "tiny":
+            _choice("model.tiny_family", self.tiny_family, tuple(known_families()))
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A local model.source must hold a config.json that is a JSON object naming its model_type."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(
+            f"model.source={folder} has no config.json: point it at a HF checkpoint folder (config.json and the "
+            "*.safetensors shards)"
+        )
+    try:
+        config = json.loads(config_path.read_bytes())
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ConfigError(
+            f"model.source={folder}: config.json is not valid JSON ({error}): repair or re-download it"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConfigError(
+            f"model.source={folder}: config.json is not a JSON object with a model_type: repair or re-download it"
+        )
 
 
 PATTERN_KINDS = ("uniform", "explicit", "file", "all_full", "source")
@@ -115,8 +140,30 @@ class PatternConfig:
         if self.kind == "file":
             if not self.path:
                 raise ConfigError("pattern=file needs pattern.path=<file holding an F/S string>")
-            if not Path(self.path).is_file():
-                raise ConfigError(f"pattern.path={self.path} does not exist: give a file holding an F/S string")
+            _check_pattern_file(Path(self.path))
+
+
+def _check_pattern_file(path: Path) -> None:
+    """pattern.path must be a UTF-8 (or ASCII) file: say what it is when it is not."""
+    if path.is_dir():
+        found = path / "pattern.txt"
+        hint = f"did you mean {found} (a search writes it)?" if found.is_file() else "give the file inside it"
+        raise ConfigError(f"pattern.path={path} is a folder, not a file holding an F/S string: {hint}")
+    if not path.is_file():
+        raise ConfigError(f"pattern.path={path} does not exist: give a file holding an F/S string")
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise ConfigError(
+            f"pattern.path={path} is encoded as UTF-16 (or another two-byte encoding), not UTF-8: save it as UTF-8 "
+            "or ASCII (e.g. `iconv -f UTF-16 -t UTF-8`)"
+        )
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"pattern.path={path} is not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}): save it "
+            "as UTF-8 or ASCII"
+        ) from None
 
 
 STAGE_MODES = ("dense", "sparse")

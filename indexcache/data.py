@@ -4,7 +4,9 @@ Pipeline: enumerate files (sorted, so filesystem order never matters) -> load do
 (a text file is one document, a jsonl/parquet/saved-dataset row is one document) -> assign each document to
 train or validation by a seeded hash (so no document, and hence no window, straddles the split) -> tokenise with
 the model's tokenizer, EOS after every document -> concatenate and cut into full `seq_len` windows (no padding,
-the remainder is dropped).
+the remainder is dropped). A corpus of too few documents for the hash to give both splits a window (one file, at
+the default validation_fraction) is split by tokens instead: its last validation_fraction is held out, with a
+warning, and only then may a document straddle the split.
 
 The stages live in their own modules: data_sources.py (`DataConfig`, files, documents, the split), packing.py
 (tokenising, windows) and batches.py (`ResumableBatches`, which serves windows in an epoch-seeded order and resumes
@@ -24,6 +26,7 @@ from indexcache.packing import (
     Tokenize,
     pack_windows,
     require_windows,
+    split_by_tokens,
     split_token_caps,
     tokenize_documents,
 )
@@ -69,6 +72,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, seq_len: int) -> PackedSplit
     if all(stream.size == 0 for stream in streams.values()):
         where = f"data.saved_dataset={cfg.saved_dataset}" if cfg.saved_dataset else f"data.sources={list(cfg.sources)}"
         raise ValueError(f"no text in {where}: every document is empty; point it at files or rows with text")
+    if cfg.validation_fraction > 0 and min(stream.size for stream in streams.values()) < seq_len:
+        streams = split_by_tokens(streams, cfg.validation_fraction, seq_len, num_documents)
     windows = {}
     for split, stream in streams.items():
         windows[split] = pack_windows(stream, seq_len)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import sysconfig
 from collections.abc import Callable
@@ -119,6 +120,7 @@ def load_documents(cfg: DataConfig) -> list[tuple[datasets.Dataset, list[str]]]:
 
     parts = []
     if text_files:
+        _refuse_binary(text_files)
         # One row per file ("document"); undecodable bytes become U+FFFD instead of failing the whole corpus.
         documents = _load_builder(
             "text", text_files, cfg.cache_dir, num_proc, sample_by="document", encoding_errors="replace"
@@ -127,9 +129,63 @@ def load_documents(cfg: DataConfig) -> list[tuple[datasets.Dataset, list[str]]]:
         parts.append((documents, [split_of(f.key) for f in text_files]))
     for builder, group in (("json", json_files), ("parquet", parquet_files)):
         if group:
-            rows = _text_column(_load_builder(builder, group, cfg.cache_dir, num_proc), cfg.text_field, group[0].path)
+            try:
+                loaded = _load_builder(builder, group, cfg.cache_dir, num_proc)
+            except datasets.exceptions.DatasetGenerationError as error:
+                raise _unreadable(builder, group, error) from None
+            rows = _text_column(loaded, cfg.text_field, group[0].path)
             parts.append((rows, _split_by_content(rows, split_of)))
     return parts
+
+
+_SNIFF_BYTES = 8192  # a NUL byte this early marks a binary file (git's test for binary content)
+
+
+def _refuse_binary(files: list[_SourceFile]) -> None:
+    """A file with a text ending that holds binary data would be tokenised as replacement characters: refuse it."""
+    for item in files:
+        with open(item.path, "rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+        nul = head.find(b"\0")
+        if nul >= 0:
+            raise ValueError(
+                f"data file {item.path} is binary (a NUL byte at offset {nul}), not text: remove it "
+                "from data.sources or leave its ending out of data.extensions"
+            )
+
+
+def _unreadable(builder: str, files: list[_SourceFile], error: Exception) -> ValueError:
+    """One line naming the file (and line) that `datasets` could not read, instead of its traceback."""
+    if builder == "json":
+        for item in files:
+            found = _first_bad_json_line(Path(item.path))
+            if found is not None:
+                line, problem = found
+                return ValueError(
+                    f"data file {item.path} line {line} is not valid JSON ({problem}): fix or remove that line"
+                )
+    cause = error.__cause__ or error
+    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    names = ", ".join(item.path for item in files[:3]) + (" ..." if len(files) > 3 else "")
+    return ValueError(f"data files {names} could not be read as {builder} ({first}): fix or remove the bad file")
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(line number, error) of the first line of a JSON-lines file that does not parse; None when all do (or the
+    file is one JSON document, which `datasets` also reads)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError as error:
+                return number, str(error)
+    return None
 
 
 def _selected_files(cfg: DataConfig) -> list[_SourceFile]:

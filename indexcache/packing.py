@@ -4,6 +4,8 @@ cut into full `seq_len` windows (no padding, the remainder dropped), within each
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import datasets
@@ -17,6 +19,8 @@ from indexcache.data_sources import DataConfig
 # `max_tokens` never pays for tokenising a large corpus.
 _FIRST_PREFIX_DOCS = 64
 
+logger = logging.getLogger(__name__)
+
 
 def split_token_caps(max_tokens: int | None, validation_fraction: float) -> dict[str, int | None]:
     # Each split gets its share of the cap, so a small cap still leaves a validation set.
@@ -24,6 +28,31 @@ def split_token_caps(max_tokens: int | None, validation_fraction: float) -> dict
         return {"train": None, "validation": None}
     validation = round(max_tokens * validation_fraction)
     return {"train": max_tokens - validation, "validation": validation}
+
+
+def split_by_tokens(
+    streams: dict[str, np.ndarray], validation_fraction: float, seq_len: int, num_documents: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """Hold out the last `validation_fraction` of the tokens (whole windows, at least one) when the split by
+    document leaves a split without one window: a corpus of one file, or of a few, has too few documents for the
+    hash to split. Only then may a document straddle the split. Unchanged when the text is too short for two windows.
+    """
+    whole = np.concatenate([streams["train"], streams["validation"]])
+    held = max(1, math.ceil(whole.size * validation_fraction / seq_len)) * seq_len
+    if whole.size - held < seq_len:
+        return streams  # too short for a window on each side: require_windows says so
+    short = min(streams, key=lambda split: streams[split].size)
+    logger.warning(
+        "indexcache: data: the split by document left the %s split %d tokens (%d of %d documents), less than one "
+        "seq_len=%d window: its last %d tokens are held out for validation instead",
+        short,
+        streams[short].size,
+        num_documents[short],
+        sum(num_documents.values()),
+        seq_len,
+        held,
+    )
+    return {"train": whole[:-held], "validation": whole[-held:]}
 
 
 def require_windows(

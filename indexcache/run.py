@@ -105,13 +105,44 @@ def preflight(cfg: RunConfig) -> ResumePoint | None:
     """Checks that read the run directory but write nothing: the resume point, and that it continues this config."""
     resume = find_resume(cfg)
     if resume is not None and not cfg.train.allow_config_change:
-        change = fingerprint_change(resume.state.config_fingerprint, result_fingerprint(cfg))
+        recorded, current = resume.state.config_fingerprint, result_fingerprint(cfg)
+        change = fingerprint_change(recorded, current)
         if change is not None:
-            raise ConfigError(
-                f"resume refused: {change} in the checkpointed run {resume.path}; use a new run_dir, or add "
-                "train.allow_config_change=true to continue anyway"
-            )
+            hint = _resume_hint(cfg, resume, recorded, current)
+            raise ConfigError(f"resume refused: {change} in the checkpointed run {resume.path}; {hint}")
     return resume
+
+
+def _resume_hint(cfg: RunConfig, resume: ResumePoint, recorded: dict[str, Any], current: dict[str, Any]) -> str:
+    """What makes a refused resume work: train.allow_config_change does, unless the pattern itself changed (the
+    checkpoint holds the other pattern's F-layer indexers, so build_run refuses that even with the flag)."""
+    changed = sorted(key for key in set(recorded) | set(current) if recorded.get(key) != current.get(key))
+    pattern_keys = [key for key in changed if key.startswith("pattern.")]
+    if not pattern_keys or not _builds_another_pattern(cfg, resume.state.pattern):
+        return "use a new run_dir, or add train.allow_config_change=true to continue anyway"
+    overrides = [
+        f"{key}={'null' if recorded.get(key) is None else recorded[key]}"
+        for key in pattern_keys
+        if key != "pattern.file_content"
+    ]
+    steps = [f"go back to {' '.join(overrides)}"] if overrides else []
+    if "pattern.file_content" in pattern_keys:
+        steps.append(f"put {recorded.get('pattern.file_content')!r} back in pattern.path")
+    return (
+        f"a different pattern never resumes (the checkpoint trained {resume.state.pattern or 'another pattern'}): "
+        f"{' and '.join(steps)}, or use a new run_dir"
+    )
+
+
+def _builds_another_pattern(cfg: RunConfig, checkpointed: str) -> bool:
+    """Whether this config's pattern differs from the checkpoint's (True when it cannot be told without weights)."""
+    found = source_layer_count(cfg)
+    if found is None or not checkpointed:
+        return True
+    try:
+        return str(build_pattern(cfg.pattern, *found)) != checkpointed
+    except ValueError:
+        return True
 
 
 def source_layer_count(cfg: RunConfig) -> tuple[int, dict[str, Any]] | None:
