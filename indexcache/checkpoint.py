@@ -67,6 +67,14 @@ class CheckpointManager:
         self.root = root
         self.keep_last = keep_last
         self.dist = dist
+        if dist.is_main:
+            self._finish_pruning()
+
+    def _finish_pruning(self) -> None:
+        """Delete what a kill during `_prune` left: folders renamed for deletion are never complete checkpoints
+        (`complete_in` reads only `step_*`), so the next start finishes their deletion."""
+        for doomed in self.root.glob(f"{_TMP_PREFIX}deleting-{_PREFIX}*") if self.root.is_dir() else []:
+            shutil.rmtree(doomed)
 
     @staticmethod
     def complete_in(root: Path) -> list[Path]:
