@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from indexcache.model import IndexCacheModel
+from indexcache.model import indexer as indexer_module
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
 
@@ -90,7 +91,14 @@ def sparse_stage_losses(model_type: str, train_base: bool) -> list[tuple[float, 
 
 
 @pytest.mark.parametrize(("model_type", "train_base"), sorted(PREVIOUS))
-def test_sparse_stage_matches_the_previous_implementation(model_type: str, train_base: bool):
+def test_sparse_stage_matches_the_previous_implementation(
+    model_type: str, train_base: bool, monkeypatch: pytest.MonkeyPatch
+):
+    # The previous implementation selected with plain `torch.topk`, whose choice among exactly tied scores (keys
+    # that score 0 on every indexer head) is its own; the top-k now resolves ties by the lower key index, which
+    # changes those rows' sets (and these losses by up to 1%). Compared with the previous attention and loss, the
+    # selection is held to the one the recorded run made.
+    monkeypatch.setattr(indexer_module, "topk_lowest_index_ties", lambda scores, width: scores.topk(width, dim=-1))
     got = torch.tensor(sparse_stage_losses(model_type, train_base), dtype=torch.float64)
     expected = torch.tensor(PREVIOUS[(model_type, train_base)], dtype=torch.float64)
     # float32 round-off through 6 optimizer steps (measured: at most 1.8e-6 relative)
