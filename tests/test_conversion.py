@@ -41,6 +41,7 @@ from indexcache.model.registry import get_family
 from indexcache.model.tiny import TINY_DSA_DIMS
 from indexcache.model.wrapper import IndexCacheModel
 from indexcache.pattern import IndexCachePattern
+from tests.conftest import LowestIndexTopk
 
 SEQ = 24
 INDEXER_PARAMS = {"wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"}
@@ -153,8 +154,9 @@ def test_llama_dsa_with_full_topk_is_the_dense_model(tmp_path: Path, attn_implem
 def test_llama_stock_sparse_attention_matches_indexcache_backend():
     model = tiny_llama_and_family_build(topk=SPARSE_TOPK)
     input_ids, attention_mask = token_batch()
-    with torch.no_grad():
+    with torch.no_grad(), LowestIndexTopk():  # stock's top-k under the project's tie rule (see conftest)
         stock = model(input_ids, attention_mask=attention_mask).logits
+    with torch.no_grad():
         wrapped = IndexCacheModel(model, mode="sparse")(input_ids, attention_mask, return_logits=True).logits
     real = attention_mask.bool()
     torch.testing.assert_close(wrapped[real], stock[real], rtol=1e-5, atol=1e-5)
@@ -178,7 +180,7 @@ def test_llama_checkpoint_with_shared_layers_reuses_the_f_layers_topk():
     assert isinstance(shared.model.layers[1].self_attn.indexer, SharedTopk)
 
     input_ids, attention_mask = token_batch()
-    with torch.no_grad():
+    with torch.no_grad(), LowestIndexTopk():
         stock = shared(input_ids, attention_mask=attention_mask).logits
         wrapped = IndexCacheModel(all_full, IndexCachePattern("FSFS"), mode="sparse")
         expected = wrapped(input_ids, attention_mask=attention_mask, return_logits=True).logits
@@ -206,7 +208,7 @@ def test_llama_indexcache_export_reloads_with_its_pattern(tmp_path: Path):
         "model.layers.0",
         "model.layers.2",
     }
-    with torch.no_grad():
+    with torch.no_grad(), LowestIndexTopk():
         got = reloaded(input_ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)

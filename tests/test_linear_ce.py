@@ -30,6 +30,7 @@ from indexcache.losses.linear_ce import (
 from indexcache.model.tiny import tiny_model
 from indexcache.model.wrapper import IndexCacheModel
 from indexcache.pattern import IndexCachePattern
+from tests.conftest import LowestIndexTopk
 
 F64_BOUND = 1e-10
 F32_BOUND = 1e-5
@@ -185,8 +186,9 @@ def test_lm_loss_equals_hf_out_loss(model_type, mode, padded):
     input_ids, attention_mask = batch(padded)
     # The wrapper ignores padded targets itself; HF's loss needs them set to -100.
     labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-    with torch.no_grad():
+    with torch.no_grad(), LowestIndexTopk():  # stock's top-k under the project's tie rule (see conftest)
         expected = stock(model_type, **overrides)(input_ids, attention_mask=attention_mask, labels=labels).loss
+    with torch.no_grad():
         model = IndexCacheModel(stock(model_type, **overrides), mode=mode, kernels=KernelConfig(lm_chunk_size=7))
         out = model(input_ids, attention_mask, labels=input_ids)
     assert out.logits is None
