@@ -20,13 +20,16 @@ defined for every layer even where a checkpoint keeps no indexer (the cross-laye
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from indexcache.model.context import teacher_rows
+
 if TYPE_CHECKING:
+    from indexcache.context_parallel import Segment
     from indexcache.losses import TeacherInputs
     from indexcache.model.indexer import IndexerSelection
 
@@ -242,7 +245,31 @@ class LayerStatsObserver:
         selection: IndexerSelection,
         teacher: TeacherInputs,
         attention_mask: Tensor | None,
-        query_offset: int = 0,
+        segments: tuple[Segment, ...] | None = None,
+    ) -> None:
+        """One layer's statistics; `segments` (context parallelism): the runs of global positions the local rows
+        are, each scored against the keys it may see."""
+        if segments is None:
+            self._observe(layer_idx, selection, teacher, attention_mask, 0)
+            return
+        for segment in segments:
+            rows, keys = segment.local, slice(0, segment.global_stop)
+            topk = None if selection.topk_indices is None else selection.topk_indices[:, rows]
+            self._observe(
+                layer_idx,
+                replace(selection, topk_indices=topk),
+                teacher_rows(teacher, rows, keys),
+                None if attention_mask is None else attention_mask[:, keys],
+                segment.global_start,
+            )
+
+    def _observe(
+        self,
+        layer_idx: int,
+        selection: IndexerSelection,
+        teacher: TeacherInputs,
+        attention_mask: Tensor | None,
+        query_offset: int,
     ) -> None:
         query = teacher.query
         batch, seq = query.shape[0], query.shape[2]

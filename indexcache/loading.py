@@ -68,11 +68,8 @@ def load_model(
     be applied; a job applies its pattern later). With `deepspeed=zero3` every rank must then run the same forwards
     in the same order (each gathers parameters).
     """
-    if ds.context_parallel_size > 1 and context_parallel is None:
-        raise ValueError(
-            f"pattern search does not split sequences (deepspeed.context_parallel_size={ds.context_parallel_size}): "
-            "run it with deepspeed.context_parallel_size=1 at a train.seq_len one GPU holds"
-        )
+    if (context_parallel.cp_size if context_parallel else 1) != ds.context_parallel_size:
+        raise AssertionError("a context-parallel job must build its CP group (new_context_shard) before the model")
     family = get_family(source_config["model_type"])
     if pattern is None:
         pattern = IndexCachePattern.from_source_config(source_config, int(source_config["num_hidden_layers"]))

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from indexcache.distributed import all_reduce_sums, reduce_device, shard_for_rank
 from indexcache.losses import TeacherInputs
+from indexcache.losses.linear_ce import shift_labels
 from indexcache.model.indexer import IndexerSelection
 from indexcache.model.wrapper import IndexCacheModel
 from indexcache.pattern import IndexCachePattern
@@ -110,7 +111,9 @@ class SearchModel(IndexCacheModel):
 
             return hook
 
-        def observe(layer_idx: int, selection: IndexerSelection, teacher: TeacherInputs, mask: Tensor | None) -> None:
+        def observe(
+            layer_idx: int, selection: IndexerSelection, teacher: TeacherInputs, mask: Tensor | None, **_: object
+        ) -> None:
             if layer_idx >= start and keep is None:
                 cache.selections[layer_idx], cache.teachers[layer_idx] = selection, teacher
 
@@ -165,12 +168,16 @@ class SearchModel(IndexCacheModel):
     def _run_from(
         self, start: int, cache: LayerCache, refresh: bool, keep: set[int] | None, device: torch.device | None
     ) -> Tensor:
-        pattern, context = self.pattern, self._context
+        pattern, context, shard = self.pattern, self._context, self.context_parallel
         labels = cache.input_ids.masked_fill(~cache.attention_mask, -100)
         layers = self.decoder_layers()
         model_device = cache.input_ids.device
         with self._capturing(cache, start, keep, device) if refresh else _no_capture() as observe:
-            context.reset("sparse", pattern, cache.attention_mask, self.kernels, observe)
+            if shard is None:
+                context.reset("sparse", pattern, cache.attention_mask, self.kernels, observe)
+            else:  # the rows this rank holds of every sequence, as `forward` runs them (packed windows)
+                num_rows = cache.input_ids.numel()
+                context.reset("sparse", pattern, None, self.kernels, observe, shard=shard, num_rows=num_rows)
             try:
                 # The layers of `start`'s group below it are unchanged: hand the context what they recorded.
                 for layer in range(pattern.owner(start), start):
@@ -191,7 +198,12 @@ class SearchModel(IndexCacheModel):
                 context.finish()
         hidden = self.hf_model.get_decoder().norm(hidden)
         weight = self.hf_model.get_output_embeddings().weight
-        return self.causal_lm_loss(hidden, weight, labels)  # the LM loss `forward` computes
+        if shard is None:
+            return self.causal_lm_loss(hidden, weight, labels)  # the LM loss `forward` computes
+        # Context parallelism: this rank's share of the mean (its targets over the global count), summed over the
+        # group, as `forward` reports it.
+        targets = shard.split(shift_labels(labels))
+        return shard.all_reduce_sum(self._lm_loss(hidden, weight, targets, labels).reshape(1))[0]
 
 
 @contextmanager
@@ -253,7 +265,10 @@ class SearchObjective:
         self.counter = LayerCounter(model.decoder_layers())
         self.naive_layer_forwards = 0  # what a search without prefix reuse would have run
         device = next(model.parameters()).device
-        shard = shard_for_rank(batches)
+        cp = model.context_parallel
+        group = 1 if cp is None else cp.cp_size  # a CP group scores each of its batches together
+        self._group = group
+        shard = shard_for_rank(batches, group)
         self._device_batches = [{k: v.to(device) for k, v in batch.items()} for batch, _ in shard]
         self._weights = [int(b["attention_mask"][:, 1:].sum()) if real else 0 for (b, real) in shard]
         self._reduce_device = reduce_device()
@@ -261,7 +276,7 @@ class SearchObjective:
         self.stride: int | None = None  # bounded cache: keep every stride-th F layer's input
         if prefix_reuse and cache_budget_bytes is not None:
             sequences = sum(len(b["input_ids"]) for b in self._device_batches)
-            seq_len = self._device_batches[0]["input_ids"].shape[1]
+            seq_len = self._device_batches[0]["input_ids"].shape[1] // group  # the tokens this rank holds
             config = model.hf_model.config
             per_boundary = boundary_bytes(sequences, seq_len, config.hidden_size, model.hf_model.dtype)
             boundaries = cache_budget_bytes // per_boundary
@@ -280,10 +295,10 @@ class SearchObjective:
 
     def cost(self) -> tuple[int, int, int]:
         """(decoder-layer forwards run, what the naive search would have run, tokens the forwards ran), summed over
-        ranks (a collective)."""
+        ranks (a collective). A context-parallel group runs each layer-forward together: it counts once."""
         counts = [self.layer_forwards, self.naive_layer_forwards, self.counter.tokens]
         run, naive, tokens = all_reduce_sums(counts, self._reduce_device)
-        return int(run), int(naive), int(tokens)
+        return int(run) // self._group, int(naive) // self._group, int(tokens)
 
     def _mean(self, losses: list[float]) -> float:
         total = sum(loss * w for loss, w in zip(losses, self._weights, strict=True))

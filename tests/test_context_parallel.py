@@ -291,3 +291,28 @@ def test_launcher_cp2_evaluation_equals_one_process(tmp_path, cache_dir, two_ran
     overlap_one, overlap_cp = torch.tensor(one["overlap"]), torch.tensor(cp["overlap"])
     assert torch.allclose(overlap_one, overlap_cp, atol=1e-5, equal_nan=True)
     assert not torch.isnan(overlap_one).all()  # real sampled rows, on both
+
+
+@pytest.mark.slow
+def test_launcher_cp2_search_equals_one_process(tmp_path, cache_dir, two_rank_launcher):
+    """The greedy search with prefix reuse, each calibration sequence split over 2 ranks: the same pattern, the same
+    losses at every step (within 1e-5), the same counted layer-forwards and tokens as one process."""
+    env = subprocess_env(cache_dir)
+    common = ("conf=tiny", "search.calibration_tokens=160", "search.batch_size=2")
+    runs = {
+        "one": [sys.executable, "-m", "indexcache.search", *common, f"run_dir={tmp_path / 'one'}"],
+        "cp": [*two_rank_launcher, "--module", "indexcache.search", *common, f"run_dir={tmp_path / 'cp'}",
+               "deepspeed.context_parallel_size=2"],
+    }  # fmt: skip
+    curves = {}
+    for name, command in runs.items():
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[name] = json.loads((tmp_path / name / "search" / "search_curve.json").read_text())
+    one, cp = curves["one"], curves["cp"]
+    assert one["pattern"] == cp["pattern"] and len(one["curve"]) == len(cp["curve"]) > 1
+    for step_one, step_cp in zip(one["curve"], cp["curve"], strict=True):
+        assert step_one["pattern"] == step_cp["pattern"]
+        assert abs(step_one["loss"] - step_cp["loss"]) < 1e-5
+    for key in ("layer_forwards", "naive_layer_forwards", "layer_tokens"):
+        assert one["cost"][key] == cp["cost"][key], key

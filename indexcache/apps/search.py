@@ -27,6 +27,7 @@ from torch import Tensor
 
 from indexcache.cli import hydra_main, user_error
 from indexcache.config import ConfigError, RunConfig, to_container
+from indexcache.context_parallel import new_context_shard
 from indexcache.distributed import DistInfo, from_main, init_distributed, main_first, rank_and_world, shutdown
 from indexcache.fsutil import atomic_write_text
 from indexcache.loading import load_data, load_model, model_dtype, resolve_model_source
@@ -145,6 +146,8 @@ def run_search(cfg: RunConfig) -> SearchResult:
         dist.device,
         model_class=SearchModel,
         inference=True,
+        # Each calibration sequence split over a CP group when deepspeed.context_parallel_size > 1, as in training.
+        context_parallel=new_context_shard(cfg.deepspeed.context_parallel_size, cfg.train.seq_len),
     )
     cache_device = torch.device("cpu") if cfg.search.cache_on_cpu else None
     objective = SearchObjective(

@@ -15,7 +15,7 @@ the one-process loss.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ __all__ = [
     "SharedIndexer",
     "checked_mode",
     "loss_groups",
+    "teacher_rows",
 ]
 
 CONTEXT_KWARG = "indexcache_context"
@@ -42,8 +43,8 @@ MODES = ("dense", "sparse")
 
 # Called by `ForwardContext.record` for every layer as it runs: (layer_idx, the selection it attended with, its
 # teacher, the [B, S] key padding mask or None). Evaluation uses it for recall/coverage, pattern search for its
-# caches. Under context parallelism it is called once per run of local rows, with `query_offset=` the run's first
-# global position: the teacher's query and the selection hold that run's rows, its key the keys they may see.
+# caches. Under context parallelism it also gets `segments=` (`ContextShard.segments`): the teacher's query and the
+# selection hold this rank's local rows, which are those runs of global positions, and its key the whole sequence.
 LayerObserver = Callable[..., None]
 
 
@@ -231,7 +232,7 @@ class ForwardContext:
         for segment in settings.shard.segments:
             rows, keys = segment.local, slice(0, segment.global_stop)
             part_indexer = IndexerOutputs(q=indexer.q[:, rows], k=indexer.k[:, keys], w=indexer.w[:, rows])
-            part_teachers = [_teacher_rows(teacher, rows, keys) for teacher in teachers]
+            part_teachers = [teacher_rows(teacher, rows, keys) for teacher in teachers]
             parts.append(
                 multi_layer_kl(
                     part_indexer,
@@ -274,18 +275,11 @@ class ForwardContext:
             return
         if settings.shard is None:
             settings.observer(layer_idx, selection, teacher, settings.key_mask)
-            return
-        for segment in settings.shard.segments:
-            rows, keys = segment.local, slice(0, segment.global_stop)
-            topk = None if selection.topk_indices is None else selection.topk_indices[:, rows]
-            part = replace(selection, topk_indices=topk)
-            mask = None if settings.key_mask is None else settings.key_mask[:, keys]
-            settings.observer(
-                layer_idx, part, _teacher_rows(teacher, rows, keys), mask, query_offset=segment.global_start
-            )
+        else:
+            settings.observer(layer_idx, selection, teacher, settings.key_mask, segments=settings.shard.segments)
 
 
-def _teacher_rows(teacher: TeacherInputs, rows: slice, keys: slice) -> TeacherInputs:
+def teacher_rows(teacher: TeacherInputs, rows: slice, keys: slice) -> TeacherInputs:
     """A teacher restricted to some local query rows and the keys [0, S) they may see."""
     return TeacherInputs(
         query=teacher.query[:, :, rows],
