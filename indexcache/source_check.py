@@ -61,7 +61,7 @@ def _build(config: PretrainedConfig) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config)
 
 
-def stored_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
+def stored_tensors(folder: Path, what: str = "model.source") -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
     """(name -> where each stored tensor is, the index's weight_map or None for one file), from headers only."""
     index_path = folder / INDEX_FILE
     weight_map: dict[str, str] | None = None
@@ -70,21 +70,23 @@ def stored_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, str] 
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as error:
             raise SourceTensorError(
-                f"{index_path} is not a shard index ({error!r}): repair or re-download it"
+                f"{what}={folder}: {INDEX_FILE} is not a shard index ({error!r}): repair or re-download it"
             ) from None
         shard_names = list(dict.fromkeys(weight_map.values()))
     elif (folder / SINGLE_FILE).is_file():
         shard_names = [SINGLE_FILE]
     else:
-        raise SourceTensorError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: convert the checkpoint first")
+        raise SourceTensorError(f"{what}={folder} has no {SINGLE_FILE} or {INDEX_FILE}: convert the checkpoint first")
     stored: dict[str, TensorInfo] = {}
     for shard in shard_names:
         if not (folder / shard).is_file():
-            raise SourceTensorError(f"{folder}: {INDEX_FILE} names shard {shard}, which does not exist: re-download it")
+            raise SourceTensorError(
+                f"{what}={folder}: {INDEX_FILE} names shard {shard}, which does not exist: re-download it"
+            )
         try:
             stored.update(read_header(folder / shard).tensors)
         except SafetensorsFormatError as error:
-            raise SourceTensorError(f"{folder}: {error}: re-download that shard") from None
+            raise SourceTensorError(f"{what}={folder} could not be loaded ({error}): re-download that shard") from None
     return stored, weight_map
 
 
@@ -93,7 +95,7 @@ def check_source_tensors(folder: Path, what: str = "model.source") -> None:
     model expects, in the expected shape."""
     folder = Path(folder)
     expected = expected_tensors(folder)
-    stored, weight_map = stored_tensors(folder)
+    stored, weight_map = stored_tensors(folder, what)
     missing = [name for name in expected if name not in stored]
     if missing:
         name = missing[0]

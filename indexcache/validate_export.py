@@ -180,8 +180,6 @@ def validate_export(export_dir: Path, source_dir: Path | None = None) -> Validat
     keep_shared = KEEPS_SHARED_INDEXERS.get(config.get("model_type"))
     if pattern is not None and keep_shared is not None:
         _check_indexer_presence(tensors, pattern, keep_shared, problems)
-        if expected_tensors is not None:
-            _check_model_needs(export_dir, config, tensors, pattern, keep_shared, problems)
     record = _check_record(export_dir, pattern, problems)
     # Every stored byte is read once here; the record and the source are compared with these hashes.
     digests = {name: tensor_sha256(info) for name, info in tensors.items()}
@@ -190,6 +188,8 @@ def validate_export(export_dir: Path, source_dir: Path | None = None) -> Validat
         _compare_with_source(
             Path(source_dir), config, tensors, digests, checksums, pattern, bool(keep_shared), problems
         )
+    if pattern is not None and keep_shared is not None and expected_tensors is not None:
+        _check_model_needs(export_dir, config, tensors, pattern, keep_shared, problems)
     if problems:
         listed = problems[:_MAX_LISTED_PROBLEMS]
         more = len(problems) - len(listed)
@@ -315,6 +315,7 @@ def _check_model_needs(
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         problems.append(f"config.json does not build a {config.get('model_type')} model ({first})")
         return
+    misshapen = []
     for name, shape in expected.items():
         layer = indexer_layer(name, pattern.num_layers)
         if layer is not None and not pattern.is_full(layer) and not keep_shared:
@@ -326,7 +327,11 @@ def _check_model_needs(
                 "(transformers would give it its random init)"
             )
         elif info.shape != shape:
-            problems.append(f"{name} has shape {list(info.shape)}, the model built from config.json {list(shape)}")
+            misshapen.append(f"{name} is {list(info.shape)}, the model needs {list(shape)}")
+    if misshapen:  # one line: a changed config.json key misshapes most tensors at once
+        problems.append(
+            f"{len(misshapen)} tensor(s) do not have the shape the model built from config.json needs ({misshapen[0]})"
+        )
 
 
 def _check_record(export_dir: Path, pattern: IndexCachePattern | None, problems: list[str]) -> dict[str, Any] | None:
