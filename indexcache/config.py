@@ -10,7 +10,6 @@ model or data is loaded and before anything is written. `compose_config` turns e
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib.util import find_spec
@@ -91,30 +90,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.source={self.source} is not 'smollm2', 'tiny' or an existing model folder: fix the path"
             )
-        if self.source not in ("smollm2", "tiny", MISSING):
-            _check_model_folder(Path(self.source))
         if self.source == "tiny":
             _choice("model.tiny_family", self.tiny_family, tuple(known_families()))
-
-
-def _check_model_folder(folder: Path) -> None:
-    """A local model.source must hold a config.json that is a JSON object naming its model_type."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(
-            f"model.source={folder} has no config.json: point it at a HF checkpoint folder (config.json and the "
-            "*.safetensors shards)"
-        )
-    try:
-        config = json.loads(config_path.read_bytes())
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
-        raise ConfigError(
-            f"model.source={folder}: config.json is not valid JSON ({error}): repair or re-download it"
-        ) from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ConfigError(
-            f"model.source={folder}: config.json is not a JSON object with a model_type: repair or re-download it"
-        )
 
 
 PATTERN_KINDS = ("uniform", "explicit", "file", "all_full", "source")

@@ -164,13 +164,13 @@ def precheck(cfg: RunConfig) -> None:
     count, and that a resume continues this config. Runs before Hydra creates any directory."""
     # The launcher has set the world size by now (without one it is 1).
     cfg.deepspeed.check_world(int(os.environ.get("WORLD_SIZE", "1")))
-    found = source_layer_count(cfg)
-    if found is not None:
-        try:
+    try:
+        found = source_layer_count(cfg)  # reads model.source's config.json (one line if it is missing or broken)
+        if found is not None:
             get_family(found[1]["model_type"])
             build_pattern(cfg.pattern, *found)
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     preflight(cfg)
 
 

@@ -37,8 +37,20 @@ def tiny_source(cfg: ModelConfig) -> Path:
 
 
 def read_config(folder: Path) -> dict:
-    with open(folder / "config.json") as fh:
-        return json.load(fh)
+    """A checkpoint folder's config.json; ValueError (one line) when it is missing, not JSON, or has no model_type."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"checkpoint folder {folder} has no config.json: point model.source at a HF checkpoint folder "
+            "(config.json and the *.safetensors shards)"
+        )
+    try:
+        config = json.loads(path.read_bytes())
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ValueError(f"{path} is not valid JSON ({error}): repair or re-download it") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{path} is not a JSON object with a model_type: repair or re-download it")
+    return config
 
 
 def resolve_source(cfg: ModelConfig) -> Path:
