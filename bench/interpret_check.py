@@ -34,12 +34,27 @@ def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
-def check(name: str, cfg: fused.FusedConfig, padding: bool, sparse: bool, want_grad: bool = True) -> None:
-    gen = torch.Generator().manual_seed(len(name))
-    batch, seq, idx_heads, idx_dim, heads, kv_heads, head_dim, layers = 2, 200, 4, 32, 4, 2, 64, 2
+def report(name: str, errors: dict[str, float]) -> None:
+    """Print a case's relative errors; exit naming it when one is over its bound."""
+    print(f"{name:<28}", "  ".join(f"{key} {value:.1e}" for key, value in errors.items()), flush=True)
+    bad = {key: value for key, value in errors.items() if value > (VALUE_BOUND if key == "kl" else GRAD_BOUND)}
+    if bad:
+        sys.exit(f"{name}: fused disagrees with the float64 chunked loss: {bad}")
+
+
+def fp16_randn(gen: torch.Generator):
+    """Gaussian fp16 tensors of a shape and scale, from `gen`."""
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).half()
+
+    return randn
+
+
+def check(name: str, cfg: fused.FusedConfig, padding: bool, sparse: bool, want_grad: bool = True) -> None:
+    gen = torch.Generator().manual_seed(len(name))
+    batch, seq, idx_heads, idx_dim, heads, kv_heads, head_dim, layers = 2, 200, 4, 32, 4, 2, 64, 2
+    randn = fp16_randn(gen)
 
     q, k, w = (
         randn(batch, seq, idx_heads, idx_dim, scale=0.3),
@@ -67,10 +82,7 @@ def check(name: str, cfg: fused.FusedConfig, padding: bool, sparse: bool, want_g
     if want_grad:
         grads = torch.autograd.grad(expected.loss, (indexer64.q, indexer64.k, indexer64.w))
         errors.update({f"d{n}": rel(g, e) for n, g, e in zip("qkw", (sums.dq, sums.dk, sums.dw), grads, strict=True)})
-    print(f"{name:<28}", "  ".join(f"{key} {value:.1e}" for key, value in errors.items()), flush=True)
-    bad = {key: value for key, value in errors.items() if value > (VALUE_BOUND if key == "kl" else GRAD_BOUND)}
-    if bad:
-        sys.exit(f"{name}: fused disagrees with the float64 chunked loss: {bad}")
+    report(name, errors)
 
 
 def check_offset(name: str, cfg: fused.FusedConfig, query_offset: int) -> None:
@@ -79,9 +91,7 @@ def check_offset(name: str, cfg: fused.FusedConfig, query_offset: int) -> None:
     gen = torch.Generator().manual_seed(len(name))
     batch, seq, idx_heads, idx_dim, heads, kv_heads, head_dim, layers = 2, 200, 4, 32, 4, 2, 64, 2
     rows = seq - query_offset
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).half()
+    randn = fp16_randn(gen)
 
     q, k, w = (
         randn(batch, rows, idx_heads, idx_dim, scale=0.3),
@@ -107,10 +117,7 @@ def check_offset(name: str, cfg: fused.FusedConfig, query_offset: int) -> None:
     grads = torch.autograd.grad(expected.loss, (indexer64.q, indexer64.k, indexer64.w))
     errors = {"kl": rel(sums.kl / num_rows, expected.kl_per_layer)}
     errors.update({f"d{n}": rel(g, e) for n, g, e in zip("qkw", (sums.dq, sums.dk, sums.dw), grads, strict=True)})
-    print(f"{name:<28}", "  ".join(f"{key} {value:.1e}" for key, value in errors.items()), flush=True)
-    bad = {key: value for key, value in errors.items() if value > (VALUE_BOUND if key == "kl" else GRAD_BOUND)}
-    if bad:
-        sys.exit(f"{name}: fused disagrees with the float64 chunked loss: {bad}")
+    report(name, errors)
 
 
 def main() -> None:

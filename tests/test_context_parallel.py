@@ -239,30 +239,28 @@ def test_launcher_cp2_training_equals_one_process_and_resumes_exactly(tmp_path, 
     assert all(torch.equal(resumed_export[k], cp_export[k]) for k in cp_export)
 
 
-@pytest.mark.slow
-def test_a_cp_degree_that_does_not_divide_the_world_is_one_line_exit_2_nothing_written(
-    tmp_path, cache_dir, two_rank_launcher
-):
-    result = _train(subprocess_env(cache_dir), two_rank_launcher, tmp_path / "run", "deepspeed.context_parallel_size=4")
-    assert result.returncode == 2
-    lines = {line for line in result.stderr.splitlines() if line.startswith("indexcache:")}
-    assert lines == {
+BAD_CP_CONFIGS = {
+    "a CP degree that does not divide the world": (
+        ("deepspeed.context_parallel_size=4",),
         "indexcache: config error: deepspeed.context_parallel_size=4 does not divide the world size 2: launch a "
-        "multiple of 4 ranks, or pick a divisor of 2"
-    }
-    assert not (tmp_path / "run").exists()
+        "multiple of 4 ranks, or pick a divisor of 2",
+    ),
+    "a length the zigzag split cannot take": (
+        ("deepspeed.context_parallel_size=2", "train.seq_len=30"),
+        "indexcache: config error: train.seq_len=30 does not split into 2 x deepspeed.context_parallel_size=4 "
+        "equal chunks: use a seq_len divisible by 4",
+    ),
+}
 
 
 @pytest.mark.slow
-def test_a_length_the_cp_split_cannot_take_is_one_line_exit_2_nothing_written(tmp_path, cache_dir, two_rank_launcher):
-    overrides = ("deepspeed.context_parallel_size=2", "train.seq_len=30")
+@pytest.mark.parametrize("case", sorted(BAD_CP_CONFIGS))
+def test_a_bad_cp_config_is_one_line_exit_2_nothing_written(tmp_path, cache_dir, two_rank_launcher, case: str):
+    """Through the launcher (2 ranks): each rank stops with the same one line, exit code 2, no run directory."""
+    overrides, line = BAD_CP_CONFIGS[case]
     result = _train(subprocess_env(cache_dir), two_rank_launcher, tmp_path / "run", *overrides)
     assert result.returncode == 2
-    lines = {line for line in result.stderr.splitlines() if line.startswith("indexcache:")}
-    assert lines == {
-        "indexcache: config error: train.seq_len=30 does not split into 2 x deepspeed.context_parallel_size=4 "
-        "equal chunks: use a seq_len divisible by 4"
-    }
+    assert {text for text in result.stderr.splitlines() if text.startswith("indexcache:")} == {line}
     assert not (tmp_path / "run").exists()
 
 
