@@ -38,7 +38,11 @@ def rel(actual: Tensor, expected: Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
 
 
-def check(name: str, heads: int, kv_heads: int, dim: int, value_dim: int, latent: bool, topk: int) -> None:
+def check(
+    name: str, heads: int, kv_heads: int, dim: int, value_dim: int, latent: bool, topk: int, rows_from: int = 0
+) -> None:
+    """`rows_from` > 0: only the rows from there on query, against every key (a context-parallel rank's rows against
+    the gathered keys: more keys than query rows)."""
     gen = torch.Generator().manual_seed(len(name) * 1000 + dim)
     batch, seq = 2, 37
     query = torch.randn(batch, seq, heads, dim, generator=gen)
@@ -49,8 +53,9 @@ def check(name: str, heads: int, kv_heads: int, dim: int, value_dim: int, latent
     indices = torch.randint(0, seq, (batch, seq, topk), generator=gen) % (torch.arange(seq)[None, :, None] + 1)
     indices[torch.rand(indices.shape, generator=gen) < 0.2] = -1
     slots = visible_slots(indices, real)
-    slots[1, 10] = -1  # a row cleared in the middle of a sequence
+    slots[1, max(10, rows_from + 3)] = -1  # a row cleared in the middle of a sequence
     d_out = torch.randn(batch, seq, heads, value_dim, generator=gen)
+    query, slots, d_out = query[:, rows_from:], slots[:, rows_from:], d_out[:, rows_from:]
     scaling = dim**-0.5
     cfg = dataclasses.replace(triton_sparse.BACKWARD_CONFIG, block_heads=16, block_slots=16)
 
@@ -103,6 +108,8 @@ def main() -> None:
     check("latent_value_not_tile", heads=4, kv_heads=1, dim=24, value_dim=20, latent=True, topk=9)
     check("gqa", heads=6, kv_heads=2, dim=32, value_dim=32, latent=False, topk=12)
     check("odd_value_width", heads=4, kv_heads=1, dim=24, value_dim=20, latent=False, topk=9)
+    check("latent_gathered_keys", heads=20, kv_heads=1, dim=72, value_dim=64, latent=True, topk=24, rows_from=17)
+    check("gqa_gathered_keys", heads=6, kv_heads=2, dim=32, value_dim=32, latent=False, topk=12, rows_from=17)
     print("all cases agree")
 
 
