@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
+from transformers.integrations import deepspeed as hf_deepspeed
 
 from indexcache.conversion.convert import CONVERSION_RECORD, INDEXER_SHARD
 from indexcache.model import get_family, known_families
@@ -43,7 +45,7 @@ def expected_tensors(folder: Path) -> dict[str, tuple[int, ...]]:
     class for its model_type. Tied weights whose source is loaded and keys the model declares optional are left out.
     """
     config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
+    with _without_zero3_construction(), torch.device("meta"):
         model = _build(config)
     names = {name: tuple(value.shape) for name, value in revert_weight_conversion(model, model.state_dict()).items()}
     optional = [re.compile(pattern) for pattern in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
@@ -53,6 +55,27 @@ def expected_tensors(folder: Path) -> dict[str, tuple[int, ...]]:
         for name, shape in names.items()
         if name not in tied and not any(pattern.search(name) for pattern in optional)
     }
+
+
+@contextmanager
+def _without_zero3_construction() -> Iterator[None]:
+    """transformers' plain construction for the meta-device skeleton, also inside a ZeRO-3 job.
+
+    While a job holds its `HfDeepSpeedConfig` (ZeRO-3 training, search or evaluation; an export at the end of such a
+    run), transformers builds every model under `deepspeed.zero.Init`, which partitions real tensors and cannot
+    build on the meta device. transformers keeps that config behind a module-level weak reference only
+    (`set_hf_deepspeed_config` / `unset_hf_deepspeed_config`); it is unset for the skeleton and set back after.
+    """
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = reference() if reference is not None else None
+    if active is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def _build(config: PretrainedConfig) -> PreTrainedModel:

@@ -314,3 +314,22 @@ def test_launcher_cp2_search_equals_one_process(tmp_path, cache_dir, two_rank_la
         assert abs(step_one["loss"] - step_cp["loss"]) < 1e-5
     for key in ("layer_forwards", "naive_layer_forwards", "layer_tokens"):
         assert one["cost"][key] == cp["cost"][key], key
+
+
+@pytest.mark.slow
+def test_launcher_cp2_under_zero3_equals_one_process_and_both_export(tmp_path, cache_dir, two_rank_launcher):
+    """The real presets' layout: ZeRO-3 sharding over the whole world with each sequence split over 2 ranks. The
+    losses equal one ZeRO-3 process's, and both runs write and validate their export (the validator builds the
+    model's skeleton while ZeRO-3's config is alive)."""
+    env = subprocess_env(cache_dir)
+    overrides = ("deepspeed=zero3",)
+    one = _train(env, None, tmp_path / "one", *overrides)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cp = _train(env, two_rank_launcher, tmp_path / "cp", *overrides, "deepspeed.context_parallel_size=2")
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    one_losses, cp_losses = train_losses(tmp_path / "one"), train_losses(tmp_path / "cp")
+    assert one_losses.keys() == cp_losses.keys()
+    assert all(abs(one_losses[step] - cp_losses[step]) < 1e-5 for step in one_losses)
+    one_export, cp_export = folder_tensors(tmp_path / "one" / "export"), folder_tensors(tmp_path / "cp" / "export")
+    assert one_export.keys() == cp_export.keys()
+    assert max(float((one_export[k].float() - cp_export[k].float()).abs().max()) for k in one_export) < 1e-5
