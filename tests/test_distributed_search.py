@@ -64,8 +64,12 @@ def test_two_rank_zero3_search_and_evaluation_equal_one_process(tmp_path, cache_
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
         assert ours["candidates"] == pytest.approx(theirs["candidates"], rel=1e-5)
     # Counted on both ranks in the resumed process, the padding batch included: 4 layers x 2 batches x 2 ranks x
-    # 4 scored patterns (the resumed start and the 2 + 1 candidates of the last two steps).
-    assert two["cost"]["naive_layer_forwards"] == 4 * 2 * 2 * 4
+    # 4 scored patterns (the resumed start and the 2 + 1 candidates of the last two steps); the totals add the
+    # first invocation's.
+    cost = two["cost"]
+    assert cost["invocations"] == len(cost["per_invocation"]) == 2
+    assert cost["per_invocation"][-1]["naive_layer_forwards"] == 4 * 2 * 2 * 4
+    assert cost["naive_layer_forwards"] == sum(part["naive_layer_forwards"] for part in cost["per_invocation"])
     state = json.loads((out / "search_state.json").read_text())
     assert state["curve"] == two["curve"]
 
