@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,6 +96,17 @@ def subprocess_env(cache_dir: Path) -> dict[str, str]:
     env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["INDEXCACHE_CACHE"] = str(cache_dir)
     return env
+
+
+@pytest.fixture(scope="module")
+def tiny_source(cache_dir: Path) -> Path:
+    """The tiny glm_moe_dsa model as a checkpoint folder (config.json and shards), built once per module."""
+    script = "from indexcache.config import ModelConfig; from indexcache.conversion.sources import resolve_source; "
+    script += "print(resolve_source(ModelConfig(source='tiny', index_topk=8)))"
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, env=subprocess_env(cache_dir)
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -168,16 +168,6 @@ RESUME_CASES = {
 _results: dict[str, bool] = {}
 
 
-@pytest.fixture(scope="module")
-def tiny_source(cache_dir: Path) -> Path:
-    script = "from indexcache.config import ModelConfig; from indexcache.conversion.sources import resolve_source; "
-    script += "print(resolve_source(ModelConfig(source='tiny', index_topk=8)))"
-    out = subprocess.run(
-        [sys.executable, "-c", script], check=True, capture_output=True, text=True, env=subprocess_env(cache_dir)
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
-
-
 def _limit_file_size(limit: int) -> Callable[[], None]:
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG

@@ -264,23 +264,30 @@ def test_a_bad_cp_config_is_one_line_exit_2_nothing_written(tmp_path, cache_dir,
     assert not (tmp_path / "run").exists()
 
 
+def _one_and_cp(
+    tmp_path: Path, cache_dir: Path, launcher: list[str], module: str, overrides: tuple[str, ...]
+) -> tuple[Path, Path]:
+    """`python -m module` in one process and under the 2-rank launcher with CP=2: their run directories."""
+    commands = {
+        "one": [sys.executable, "-m", module],
+        "cp": [*launcher, "--module", module, "deepspeed.context_parallel_size=2"],
+    }
+    for name, command in commands.items():
+        result = subprocess.run(
+            [*command, *overrides, f"run_dir={tmp_path / name}"],
+            env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=900, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "one", tmp_path / "cp"
+
+
 @pytest.mark.slow
 def test_launcher_cp2_evaluation_equals_one_process(tmp_path, cache_dir, two_rank_launcher):
     """`deepspeed --num_gpus 2 --module indexcache.evaluate ... deepspeed.context_parallel_size=2` against one
     process: the LM losses, every layer's recall and coverage, and the overlap matrix within 1e-5."""
-    env = subprocess_env(cache_dir)
     common = ("conf=tiny", "evaluate.overlap_rows=8")
-    runs = {
-        "one": [sys.executable, "-m", "indexcache.evaluate", *common, f"run_dir={tmp_path / 'one'}"],
-        "cp": [*two_rank_launcher, "--module", "indexcache.evaluate", *common, f"run_dir={tmp_path / 'cp'}",
-               "deepspeed.context_parallel_size=2"],
-    }  # fmt: skip
-    reports = {}
-    for name, command in runs.items():
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
-        assert result.returncode == 0, result.stderr[-3000:]
-        reports[name] = json.loads((tmp_path / name / "evaluate" / "evaluation.json").read_text())["model"]
-    one, cp = reports["one"], reports["cp"]
+    runs = _one_and_cp(tmp_path, cache_dir, two_rank_launcher, "indexcache.evaluate", common)
+    one, cp = (json.loads((run / "evaluate" / "evaluation.json").read_text())["model"] for run in runs)
     assert one["pattern"] == cp["pattern"]
     for mode, loss in one["lm_loss"].items():
         assert abs(loss - cp["lm_loss"][mode]) < 1e-5, mode
@@ -295,19 +302,9 @@ def test_launcher_cp2_evaluation_equals_one_process(tmp_path, cache_dir, two_ran
 def test_launcher_cp2_search_equals_one_process(tmp_path, cache_dir, two_rank_launcher):
     """The greedy search with prefix reuse, each calibration sequence split over 2 ranks: the same pattern, the same
     losses at every step (within 1e-5), the same counted layer-forwards and tokens as one process."""
-    env = subprocess_env(cache_dir)
     common = ("conf=tiny", "search.calibration_tokens=160", "search.batch_size=2")
-    runs = {
-        "one": [sys.executable, "-m", "indexcache.search", *common, f"run_dir={tmp_path / 'one'}"],
-        "cp": [*two_rank_launcher, "--module", "indexcache.search", *common, f"run_dir={tmp_path / 'cp'}",
-               "deepspeed.context_parallel_size=2"],
-    }  # fmt: skip
-    curves = {}
-    for name, command in runs.items():
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
-        assert result.returncode == 0, result.stderr[-3000:]
-        curves[name] = json.loads((tmp_path / name / "search" / "search_curve.json").read_text())
-    one, cp = curves["one"], curves["cp"]
+    runs = _one_and_cp(tmp_path, cache_dir, two_rank_launcher, "indexcache.search", common)
+    one, cp = (json.loads((run / "search" / "search_curve.json").read_text()) for run in runs)
     assert one["pattern"] == cp["pattern"] and len(one["curve"]) == len(cp["curve"]) > 1
     for step_one, step_cp in zip(one["curve"], cp["curve"], strict=True):
         assert step_one["pattern"] == step_cp["pattern"]

@@ -172,16 +172,6 @@ INDEX = "model.safetensors.index.json"
 NO_EVAL = "evaluate.after_training=false"  # the run-end evaluation is tested elsewhere
 
 
-@pytest.fixture(scope="module")
-def tiny_source(cache_dir: Path) -> Path:
-    script = "from indexcache.config import ModelConfig; from indexcache.conversion.sources import resolve_source; "
-    script += "print(resolve_source(ModelConfig(source='tiny', index_topk=8)))"
-    out = subprocess.run(
-        [sys.executable, "-c", script], check=True, capture_output=True, text=True, env=subprocess_env(cache_dir)
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
-
-
 def write_source(source: Path, folder: Path, tensors: dict[str, torch.Tensor], shards: list[list[str]]) -> Path:
     """`source`'s side files with `tensors` in the given shards (one list: a lone model.safetensors)."""
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", INDEX))
