@@ -10,6 +10,10 @@
 #   table          GLM-5 and DeepSeek-V3.2, dense and sparse, 8K to 128K (the table)
 #   train_base     the sparse stage with the base training, GLM-5, 8K and 32K
 #   long           GLM-5 sparse at 128K and 256K, dense at 256K (peak memory)
+#   tests_cp       the GPU tests of the context-parallel pieces, the scorer's tiles, the bf16 model, the fused loss
+#   cp1            GLM-5 dense and sparse at 32K: the f58aa06 baseline (a `git archive` copy in .e2e_base, carried)
+#                  and this tree one after the other (this tree with a profiled step)
+#   topk           bench/topk.py: the top-k's parts and the scorer's tiles, GLM-5, 32K and 128K
 # Wheels: .sparse_whl (deepspeed 0.19.8, transformers 5.23.0, pydantic, hjson), .whl2 (hydra-core, omegaconf,
 # antlr4, datasets, ...); torch 2.11 and triton 3.6 are the image's.
 set -u -o pipefail
@@ -43,6 +47,17 @@ for name in "$@"; do
   long)
     step 120 python3 bench/e2e.py --stages sparse --lengths 131072 262144 --out "$JSON"
     step 200 python3 bench/e2e.py --stages dense --lengths 262144 --steps 1 --out "$JSON" ;;
+  tests_cp)
+    step 170 python3 -m pytest -v -p no:cacheprovider tests/test_context_parallel_gpu.py \
+      tests/test_sparse_gpu.py::test_triton_scorer_tiles_give_the_float32_scores \
+      tests/test_sparse_gpu.py::test_triton_index_scores_match_the_float32_scorer_and_pick_the_same_topk \
+      tests/test_model_gpu.py tests/test_losses_gpu.py \
+      tests/test_sparse_gpu.py::test_triton_sparse_backward_matches_the_reference_backward ;;
+  cp1)
+    step 120 env PYTHONPATH=/tmp/e2e_site python3 .e2e_base/bench/e2e.py --stages dense sparse --lengths 32768 \
+      --out "$OUT/cp1_base.jsonl"
+    step 120 python3 bench/e2e.py --stages dense sparse --lengths 32768 --profile --out "$OUT/cp1_tree.jsonl" ;;
+  topk) step 90 python3 bench/topk.py --out "$JSON" ;;
   *) echo "unknown step $name" | tee -a "$LOG"; exit 2 ;;
   esac
 done

@@ -16,7 +16,7 @@ from pathlib import Path
 from indexcache.apps.evaluate import evaluate_export
 from indexcache.cli import hydra_main, user_error
 from indexcache.config import ConfigError, RunConfig
-from indexcache.distributed import init_distributed, shutdown
+from indexcache.distributed import finish, init_distributed, shutdown
 from indexcache.run import Run, build_run, export_run, precheck
 from indexcache.trainer import NonFiniteLossError, train
 
@@ -76,9 +76,11 @@ def summary_line(run: Run, finished: bool, exported: Path | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return hydra_main(train_job, argv, prog=PROG, precheck=precheck)
-    finally:
+        code = hydra_main(train_job, argv, prog=PROG, precheck=precheck)
+    except BaseException:
         shutdown()
+        raise
+    return finish(code)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from indexcache.model.indexer import (
     key_padding_mask,
     rebuild_as,
     select_topk,
+    topk_lowest_index_ties,
 )
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
@@ -231,3 +232,28 @@ def test_topk_ties_follow_one_rule_at_every_chunk_size():
     # Context parallelism's offset runs follow the same rule.
     part = select_topk(q[:, 20:], k, w[:, 20:], None, topk, chunk_size=5, query_offset=20)
     assert torch.equal(part, expected[:, 20:])
+
+
+def test_index_order_keeps_the_same_members_sorted_by_position():
+    """`order="index"` (one sort fewer) picks exactly the members of the score order, ties included, listed by
+    increasing key position; on fresh random rows with planted ties across the K-th place."""
+    torch.manual_seed(11)
+    scores = torch.randn(64, 300).round(decimals=1)  # many exact ties
+    scores[:8, 100:] = 0.0  # rows whose K-th place falls inside a long tie
+    scores[8:12] = float("-inf")
+    scores[8:12, :5] = 1.0
+    for width in (1, 7, 50, 300):
+        by_score, by_score_idx = topk_lowest_index_ties(scores, width)
+        by_index, by_index_idx = topk_lowest_index_ties(scores, width, order="index")
+        assert torch.equal(by_index_idx, by_score_idx.sort(dim=-1).values)
+        assert torch.equal(by_index, torch.gather(scores, -1, by_index_idx))
+        assert bool((by_index_idx[:, 1:] > by_index_idx[:, :-1]).all())
+        # The rule itself: every member beats, or ties with a higher index than, every left-out key.
+        threshold = by_score[:, -1:]
+        members = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, by_index_idx, True)
+        assert bool((scores[~members].view(64, -1) <= threshold).all())
+        last_tied = torch.where(members & (scores == threshold), torch.arange(300), -1).max(-1).values
+        first_left = torch.where(~members & (scores == threshold), torch.arange(300), 301).min(-1).values
+        assert bool((last_tied < first_left).all())
+    with pytest.raises(ValueError, match="order='value' is unknown"):
+        topk_lowest_index_ties(scores, 3, order="value")

@@ -16,6 +16,8 @@ reference-path checks 1e-5.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -209,3 +211,28 @@ def test_triton_index_scores_match_the_float32_scorer_and_pick_the_same_topk():
     plain = select_topk(q.cpu().float(), k.cpu().float(), w.cpu(), real.cpu(), topk, chunk_size=1024)
     agree = (fused.cpu().sort(-1).values == plain.sort(-1).values).float().mean()
     assert agree > 0.99  # near-ties may order differently under another summation order
+
+
+@pytest.mark.parametrize("tiles", ["r64k64w4s3", "r64k128w4s3", "r128k64w8s3", "r128k128w8s2", "r128k128w8s3"])
+def test_triton_scorer_tiles_give_the_float32_scores(tiles: str):
+    """Every tile shape bench/topk.py times scores a chunk of rows (off the diagonal, with padding keys) within
+    round-off of the float32 scorer, with the same -inf pattern, at an offset as context parallelism calls it."""
+    from indexcache.kernels.config import ScorerTiles
+    from indexcache.kernels.triton_index import triton_index_scores
+    from indexcache.model.indexer import index_scores
+
+    rows, keys, warps, stages = (int(part) for part in re.fullmatch(r"r(\d+)k(\d+)w(\d+)s(\d+)", tiles).groups())
+    torch.manual_seed(4)
+    batch, seq, heads, dim, offset = 2, 3000, 32, 128, 1000  # 3000: no tile size divides it
+    q = torch.randn(batch, seq - offset, heads, dim, device="cuda").bfloat16()
+    k = torch.randn(batch, seq, dim, device="cuda").bfloat16()
+    w = torch.rand(batch, seq - offset, heads, device="cuda")
+    real = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    real[1, 2900:] = False
+    start, stop = 300, 1700  # local rows; global rows 1300 .. 1699 + 1000
+    got = triton_index_scores(q, k, w, real, start, stop, offset, ScorerTiles(rows, keys, warps, stages))
+    expected = index_scores(q[:, start:stop], k[:, : offset + stop], w[:, start:stop])
+    pos = torch.arange(offset + start, offset + stop, device="cuda")[:, None]
+    visible = (torch.arange(offset + stop, device="cuda")[None, :] <= pos)[None] & real[:, None, : offset + stop]
+    assert torch.equal(torch.isfinite(got), visible)
+    assert rel(got, expected.masked_fill(~visible, float("-inf"))) < 1e-5

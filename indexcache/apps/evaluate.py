@@ -25,7 +25,7 @@ from torch import Tensor
 from indexcache.cli import hydra_main, user_error
 from indexcache.config import ConfigError, PatternConfig, RunConfig, to_container
 from indexcache.context_parallel import new_context_shard
-from indexcache.distributed import DistInfo, init_distributed, main_first, rank_and_world, shutdown
+from indexcache.distributed import DistInfo, finish, init_distributed, main_first, rank_and_world, shutdown
 from indexcache.evaluate import ModelReport, evaluate_model, evaluation_batches, report_json, scalar_metrics
 from indexcache.fsutil import atomic_write_text
 from indexcache.loading import load_data, load_model, resolve_model_source
@@ -191,9 +191,11 @@ def evaluate_job(cfg: RunConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Hydra's command line, the same config surface as training (`--help`, `--cfg`, `-m`, one-line errors)."""
     try:
-        return hydra_main(evaluate_job, argv, prog=PROG)
-    finally:
+        code = hydra_main(evaluate_job, argv, prog=PROG)
+    except BaseException:
         shutdown()
+        raise
+    return finish(code)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,15 @@ from torch import Tensor
 from indexcache.cli import hydra_main, user_error
 from indexcache.config import ConfigError, RunConfig, to_container
 from indexcache.context_parallel import new_context_shard
-from indexcache.distributed import DistInfo, from_main, init_distributed, main_first, rank_and_world, shutdown
+from indexcache.distributed import (
+    DistInfo,
+    finish,
+    from_main,
+    init_distributed,
+    main_first,
+    rank_and_world,
+    shutdown,
+)
 from indexcache.fsutil import atomic_write_text
 from indexcache.loading import load_data, load_model, model_dtype, resolve_model_source
 from indexcache.metrics import MetricsLogger
@@ -361,9 +369,11 @@ def search_job(cfg: RunConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Hydra's command line, the same config surface as training (`--help`, `--cfg`, `-m`, one-line errors)."""
     try:
-        return hydra_main(search_job, argv, prog=PROG)
-    finally:
+        code = hydra_main(search_job, argv, prog=PROG)
+    except BaseException:
         shutdown()
+        raise
+    return finish(code)
 
 
 if __name__ == "__main__":

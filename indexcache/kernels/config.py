@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["CAUSAL_KERNELS", "LOSS_IMPLEMENTATIONS", "FusedConfig", "KernelConfig", "SparseKLTiling"]
+__all__ = ["CAUSAL_KERNELS", "LOSS_IMPLEMENTATIONS", "FusedConfig", "KernelConfig", "ScorerTiles", "SparseKLTiling"]
 
 CAUSAL_KERNELS = ("flash", "cudnn")
 LOSS_IMPLEMENTATIONS = ("auto", "reference", "chunked", "fused")
@@ -50,6 +50,20 @@ class SparseKLTiling:
 
 
 @dataclass(frozen=True)
+class ScorerTiles:
+    """The top-k scorer's launch (`indexcache.kernels.triton_index`): a [rows, keys] output tile per program, its
+    warps and pipeline stages; bench/topk.py times the alternatives."""
+
+    rows: int = 64
+    keys: int = 64
+    warps: int = 4
+    stages: int = 3
+
+    def __str__(self) -> str:
+        return f"r{self.rows}k{self.keys}w{self.warps}s{self.stages}"
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     # The dense causal kernel with its LSE on a GPU: "flash" (torch's FlashAttention-2), "cudnn" (cuDNN's fused
     # attention), or None: cuDNN on Hopper, where it ran 2.1-2.5x faster at GLM-5 and DeepSeek-V3.2 widths on an
@@ -58,6 +72,7 @@ class KernelConfig:
     loss_impl: str = "auto"  # the dense multi-layer KL: see `indexcache.losses.multi_layer_kl`
     loss_chunk_size: int = 1024  # query rows per chunk of the chunked (PyTorch) dense loss
     topk_chunk_size: int = 1024  # query rows scored at once by the indexer's top-k
+    topk_scorer: ScorerTiles = field(default_factory=ScorerTiles)  # the top-k scorer's tiles (CUDA)
     lm_chunk_size: int = 2048  # rows per block of the chunked LM cross-entropy
     fused_loss: FusedConfig = field(default_factory=FusedConfig)  # the fused dense loss's tiling (CUDA)
     sparse_kl: SparseKLTiling = field(default_factory=SparseKLTiling)  # the sparse KL kernels' step (CUDA)

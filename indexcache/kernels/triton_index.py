@@ -16,8 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_ROWS = 64
-BLOCK_KEYS = 64
+from indexcache.kernels.config import ScorerTiles
 
 
 def triton_index_supports(q: Tensor, k: Tensor) -> bool:
@@ -70,21 +69,30 @@ def _index_scores_kernel(
 
 
 def triton_index_scores(
-    q: Tensor, k: Tensor, w: Tensor, real: Tensor | None, start: int, stop: int, query_offset: int = 0
+    q: Tensor,
+    k: Tensor,
+    w: Tensor,
+    real: Tensor | None,
+    start: int,
+    stop: int,
+    query_offset: int = 0,
+    tiles: ScorerTiles | None = None,
 ) -> Tensor:
     """[B, stop - start, query_offset + stop] float32 masked indexer scores of local query rows [start, stop) at
     global positions query_offset + t (see the module doc)."""
+    tiles = tiles or ScorerTiles()
     batch, _, num_heads, dim = q.shape
     rows = stop - start
     row_start, row_stop = query_offset + start, query_offset + stop
     out = torch.empty(batch, rows, row_stop, dtype=torch.float32, device=q.device)
     real_arg = real.to(torch.int8).contiguous() if real is not None else out  # read only with MASK_KEYS
-    grid = (triton.cdiv(row_stop, BLOCK_KEYS), triton.cdiv(rows, BLOCK_ROWS), batch)
+    grid = (triton.cdiv(row_stop, tiles.keys), triton.cdiv(rows, tiles.rows), batch)
     _index_scores_kernel[grid](
         q, k, w, real_arg, out,
         row_start, row_stop, row_stop, num_heads, query_offset,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         real_arg.stride(0), out.stride(0), out.stride(1),
-        D=dim, BLOCK_T=BLOCK_ROWS, BLOCK_S=BLOCK_KEYS, MASK_KEYS=real is not None, num_warps=4,
+        D=dim, BLOCK_T=tiles.rows, BLOCK_S=tiles.keys, MASK_KEYS=real is not None,
+        num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer, apply_rotary_pos_emb
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaIndexer, apply_rotary_pos_emb_interleave
 
+from indexcache.kernels.config import KernelConfig, ScorerTiles
 from indexcache.losses import IndexerOutputs
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ def select_topk(
     topk: int,
     chunk_size: int = 1024,
     query_offset: int = 0,
+    scorer_tiles: ScorerTiles | None = None,
 ) -> Tensor:
     """Top-k keys per query row under the causal + padding mask, computed in query-row chunks.
 
@@ -95,6 +97,8 @@ def select_topk(
         chunk_size: query rows scored at once; peak extra memory is a few [B, chunk_size, S] float32 buffers.
         query_offset: the global position of the first row (context parallelism: a rank's chunk against the
             gathered keys); 0 for a whole sequence.
+        scorer_tiles: the Triton scorer's launch on CUDA (None: its default); the scores do not depend on it beyond
+            round-off of the per-tile products.
 
     Returns:
         [B, T, K] int64 key positions, K = min(topk, S), each row ordered by decreasing score. A row that sees
@@ -129,7 +133,7 @@ def select_topk(
         if fused:
             from indexcache.kernels.triton_index import triton_index_scores
 
-            scores = triton_index_scores(q, k, w, attention_mask, start, stop, query_offset)
+            scores = triton_index_scores(q, k, w, attention_mask, start, stop, query_offset, scorer_tiles)
         else:
             scores = index_scores(q[:, start:stop], k[:, :key_stop], w[:, start:stop])
             query_pos = torch.arange(query_offset + start, key_stop, device=q.device)[:, None]
@@ -146,14 +150,17 @@ def select_topk(
 TIE_REPAIR_ROWS = 256
 
 
-def topk_lowest_index_ties(scores: Tensor, width: int) -> tuple[Tensor, Tensor]:
+def topk_lowest_index_ties(scores: Tensor, width: int, order: str = "score") -> tuple[Tensor, Tensor]:
     """`torch.topk(scores, width)` along the last dim with one tie rule: among equal scores the lower index wins.
 
     Membership: where the K-th value is tied with values left out, the tied members become the lowest-index ones
-    (only those rows are redone). Order: by decreasing score, then increasing index. -inf scores take part like any
-    other value (the caller masks them).
+    (only those rows are redone). Order: `"score"` by decreasing score, then increasing index; `"index"` by
+    increasing index (one sort fewer: the same members). -inf scores take part like any other value (the caller
+    masks them).
     """
-    values, indices = scores.topk(width, dim=-1)
+    if order not in ("score", "index"):
+        raise ValueError(f"order={order!r} is unknown: use 'score' or 'index'")
+    values, indices = scores.topk(width, dim=-1, sorted=order == "score")
     threshold = values[..., -1:]
     tied_total = (scores == threshold).sum(dim=-1)
     tied_kept = (values == threshold).sum(dim=-1)
@@ -176,8 +183,10 @@ def topk_lowest_index_ties(scores: Tensor, width: int) -> tuple[Tensor, Tensor]:
     # Order: by index first, then a stable sort by decreasing score keeps lower indices first among equals.
     indices, _ = indices.sort(dim=-1)
     values = torch.gather(scores, -1, indices)
-    values, order = values.sort(dim=-1, descending=True, stable=True)
-    return values, torch.gather(indices, -1, order)
+    if order == "index":
+        return values, indices
+    values, by_score = values.sort(dim=-1, descending=True, stable=True)
+    return values, torch.gather(indices, -1, by_score)
 
 
 def _triton_index_usable(q: Tensor, k: Tensor) -> bool:
@@ -274,10 +283,13 @@ class TrainableIndexer:
             outputs = IndexerOutputs(q=outputs.q, k=context.gather_keys(outputs.k, dim=1), w=outputs.w)
         topk_indices = None
         if context is None or context.compute_topk:
-            chunk_size = 1024 if context is None else context.kernels.topk_chunk_size
+            kernels = KernelConfig() if context is None else context.kernels
+            chunk_size, tiles = kernels.topk_chunk_size, kernels.topk_scorer
             mask = key_padding_mask(attention_mask) if shard is None else context.key_mask
             if shard is None:
-                topk_indices = select_topk(outputs.q, outputs.k, outputs.w, mask, self.index_topk, chunk_size)
+                topk_indices = select_topk(
+                    outputs.q, outputs.k, outputs.w, mask, self.index_topk, chunk_size, scorer_tiles=tiles
+                )
             else:
                 # Every run as wide as the whole sequence's top-k (an early run sees fewer keys: -1 slots).
                 width = min(self.index_topk, shard.seq_len)
@@ -292,6 +304,7 @@ class TrainableIndexer:
                                 self.index_topk,
                                 chunk_size,
                                 query_offset=segment.global_start,
+                                scorer_tiles=tiles,
                             ),
                             width,
                         )
