@@ -137,10 +137,11 @@ def finish(code: int) -> int:
     Without a launcher (tests, the benchmarks) the process goes on and `code` is returned.
     """
     launched = torch.distributed.is_initialized() and not _OWN_GROUP
+    if launched:
+        gc.collect()  # handles of finished collectives that only a reference cycle still holds go first
     shutdown()
     if not launched:
         return code
-    gc.collect()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
