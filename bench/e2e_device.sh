@@ -48,16 +48,16 @@ for name in "$@"; do
     step 120 python3 bench/e2e.py --stages sparse --lengths 131072 262144 --out "$JSON"
     step 200 python3 bench/e2e.py --stages dense --lengths 262144 --steps 1 --out "$JSON" ;;
   tests_cp)
-    step 170 python3 -m pytest -v -p no:cacheprovider tests/test_context_parallel_gpu.py \
+    step 130 python3 -m pytest -v -p no:cacheprovider tests/test_context_parallel_gpu.py \
       tests/test_sparse_gpu.py::test_triton_scorer_tiles_give_the_float32_scores \
       tests/test_sparse_gpu.py::test_triton_index_scores_match_the_float32_scorer_and_pick_the_same_topk \
       tests/test_model_gpu.py tests/test_losses_gpu.py \
       tests/test_sparse_gpu.py::test_triton_sparse_backward_matches_the_reference_backward ;;
   cp1)
-    step 120 env PYTHONPATH=/tmp/e2e_site python3 .e2e_base/bench/e2e.py --stages dense sparse --lengths 32768 \
+    step 100 env PYTHONPATH=/tmp/e2e_site python3 .e2e_base/bench/e2e.py --stages dense sparse --lengths 32768 \
       --out "$OUT/cp1_base.jsonl"
-    step 120 python3 bench/e2e.py --stages dense sparse --lengths 32768 --profile --out "$OUT/cp1_tree.jsonl" ;;
-  topk) step 90 python3 bench/topk.py --out "$JSON" ;;
+    step 100 python3 bench/e2e.py --stages dense sparse --lengths 32768 --profile --out "$OUT/cp1_tree.jsonl" ;;
+  topk) step 70 python3 bench/topk.py --out "$JSON" ;;
   *) echo "unknown step $name" | tee -a "$LOG"; exit 2 ;;
   esac
 done
