@@ -6,8 +6,8 @@
 each chunk's top-k with the lower-index tie rule. Here, per length:
 - `select_topk` as the model calls it (the default tiles, chunk 1024);
 - the same chunk loop split into its parts: the scorer alone, then the scorer plus each selection
-  (`torch.topk` sorted and unsorted, the tie rule in score order and in index order), so each part's time is the
-  difference;
+  (`torch.topk` sorted and unsorted, the tie rule in score order and in index order, and the per-chunk selection
+  `select_topk` runs: one topk of K + 1 that flags the rows to redo), so each part's time is the difference;
 - the scorer alone under other tiles (rows x keys per program, warps, stages), its TFLOP/s (2 H D per visible
   (row, key) pair) and its largest difference from the default tiles' scores on the last chunk.
 """
@@ -27,7 +27,7 @@ from e2e import timed  # bench/ is on the path when this runs as a script
 
 from indexcache.kernels.config import ScorerTiles
 from indexcache.kernels.triton_index import triton_index_scores
-from indexcache.model.indexer import select_topk, topk_lowest_index_ties
+from indexcache.model.indexer import select_topk, topk_flagging_ties, topk_lowest_index_ties
 
 SHAPES = {"glm5": (32, 128), "dsv32": (64, 128)}  # indexer heads, head dim
 TOPK, CHUNK = 2048, 1024
@@ -48,6 +48,7 @@ SELECTIONS = {
     "torch.topk unsorted": lambda s, k: s.topk(k, dim=-1, sorted=False),
     "ties rule, score order": lambda s, k: topk_lowest_index_ties(s, k),
     "ties rule, index order": lambda s, k: topk_lowest_index_ties(s, k, order="index"),
+    "ties flagged by a topk of K + 1": lambda s, k: topk_flagging_ties(s, k),  # what select_topk runs per chunk
 }
 
 

@@ -16,6 +16,7 @@ from indexcache.model.indexer import (
     key_padding_mask,
     rebuild_as,
     select_topk,
+    topk_flagging_ties,
     topk_lowest_index_ties,
 )
 from indexcache.model.tiny import tiny_model
@@ -257,3 +258,32 @@ def test_index_order_keeps_the_same_members_sorted_by_position():
         assert bool((last_tied < first_left).all())
     with pytest.raises(ValueError, match="order='value' is unknown"):
         topk_lowest_index_ties(scores, 3, order="value")
+
+
+def test_flagged_rows_are_exactly_those_whose_kth_score_ties_a_left_out_key():
+    """`topk_flagging_ties` (one topk of K + 1, no host sync) agrees with the rule on every row it does not flag, and
+    flags exactly the rows where a finite tie crosses the K-th place (counted over the whole row)."""
+    torch.manual_seed(12)
+    scores = torch.randn(2, 96, 200).round(decimals=1)  # many exact ties
+    scores[0, :10, 50:] = 0.0
+    scores[1, 20:30, 3:] = float("-inf")  # rows with fewer than K visible keys: -inf ties, never flagged
+    for width in (1, 5, 40, 199, 200):
+        values, indices, straddles = topk_flagging_ties(scores, width)
+        rule_values, rule_indices = topk_lowest_index_ties(scores, width)
+        if width == scores.shape[-1]:
+            assert straddles is None
+            assert torch.equal(indices, rule_indices)
+            continue
+        threshold = rule_values[..., -1:]
+        tied_total = (scores == threshold).sum(-1)
+        tied_kept = (rule_values == threshold).sum(-1)
+        expected = (tied_total > tied_kept) & (threshold[..., 0] > float("-inf"))
+        assert torch.equal(straddles, expected)
+        assert bool(expected.any()), "the planted ties cross the K-th place somewhere"
+        # -inf slots name invisible keys: select_topk writes -1 there, whichever keys they were.
+        named, rule_named = (
+            i.masked_fill(v == float("-inf"), -1) for v, i in ((values, indices), (rule_values, rule_indices))
+        )
+        assert torch.equal(named[~straddles], rule_named[~straddles])
+        # Where a flagged row's output differs from the rule it is only in which tied keys made it in.
+        assert torch.equal(values, rule_values)

@@ -98,7 +98,7 @@ def test_sparse_stage_matches_the_previous_implementation(
     # that score 0 on every indexer head) is its own; the top-k now resolves ties by the lower key index, which
     # changes those rows' sets (and these losses by up to 1%). Compared with the previous attention and loss, the
     # selection is held to the one the recorded run made.
-    monkeypatch.setattr(indexer_module, "topk_lowest_index_ties", lambda scores, width: scores.topk(width, dim=-1))
+    monkeypatch.setattr(indexer_module, "topk_flagging_ties", lambda scores, width: (*scores.topk(width, dim=-1), None))
     got = torch.tensor(sparse_stage_losses(model_type, train_base), dtype=torch.float64)
     expected = torch.tensor(PREVIOUS[(model_type, train_base)], dtype=torch.float64)
     # float32 round-off through 6 optimizer steps (measured: at most 1.8e-6 relative)

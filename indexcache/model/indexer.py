@@ -126,24 +126,70 @@ def select_topk(
     )
     out = torch.full((batch, seq, num_keep), -1, dtype=torch.long, device=q.device)
     fused = _triton_index_usable(q, k)
-    for start in range(0, seq, chunk_size):
-        stop = min(start + chunk_size, seq)
-        key_stop = query_offset + stop
+
+    def chunk_scores(start: int, stop: int) -> Tensor:
         # Causality: rows before `key_stop` never see keys at or beyond it, so they are not scored at all.
+        key_stop = query_offset + stop
         if fused:
             from indexcache.kernels.triton_index import triton_index_scores
 
-            scores = triton_index_scores(q, k, w, attention_mask, start, stop, query_offset, scorer_tiles)
-        else:
-            scores = index_scores(q[:, start:stop], k[:, :key_stop], w[:, start:stop])
-            query_pos = torch.arange(query_offset + start, key_stop, device=q.device)[:, None]
-            key_pos = torch.arange(key_stop, device=q.device)[None, :]
-            visible = (key_pos <= query_pos)[None] & real_BS[:, None, :key_stop]
-            scores = scores.masked_fill(~visible, float("-inf"))
-        values, indices = topk_lowest_index_ties(scores, min(num_keep, key_stop))
+            return triton_index_scores(q, k, w, attention_mask, start, stop, query_offset, scorer_tiles)
+        scores = index_scores(q[:, start:stop], k[:, :key_stop], w[:, start:stop])
+        query_pos = torch.arange(query_offset + start, key_stop, device=q.device)[:, None]
+        key_pos = torch.arange(key_stop, device=q.device)[None, :]
+        visible = (key_pos <= query_pos)[None] & real_BS[:, None, :key_stop]
+        return scores.masked_fill(~visible, float("-inf"))
+
+    def write(start: int, stop: int, values: Tensor, indices: Tensor) -> None:
         # Only invisible keys score -inf (visible scores are finite sums of relus): those slots become -1.
         out[:, start:stop, : indices.shape[-1]] = indices.masked_fill(values == float("-inf"), -1)
+
+    flagged: list[tuple[int, int, Tensor]] = []
+    for start in range(0, seq, chunk_size):
+        stop = min(start + chunk_size, seq)
+        values, indices, straddles = topk_flagging_ties(chunk_scores(start, stop), min(num_keep, query_offset + stop))
+        write(start, stop, values, indices)
+        if straddles is not None:
+            flagged.append((start, stop, straddles))
+    # Rows whose K-th score ties a key left out are redone under the rule, after one host sync for the whole call
+    # (a sync per chunk would stall the GPU on every chunk's launches). Their chunk is scored again by the same
+    # call, so the scores, and hence the ties, are the same ones.
+    if flagged:
+        hits = torch.stack([straddles.any() for _, _, straddles in flagged]).tolist()
+        for (start, stop, _), hit in zip(flagged, hits, strict=True):
+            if hit:
+                write(
+                    start, stop, *topk_lowest_index_ties(chunk_scores(start, stop), min(num_keep, query_offset + stop))
+                )
     return out
+
+
+def topk_flagging_ties(scores: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The top-k of each row in `topk_lowest_index_ties`'s order, and which rows it may have got wrong.
+
+    A row's members are unique unless its K-th value equals the best value left out; then (`straddles` [...] True)
+    which of the tied keys are members is `torch.topk`'s own choice, and the caller redoes the row with
+    `topk_lowest_index_ties`. One `torch.topk` of K + 1 finds that out without another pass over the scores and
+    without a host sync. Ties at -inf are not flagged: those slots name invisible keys and become -1, whichever
+    keys they were. `straddles` is None when every key is kept (no key is left out).
+    """
+    if width >= scores.shape[-1]:
+        values, indices = scores.topk(width, dim=-1, sorted=False)
+        straddles = None
+    else:
+        values, indices = scores.topk(width + 1, dim=-1)  # sorted: slot `width` holds the best key left out
+        kth, left_out = values[..., width - 1], values[..., width]
+        straddles = (kth == left_out) & (kth > float("-inf"))
+        indices = indices[..., :width]
+    return (*_by_score_then_index(scores, indices), straddles)
+
+
+def _by_score_then_index(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """The members `indices` ordered by decreasing score, the lower index first among equal scores."""
+    indices, _ = indices.sort(dim=-1)
+    values = torch.gather(scores, -1, indices)
+    values, by_score = values.sort(dim=-1, descending=True, stable=True)  # stable: lower indices stay first
+    return values, torch.gather(indices, -1, by_score)
 
 
 # Rows whose tie at the K-th place is repaired at once (the repair's cumulative count is [rows, S] int32).
@@ -180,13 +226,10 @@ def topk_lowest_index_ties(scores: Tensor, width: int, order: str = "score") -> 
             flat_indices[rows] = chosen.nonzero()[:, 1].view(-1, width)
         indices = indices.clone()
         indices[straddled] = flat_indices
-    # Order: by index first, then a stable sort by decreasing score keeps lower indices first among equals.
+    if order == "score":
+        return _by_score_then_index(scores, indices)
     indices, _ = indices.sort(dim=-1)
-    values = torch.gather(scores, -1, indices)
-    if order == "index":
-        return values, indices
-    values, by_score = values.sort(dim=-1, descending=True, stable=True)
-    return values, torch.gather(indices, -1, by_score)
+    return torch.gather(scores, -1, indices), indices
 
 
 def _triton_index_usable(q: Tensor, k: Tensor) -> bool:
