@@ -8,6 +8,7 @@ command to completion, and demands exactly (bitwise) the losses and exported ten
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -295,3 +296,39 @@ def test_two_processes_converting_one_source_make_one_cache_entry(tmp_path):
     assert all(proc.returncode == 0 for proc in procs)
     assert outputs[0] == outputs[1]
     assert [p.name for p in cache.iterdir()] == [Path(outputs[0]).name], "one entry, no temporary leftovers"
+
+
+FINISH_SCRIPT = """
+import atexit, sys
+from indexcache.distributed import finish, init_distributed
+init_distributed("cpu", "gloo")
+atexit.register(lambda: print("finalisation ran"))
+print("the job's last line", end="")  # unflushed: stdout is a pipe
+sys.exit(finish(int(sys.argv[1])) + 100)  # a launched rank never comes back from finish
+"""
+
+
+@pytest.mark.parametrize("launched", [True, False])
+def test_finish_exits_a_launched_rank_with_the_jobs_code_and_its_output_flushed(launched: bool):
+    """A launched rank (RANK set, as the deepspeed launcher does) leaves in `finish` with the job's exit code and
+    its output flushed, skipping interpreter finalisation; a process without a launcher gets the code back."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED"):
+        env.pop(name, None)
+    if launched:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    proc = subprocess.run(
+        [sys.executable, "-c", FINISH_SCRIPT, "3"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert "the job's last line" in proc.stdout, proc.stderr[-2000:]
+    if launched:
+        assert proc.returncode == 3
+        assert "finalisation ran" not in proc.stdout
+    else:
+        assert proc.returncode == 103
+        assert "finalisation ran" in proc.stdout
