@@ -206,8 +206,8 @@ def topk_lowest_index_ties(scores: Tensor, width: int, order: str = "score") -> 
     """
     if order not in ("score", "index"):
         raise ValueError(f"order={order!r} is unknown: use 'score' or 'index'")
-    values, indices = scores.topk(width, dim=-1, sorted=order == "score")
-    threshold = values[..., -1:]
+    values, indices = scores.topk(width, dim=-1, sorted=False)  # the order is rebuilt below
+    threshold = values.amin(dim=-1, keepdim=True)
     tied_total = (scores == threshold).sum(dim=-1)
     tied_kept = (values == threshold).sum(dim=-1)
     straddled = (tied_total > tied_kept).nonzero(as_tuple=True)
