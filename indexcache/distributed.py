@@ -77,6 +77,8 @@ def init_distributed(device_choice: str, backend_choice: str) -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
+    if device_type == "cpu":
+        _skip_shared_memory_all_reduce()
     backend = backend_choice if backend_choice != "auto" else ("nccl" if device_type == "cuda" else "gloo")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
@@ -94,6 +96,21 @@ def init_distributed(device_choice: str, backend_choice: str) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed's CPU backend from compiling and starting its shared-memory all-reduce op.
+
+    DeepSpeed's CPU `TorchBackend` JIT-compiles that C++ op the first time a process starts (tens of seconds on a
+    fresh machine; on a full disk the compiler fails and the job dies with a traceback) and maps /dev/shm buffers
+    named by the rendezvous port that it never removes. Only its tensor-parallel inference path
+    (`inference_all_reduce`) calls the op, which indexcache never does: marking it incompatible (the check
+    `build_shm_op` makes) leaves every collective on torch.distributed's gloo, as before.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def barrier() -> None:

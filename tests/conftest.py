@@ -138,12 +138,12 @@ def triton_interpreter_usable() -> bool:
 
 @pytest.fixture
 def two_rank_launcher() -> Iterator[list[str]]:
-    """`deepspeed --num_gpus 2 --master_port P` with a fresh port P, and P's shared-memory buffers removed after.
+    """`deepspeed --num_gpus 2 --master_port P` with a fresh port P; afterwards, no shared-memory buffer of P.
 
-    On CPU, DeepSpeed's shared-memory all-reduce keeps its buffers in /dev/shm under names made from the rendezvous
-    port and never unlinks them: a job on the launcher's default port attaches to whatever an earlier job (one killed
-    mid-collective, say) left there, and can crash. A port of its own per test, and the buffers cleared, keep the
-    jobs independent.
+    DeepSpeed's CPU shared-memory all-reduce, had it started, would leave its buffers in /dev/shm under names made
+    from the rendezvous port (it never unlinks them, and a later job on the same port attaches to them and can
+    crash). indexcache keeps that op from starting (`distributed._skip_shared_memory_all_reduce`): the check after
+    the job proves it did not, and a port of its own per test keeps the jobs independent anyway.
     """
     launcher = shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is installed with the package"
@@ -151,8 +151,10 @@ def two_rank_launcher() -> Iterator[list[str]]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     yield [launcher, "--num_gpus", "2", "--master_port", str(port)]
-    for buffer in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):
-        buffer.unlink(missing_ok=True)
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"))
+    for buffer in left:
+        (Path("/dev/shm") / buffer).unlink(missing_ok=True)
+    assert not left, f"DeepSpeed's shared-memory all-reduce started and left {left}"
 
 
 class LowestIndexTopk(torch.overrides.TorchFunctionMode):

@@ -326,6 +326,8 @@ def test_finish_exits_a_launched_rank_with_the_jobs_code_and_its_output_flushed(
         [sys.executable, "-c", FINISH_SCRIPT, "3"], capture_output=True, text=True, timeout=300, env=env
     )
     assert "the job's last line" in proc.stdout, proc.stderr[-2000:]
+    # DeepSpeed's CPU shared-memory all-reduce (used only by its inference path) is neither compiled nor started.
+    assert "shm_comm" not in proc.stdout + proc.stderr
     if launched:
         assert proc.returncode == 3
         assert "finalisation ran" not in proc.stdout
