@@ -144,23 +144,22 @@ def select_topk(
         # Only invisible keys score -inf (visible scores are finite sums of relus): those slots become -1.
         out[:, start:stop, : indices.shape[-1]] = indices.masked_fill(values == float("-inf"), -1)
 
-    flagged: list[tuple[int, int, Tensor]] = []
+    flagged: list[tuple[int, int, int, Tensor]] = []
     for start in range(0, seq, chunk_size):
         stop = min(start + chunk_size, seq)
-        values, indices, straddles = topk_flagging_ties(chunk_scores(start, stop), min(num_keep, query_offset + stop))
+        width = min(num_keep, query_offset + stop)  # the chunk's last row sees query_offset + stop keys
+        values, indices, straddles = topk_flagging_ties(chunk_scores(start, stop), width)
         write(start, stop, values, indices)
         if straddles is not None:
-            flagged.append((start, stop, straddles))
+            flagged.append((start, stop, width, straddles))
     # Rows whose K-th score ties a key left out are redone under the rule, after one host sync for the whole call
     # (a sync per chunk would stall the GPU on every chunk's launches). Their chunk is scored again by the same
     # call, so the scores, and hence the ties, are the same ones.
     if flagged:
-        hits = torch.stack([straddles.any() for _, _, straddles in flagged]).tolist()
-        for (start, stop, _), hit in zip(flagged, hits, strict=True):
+        hits = torch.stack([straddles.any() for *_, straddles in flagged]).tolist()
+        for (start, stop, width, _), hit in zip(flagged, hits, strict=True):
             if hit:
-                write(
-                    start, stop, *topk_lowest_index_ties(chunk_scores(start, stop), min(num_keep, query_offset + stop))
-                )
+                write(start, stop, *topk_lowest_index_ties(chunk_scores(start, stop), width))
     return out
 
 
