@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e2e import timed  # bench/ is on the path when this runs as a script
+from timing import timed  # bench/ is on the path when this runs as a script
 
 from indexcache.kernels.dense_attention import causal_attention_with_lse
 

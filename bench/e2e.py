@@ -40,6 +40,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import matmul_rate, timed  # bench/ is on the path when this runs as a script
+
 from indexcache.kernels.config import KernelConfig, SparseKLTiling
 from indexcache.kernels.dense_attention import causal_kernel
 from indexcache.model import IndexCacheModel, get_family
@@ -228,25 +230,6 @@ def profiled_kernels(run_step, top: int = 25) -> list[tuple[str, float, int]]:
 
 
 # ---- kernels alone ----------------------------------------------------------------------------------------------
-def matmul_rate() -> float:
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * 8192**3 / timed(lambda: a @ b)
-
-
-def timed(fn, repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 def attention_rows(name: str, heads: int, seq: int, slots: torch.Tensor, rate: float) -> list[dict]:
     """The latent sparse attention at `heads` heads: Triton variants, the teacher pass, the PyTorch reference."""
     import dataclasses

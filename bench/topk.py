@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e2e import timed  # bench/ is on the path when this runs as a script
+from timing import timed  # bench/ is on the path when this runs as a script
 
 from indexcache.kernels.config import ScorerTiles
 from indexcache.kernels.triton_index import triton_index_scores
