@@ -287,3 +287,140 @@ def test_flagged_rows_are_exactly_those_whose_kth_score_ties_a_left_out_key():
         assert torch.equal(named[~straddles], rule_named[~straddles])
         # Where a flagged row's output differs from the rule it is only in which tied keys made it in.
         assert torch.equal(values, rule_values)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of `indexer.<name>` (the real function still runs)."""
+    from indexcache.model import indexer
+
+    calls: list[int] = []
+    real = getattr(indexer, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(indexer, name, counted)
+    return calls
+
+
+def test_index_candidates_keeps_exactly_the_visible_keys_at_or_above_the_threshold():
+    """The PyTorch reference of the filter's buffer: every visible key scoring >= tau, with its score and position,
+    in key order; counts past the capacity when a row's keys do not fit (and only `capacity` stored)."""
+    from indexcache.model.indexer import index_candidates
+
+    gen = torch.Generator().manual_seed(21)
+    scores = torch.randn(2, 30, 90, generator=gen).round(decimals=1)  # ties at the threshold
+    scores[:, :, 60:] = float("-inf")  # invisible keys
+    tau = torch.randn(2, 30, generator=gen)
+    tau[0, 3] = float("-inf")  # every visible key
+    tau[1, 4] = 10.0  # none
+    capacity = 40
+    values, keys, counts = index_candidates(scores, tau, capacity)
+    keep = (scores >= tau[..., None]) & (scores > float("-inf"))
+    assert torch.equal(counts, keep.sum(-1, dtype=torch.int32))
+    assert int(counts[0, 3]) == 60 > capacity and int(counts[1, 4]) == 0
+    for b in range(2):
+        for t in range(30):
+            expected = keep[b, t].nonzero()[:, 0][:capacity]
+            n = expected.numel()
+            assert torch.equal(keys[b, t, :n].long(), expected)
+            assert torch.equal(values[b, t, :n], scores[b, t, expected])
+            assert bool((values[b, t, n:] == float("-inf")).all())
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "query_offset", "padded"), [(1, 0, False), (7, 0, True), (64, 0, False), (16, 40, True)]
+)
+def test_candidate_filter_gives_the_same_topk(monkeypatch: pytest.MonkeyPatch, chunk_size, query_offset, padded):
+    """With the filter the top-k is the same tensor as without it (fresh random rows, padding, context parallelism's
+    offset), the filter answers the long chunks itself (no chunk redone: no ties here), and short chunks skip it."""
+    from indexcache.kernels.config import TopkFilter
+
+    batch, seq, topk = 2, 260, 8
+    q, k, w = random_indexer_inputs(batch=batch, seq=seq, heads=3, dim=8, seed=chunk_size + query_offset)
+    w = w.abs()  # positive head weights: few rows' K-th score is an exact 0 (a tie the rule redoes)
+    mask = None
+    if padded:
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[1, 200:] = 0
+        mask[0, 70:75] = 0
+    # A buffer of 128 slots a row (K = 8 spreads the count widely: headroom 3); chunks whose last row sees more
+    # keys than that use it.
+    screen = TopkFilter(key_step=4, headroom=3.0)
+    assert screen.capacity(topk) == 128
+    candidates, redone = _spy(monkeypatch, "index_candidates"), _spy(monkeypatch, "topk_lowest_index_ties")
+    expected = select_topk(q[:, query_offset:], k, w[:, query_offset:], mask, topk, chunk_size, query_offset)
+    redone_plain = len(redone)  # chunks with a real tie across the K-th place (rare here: an exact 0 score)
+    redone.clear()
+    got = select_topk(
+        q[:, query_offset:], k, w[:, query_offset:], mask, topk, chunk_size, query_offset, topk_filter=screen
+    )
+    assert torch.equal(got, expected)
+    rows = seq - query_offset
+    long_chunks = sum(1 for start in range(0, rows, chunk_size) if query_offset + min(start + chunk_size, rows) > 128)
+    assert len(candidates) == long_chunks > 0
+    assert len(redone) <= redone_plain  # the filter answered its chunks itself: no overflow, no disagreement
+
+
+def test_candidate_filter_redoes_ties_overflows_and_disagreeing_rows(monkeypatch: pytest.MonkeyPatch):
+    """Rows the filter cannot answer exactly are redone without it, and the result follows the tie rule: planted
+    ties across the K-th place, rows whose every key ties at 0 (every visible key is a candidate: the buffer
+    overflows), and a row whose threshold is raised above all its keys (as if the subset's scores disagreed with
+    the full ones)."""
+    from indexcache.kernels.config import TopkFilter
+    from indexcache.model import indexer
+
+    torch.manual_seed(6)
+    batch, seq, heads, dim, topk = 2, 200, 3, 8, 6
+    q = torch.randn(batch, seq, heads, dim).abs()
+    k = torch.randn(batch, seq, dim).abs()
+    k[:, ::2] = -k[:, ::2]  # even keys score exactly 0 on every head
+    k[:, 7] = k[:, 3]
+    w = torch.rand(batch, seq, heads)
+    w[1, 150:] = 0.0  # rows whose every key scores 0: all tie
+    expected = _rule_on_full_rows(q, k, w, topk)
+    screen = TopkFilter(key_step=3, headroom=1.0)  # a buffer of 64 slots a row
+    redone = _spy(monkeypatch, "topk_lowest_index_ties")
+    assert torch.equal(select_topk(q, k, w, None, topk, 32, topk_filter=screen), expected)
+    assert redone, "the all-tied rows overflow the buffer and are redone"
+
+    # An overflow without ties: the subset's keys (every 3rd) score 0, the others more the later they come, so
+    # every other key passes the threshold and the buffer keeps the earliest of them, not the best.
+    real = indexer.index_candidates
+    largest_count: list[int] = []
+
+    def recorded(scores, tau, capacity):
+        found = real(scores, tau, capacity)
+        largest_count.append(int(found[2].max()))
+        return found
+
+    monkeypatch.setattr(indexer, "index_candidates", recorded)
+    k3 = torch.randn(batch, seq, dim).abs() * (1 + torch.arange(seq) / 50)[None, :, None]
+    k3[:, ::3] = -k3[:, ::3]
+    expected = _rule_on_full_rows(q, k3, w, topk)
+    assert torch.equal(select_topk(q, k3, w, None, topk, 32, topk_filter=screen), expected)
+    assert max(largest_count) > screen.capacity(topk)
+
+    def disagreeing(scores, tau, capacity):
+        tau = tau.clone()
+        tau[0, 5] = float("inf")  # no key passes: fewer than K candidates with a finite threshold
+        return real(scores, tau, capacity)
+
+    monkeypatch.setattr(indexer, "index_candidates", disagreeing)  # over `recorded`, which calls the real one
+    q2, k2, w2 = random_indexer_inputs(batch=1, seq=seq, seed=3)
+    plain = select_topk(q2, k2, w2, None, topk, 32)
+    redone.clear()
+    assert torch.equal(select_topk(q2, k2, w2, None, topk, 32, topk_filter=screen), plain)
+    assert redone, "the disagreeing row's chunk is redone"
+
+
+def test_candidate_filter_settings_are_checked():
+    from indexcache.kernels.config import TopkFilter
+
+    with pytest.raises(ValueError, match=r"key_step=1 is invalid: use 2 or more"):
+        TopkFilter(key_step=1)
+    with pytest.raises(ValueError, match=r"headroom=0.5 is invalid: use 1 or more"):
+        TopkFilter(headroom=0.5)
+    assert TopkFilter(key_step=16).capacity(2048) == 40960  # 1.25 x 16 x 2048
+    assert TopkFilter(key_step=2, headroom=1.0).capacity(100) == 256  # rounded up to 64

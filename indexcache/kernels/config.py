@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["CAUSAL_KERNELS", "LOSS_IMPLEMENTATIONS", "FusedConfig", "KernelConfig", "ScorerTiles", "SparseKLTiling"]
+__all__ = [
+    "CAUSAL_KERNELS",
+    "LOSS_IMPLEMENTATIONS",
+    "FusedConfig",
+    "KernelConfig",
+    "ScorerTiles",
+    "SparseKLTiling",
+    "TopkFilter",
+]
 
 CAUSAL_KERNELS = ("flash", "cudnn")
 LOSS_IMPLEMENTATIONS = ("auto", "reference", "chunked", "fused")
@@ -64,6 +72,30 @@ class ScorerTiles:
 
 
 @dataclass(frozen=True)
+class TopkFilter:
+    """The top-k's exact candidate filter (`indexer.select_topk`): every `key_step`-th key is scored first, and the
+    K-th best of that subset is each row's threshold; the full scorer then keeps only the keys at or above it, in a
+    buffer of `headroom * key_step * K` slots a row, and the top-k is taken among those. Any subset's K-th best is at
+    most the row's K-th best, so the result is the same as without the filter; a row whose buffer overflows, or
+    holds fewer than K keys, has its chunk redone without it. Chunks whose rows see no more keys than the buffer
+    holds skip it."""
+
+    key_step: int = 16
+    headroom: float = 1.25  # the buffer over the expected count (key_step * K; its relative spread is ~1/sqrt(K))
+
+    def __post_init__(self) -> None:
+        if self.key_step < 2:
+            raise ValueError(f"topk_filter.key_step={self.key_step} is invalid: use 2 or more (every n-th key)")
+        if self.headroom < 1:
+            raise ValueError(f"topk_filter.headroom={self.headroom} is invalid: use 1 or more")
+
+    def capacity(self, topk: int) -> int:
+        """Candidate slots a row: headroom * key_step * K, rounded up to 64, and at least K + 1."""
+        slots = -(-int(self.headroom * self.key_step * topk) // 64) * 64
+        return max(slots, topk + 1)
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     # The dense causal kernel with its LSE on a GPU: "flash" (torch's FlashAttention-2), "cudnn" (cuDNN's fused
     # attention), or None: cuDNN on Hopper, where it ran 2.1-2.5x faster at GLM-5 and DeepSeek-V3.2 widths on an
@@ -73,6 +105,8 @@ class KernelConfig:
     loss_chunk_size: int = 1024  # query rows per chunk of the chunked (PyTorch) dense loss
     topk_chunk_size: int = 1024  # query rows scored at once by the indexer's top-k
     topk_scorer: ScorerTiles = field(default_factory=ScorerTiles)  # the top-k scorer's tiles (CUDA)
+    # The top-k's exact candidate filter, or None (off: not yet timed on a GPU, bench/NOTES.md version 10).
+    topk_filter: TopkFilter | None = None
     lm_chunk_size: int = 2048  # rows per block of the chunked LM cross-entropy
     fused_loss: FusedConfig = field(default_factory=FusedConfig)  # the fused dense loss's tiling (CUDA)
     sparse_kl: SparseKLTiling = field(default_factory=SparseKLTiling)  # the sparse KL kernels' step (CUDA)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer, apply_rotary_pos_emb
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaIndexer, apply_rotary_pos_emb_interleave
 
-from indexcache.kernels.config import KernelConfig, ScorerTiles
+from indexcache.kernels.config import KernelConfig, ScorerTiles, TopkFilter
 from indexcache.losses import IndexerOutputs
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ __all__ = [
     "TrainableDeepseekV32Indexer",
     "TrainableGlmMoeDsaIndexer",
     "TrainableIndexer",
+    "index_candidates",
     "index_scores",
     "indexer_outputs",
     "key_padding_mask",
@@ -84,6 +85,7 @@ def select_topk(
     chunk_size: int = 1024,
     query_offset: int = 0,
     scorer_tiles: ScorerTiles | None = None,
+    topk_filter: TopkFilter | None = None,
 ) -> Tensor:
     """Top-k keys per query row under the causal + padding mask, computed in query-row chunks.
 
@@ -99,6 +101,8 @@ def select_topk(
             gathered keys); 0 for a whole sequence.
         scorer_tiles: the Triton scorer's launch on CUDA (None: its default); the scores do not depend on it beyond
             round-off of the per-tile products.
+        topk_filter: the exact candidate filter (see `TopkFilter`), or None: every chunk's scores are written whole.
+            The result is the same either way.
 
     Returns:
         [B, T, K] int64 key positions, K = min(topk, S), each row ordered by decreasing score. A row that sees
@@ -127,18 +131,40 @@ def select_topk(
     out = torch.full((batch, seq, num_keep), -1, dtype=torch.long, device=q.device)
     fused = _triton_index_usable(q, k)
 
-    def chunk_scores(start: int, stop: int) -> Tensor:
+    capacity = None if topk_filter is None else topk_filter.capacity(num_keep)
+
+    def chunk_scores(start: int, stop: int, key_step: int = 1) -> Tensor:
         # Causality: rows before `key_stop` never see keys at or beyond it, so they are not scored at all.
+        # key_step > 1: only keys 0, key_step, 2 key_step, ... (the candidate filter's subset).
         key_stop = query_offset + stop
         if fused:
             from indexcache.kernels.triton_index import triton_index_scores
 
-            return triton_index_scores(q, k, w, attention_mask, start, stop, query_offset, scorer_tiles)
-        scores = index_scores(q[:, start:stop], k[:, :key_stop], w[:, start:stop])
+            return triton_index_scores(q, k, w, attention_mask, start, stop, query_offset, scorer_tiles, key_step)
+        scores = index_scores(q[:, start:stop], k[:, :key_stop:key_step], w[:, start:stop])
         query_pos = torch.arange(query_offset + start, key_stop, device=q.device)[:, None]
-        key_pos = torch.arange(key_stop, device=q.device)[None, :]
-        visible = (key_pos <= query_pos)[None] & real_BS[:, None, :key_stop]
+        key_pos = torch.arange(0, key_stop, key_step, device=q.device)[None, :]
+        visible = (key_pos <= query_pos)[None] & real_BS[:, None, :key_stop:key_step]
         return scores.masked_fill(~visible, float("-inf"))
+
+    def chunk_candidates(start: int, stop: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The keys scoring at or above the subset's K-th best, and the rows for which that is not exact."""
+        subset = chunk_scores(start, stop, topk_filter.key_step)
+        # -inf where the subset holds fewer than `width` visible keys: then every visible key is a candidate.
+        tau = subset.topk(min(width, subset.shape[-1]), dim=-1, sorted=False).values.amin(dim=-1)
+        if fused:
+            from indexcache.kernels.triton_index import triton_index_candidates
+
+            found = triton_index_candidates(
+                q, k, w, attention_mask, start, stop, tau, capacity, query_offset, scorer_tiles
+            )
+        else:
+            found = index_candidates(chunk_scores(start, stop), tau, capacity)
+        values, keys, counts = found
+        # Exact iff the buffer holds every key >= tau and at least `width` of them (with tau = -inf: every visible
+        # key). Fewer than `width` with a finite tau means the subset's scores and the full ones disagreed.
+        redo = (counts > capacity) | ((counts < width) & (tau > float("-inf")))
+        return values, keys, redo
 
     def write(start: int, stop: int, values: Tensor, indices: Tensor) -> None:
         # Only invisible keys score -inf (visible scores are finite sums of relus): those slots become -1.
@@ -148,13 +174,19 @@ def select_topk(
     for start in range(0, seq, chunk_size):
         stop = min(start + chunk_size, seq)
         width = min(num_keep, query_offset + stop)  # the chunk's last row sees query_offset + stop keys
-        values, indices, straddles = topk_flagging_ties(chunk_scores(start, stop), width)
+        if capacity is not None and query_offset + stop > capacity:  # the buffer is narrower than the scores
+            candidates, keys, redo = chunk_candidates(start, stop, width)
+            values, indices, straddles = topk_flagging_ties(candidates, width, keys)
+            straddles = redo if straddles is None else straddles | redo
+        else:
+            values, indices, straddles = topk_flagging_ties(chunk_scores(start, stop), width)
         write(start, stop, values, indices)
         if straddles is not None:
             flagged.append((start, stop, width, straddles))
-    # Rows whose K-th score ties a key left out are redone under the rule, after one host sync for the whole call
-    # (a sync per chunk would stall the GPU on every chunk's launches). Their chunk is scored again by the same
-    # call, so the scores, and hence the ties, are the same ones.
+    # Rows whose K-th score ties a key left out (and rows the candidate filter could not answer exactly) are
+    # redone under the rule, after one host sync for the whole call (a sync per chunk would stall the GPU on every
+    # chunk's launches). Their chunk is scored again, whole, by the same scorer, so the scores, and hence the ties,
+    # are the same ones.
     if flagged:
         hits = torch.stack([straddles.any() for *_, straddles in flagged]).tolist()
         for (start, stop, width, _), hit in zip(flagged, hits, strict=True):
@@ -163,7 +195,7 @@ def select_topk(
     return out
 
 
-def topk_flagging_ties(scores: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor | None]:
+def topk_flagging_ties(scores: Tensor, width: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The top-k of each row in `topk_lowest_index_ties`'s order, and which rows it may have got wrong.
 
     A row's members are unique unless its K-th value equals the best value left out; then (`straddles` [...] True)
@@ -171,6 +203,9 @@ def topk_flagging_ties(scores: Tensor, width: int) -> tuple[Tensor, Tensor, Tens
     `topk_lowest_index_ties`. One `torch.topk` of K + 1 finds that out without another pass over the scores and
     without a host sync. Ties at -inf are not flagged: those slots name invisible keys and become -1, whichever
     keys they were. `straddles` is None when every key is kept (no key is left out).
+
+    `keys`: the key position of each column of `scores` (the candidate filter's buffer), or None: the column
+    index. The returned indices are key positions.
     """
     if width >= scores.shape[-1]:
         values, indices = scores.topk(width, dim=-1, sorted=False)
@@ -179,16 +214,38 @@ def topk_flagging_ties(scores: Tensor, width: int) -> tuple[Tensor, Tensor, Tens
         values, indices = scores.topk(width + 1, dim=-1)  # sorted: slot `width` holds the best key left out
         kth, left_out = values[..., width - 1], values[..., width]
         straddles = (kth == left_out) & (kth > float("-inf"))
-        indices = indices[..., :width]
-    return (*_by_score_then_index(scores, indices), straddles)
+        values, indices = values[..., :width], indices[..., :width]
+    if keys is not None:
+        indices = torch.gather(keys, -1, indices).long()
+    return (*_by_score_then_index(values, indices), straddles)
 
 
-def _by_score_then_index(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """The members `indices` ordered by decreasing score, the lower index first among equal scores."""
-    indices, _ = indices.sort(dim=-1)
-    values = torch.gather(scores, -1, indices)
+def _by_score_then_index(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """The members `indices` (with their scores `values`) ordered by decreasing score, the lower index first
+    among equal scores."""
+    indices, by_index = indices.sort(dim=-1)
+    values = torch.gather(values, -1, by_index)
     values, by_score = values.sort(dim=-1, descending=True, stable=True)  # stable: lower indices stay first
     return values, torch.gather(indices, -1, by_score)
+
+
+def index_candidates(scores: Tensor, tau: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch reference of `triton_index_candidates`, from a chunk's masked scores [B, c, S] (-inf: invisible).
+
+    Returns the visible keys scoring >= `tau` [B, c]: values [B, c, capacity] (-inf in unused slots), key positions
+    [B, c, capacity] int32 (in increasing order here; 0 in unused slots) and counts [B, c] int32 (above `capacity`
+    when the row's keys did not fit; those beyond it are dropped).
+    """
+    keep = (scores >= tau[..., None]) & (scores > float("-inf"))
+    counts = keep.sum(dim=-1, dtype=torch.int32)
+    slot = keep.cumsum(dim=-1) - 1
+    batch_i, row_i, key_i = (keep & (slot < capacity)).nonzero(as_tuple=True)
+    at = (batch_i, row_i, slot[batch_i, row_i, key_i])
+    values = scores.new_full((*scores.shape[:-1], capacity), float("-inf"))
+    keys = torch.zeros(*scores.shape[:-1], capacity, dtype=torch.int32, device=scores.device)
+    values[at] = scores[batch_i, row_i, key_i]
+    keys[at] = key_i.to(torch.int32)
+    return values, keys, counts
 
 
 # Rows whose tie at the K-th place is repaired at once (the repair's cumulative count is [rows, S] int32).
@@ -226,7 +283,7 @@ def topk_lowest_index_ties(scores: Tensor, width: int, order: str = "score") -> 
         indices = indices.clone()
         indices[straddled] = flat_indices
     if order == "score":
-        return _by_score_then_index(scores, indices)
+        return _by_score_then_index(torch.gather(scores, -1, indices), indices)
     indices, _ = indices.sort(dim=-1)
     return torch.gather(scores, -1, indices), indices
 
@@ -326,11 +383,18 @@ class TrainableIndexer:
         topk_indices = None
         if context is None or context.compute_topk:
             kernels = KernelConfig() if context is None else context.kernels
-            chunk_size, tiles = kernels.topk_chunk_size, kernels.topk_scorer
+            chunk_size, tiles, screen = kernels.topk_chunk_size, kernels.topk_scorer, kernels.topk_filter
             mask = key_padding_mask(attention_mask) if shard is None else context.key_mask
             if shard is None:
                 topk_indices = select_topk(
-                    outputs.q, outputs.k, outputs.w, mask, self.index_topk, chunk_size, scorer_tiles=tiles
+                    outputs.q,
+                    outputs.k,
+                    outputs.w,
+                    mask,
+                    self.index_topk,
+                    chunk_size,
+                    scorer_tiles=tiles,
+                    topk_filter=screen,
                 )
             else:
                 # Every run as wide as the whole sequence's top-k (an early run sees fewer keys: -1 slots).
@@ -347,6 +411,7 @@ class TrainableIndexer:
                                 chunk_size,
                                 query_offset=segment.global_start,
                                 scorer_tiles=tiles,
+                                topk_filter=screen,
                             ),
                             width,
                         )
