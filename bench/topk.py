@@ -8,6 +8,8 @@ each chunk's top-k with the lower-index tie rule. Here, per length:
 - the same chunk loop split into its parts: the scorer alone, then the scorer plus each selection
   (`torch.topk` sorted and unsorted, the tie rule in score order and in index order, and the per-chunk selection
   `select_topk` runs: one topk of K + 1 that flags the rows to redo), so each part's time is the difference;
+- `select_topk` with the exact candidate filter (`TopkFilter`, every n-th key first) at several steps, whether it
+  gives the same tensor as without, and its peak memory;
 - the scorer alone under other tiles (rows x keys per program, warps, stages), its TFLOP/s (2 H D per visible
   (row, key) pair) and its largest difference from the default tiles' scores on the last chunk.
 """
@@ -25,12 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import timed  # bench/ is on the path when this runs as a script
 
-from indexcache.kernels.config import ScorerTiles
+from indexcache.kernels.config import ScorerTiles, TopkFilter
 from indexcache.kernels.triton_index import triton_index_scores
 from indexcache.model.indexer import select_topk, topk_flagging_ties, topk_lowest_index_ties
 
 SHAPES = {"glm5": (32, 128), "dsv32": (64, 128)}  # indexer heads, head dim
 TOPK, CHUNK = 2048, 1024
+FILTER_STEPS = (8, 16, 32)
 TILES = [
     ScorerTiles(),
     ScorerTiles(64, 64, 4, 2),
@@ -76,6 +79,16 @@ def rows_for(shape: str, seq: int, tiles_grid: list[ScorerTiles]) -> list[dict]:
     rows.append(
         {**base, "part": "select_topk", "ms": full * 1e3, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     )
+    plain = select_topk(q, k, w, None, TOPK, CHUNK)
+    for step in FILTER_STEPS:
+        screen = TopkFilter(key_step=step)
+        torch.cuda.reset_peak_memory_stats()
+        ms = timed(lambda s=screen: select_topk(q, k, w, None, TOPK, CHUNK, topk_filter=s), repeats) * 1e3
+        same = bool(torch.equal(select_topk(q, k, w, None, TOPK, CHUNK, topk_filter=screen), plain))
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(
+            {**base, "part": f"select_topk, filter every {step}th key", "ms": ms, "same": same, "peak_gib": peak}
+        )
     default = TILES[0]
     for name, select in SELECTIONS.items():
         ms = timed(lambda s=select: chunk_loop(q, k, w, default, s), repeats) * 1e3

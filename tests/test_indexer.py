@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ from indexcache.model.indexer import (
 )
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
+from tests.conftest import triton_interpreter_usable
 
 # llama's indexer is transformers' DeepseekV32Indexer (see llama_dsa.py), so it trains as one.
 TRAINABLE = {
@@ -424,3 +429,14 @@ def test_candidate_filter_settings_are_checked():
         TopkFilter(headroom=0.5)
     assert TopkFilter(key_step=16).capacity(2048) == 40960  # 1.25 x 16 x 2048
     assert TopkFilter(key_step=2, headroom=1.0).capacity(100) == 256  # rounded up to 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not triton_interpreter_usable(), reason="needs triton and numpy < 2.3")
+def test_scorer_kernels_under_the_interpreter_match_the_references() -> None:
+    """bench/interpret_topk.py: the key-step scorer and the candidate kernel against the PyTorch references."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "interpret_topk.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "all cases agree" in done.stdout
