@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import matmul_rate, timed  # bench/ is on the path when this runs as a script
 
-from indexcache.kernels.config import KernelConfig, SparseKLTiling
+from indexcache.kernels.config import KernelConfig, SparseKLTiling, TopkFilter
 from indexcache.kernels.dense_attention import causal_kernel
 from indexcache.model import IndexCacheModel, get_family
 from indexcache.model.context import ForwardContext
@@ -384,10 +384,12 @@ def main() -> None:
     # of [T * top_k, hidden] (24 GiB at 128K with 8 of 8 active); the per-expert loop ("eager") holds one [T, hidden].
     parser.add_argument("--experts", choices=["eager", "grouped_mm"], default="eager", help="MoE implementation")
     parser.add_argument("--dense-kernel", choices=["flash", "cudnn"], default=None, help="dense causal attention")
+    parser.add_argument("--topk-filter", type=int, default=None, help="the top-k's candidate filter: its key step")
     parser.add_argument("--profile", action="store_true", help="one more step under the profiler: its top kernels")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args()
-    kernels = KernelConfig(causal_kernel=args.dense_kernel)
+    screen = None if args.topk_filter is None else TopkFilter(key_step=args.topk_filter)
+    kernels = KernelConfig(causal_kernel=args.dense_kernel, topk_filter=screen)
     torch.backends.cuda.matmul.allow_tf32 = True  # the top-k scoring's float32 products (indexer scores)
     gpu = torch.cuda.get_device_name()
     rate = matmul_rate()

@@ -13,7 +13,9 @@
 #   tests_cp       the GPU tests of the context-parallel pieces, the scorer's tiles, the bf16 model, the fused loss
 #   cp1            GLM-5 dense and sparse at 32K: the f58aa06 baseline (a `git archive` copy in .e2e_base, carried)
 #                  and this tree one after the other (this tree with a profiled step)
-#   topk           bench/topk.py: the top-k's parts and the scorer's tiles, GLM-5, 32K and 128K
+#   topk           bench/topk.py: the top-k's parts, the candidate filter, the scorer's tiles, GLM-5, 32K and 128K
+#   topk_filter    GLM-5 sparse steps at 128K without and with the top-k's candidate filter (every 16th key)
+#   anchor         bench/sparse_anchor.py: the sparse forward beside TileLang's examples (carry .tl: see NOTES v9)
 # Wheels: .sparse_whl (deepspeed 0.19.8, transformers 5.23.0, pydantic, hjson), .whl2 (hydra-core, omegaconf,
 # antlr4, datasets, ...); torch 2.11 and triton 3.6 are the image's.
 set -u -o pipefail
@@ -57,7 +59,12 @@ for name in "$@"; do
     step 100 env PYTHONPATH=/tmp/e2e_site python3 .e2e_base/bench/e2e.py --stages dense sparse --lengths 32768 \
       --out "$OUT/cp1_base.jsonl"
     step 100 python3 bench/e2e.py --stages dense sparse --lengths 32768 --profile --out "$OUT/cp1_tree.jsonl" ;;
-  topk) step 70 python3 bench/topk.py --out "$JSON" ;;
+  topk) step 120 python3 bench/topk.py --out "$JSON" ;;
+  topk_filter)
+    step 150 python3 bench/e2e.py --stages sparse --lengths 131072 --out "$JSON"
+    step 150 python3 bench/e2e.py --stages sparse --lengths 131072 --topk-filter 16 --out "$JSON" ;;
+  anchor) step 330 python3 bench/sparse_anchor.py --lengths 32768 --heads 64 128 \
+      --anchors .tl/tl_sparse_mla_fwd_pipelined.py .tl/tl_sparse_mla_fwd.py --out "$JSON" ;;
   *) echo "unknown step $name" | tee -a "$LOG"; exit 2 ;;
   esac
 done
