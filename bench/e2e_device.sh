@@ -21,9 +21,16 @@
 set -u -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-if [ ! -d /tmp/e2e_site/transformers ]; then
+# The wheels travel in .sparse_whl and .whl2, or (for `anchor` and `topk`, with TileLang) in .tl: TileLang 0.1.15
+# and its needs unpacked into a tar.xz (tl_site.tar.xz, 46 MB: the wheels would not fit one call), the transformers
+# wheel, and the TileLang examples.
+if [ -d .sparse_whl ] && [ ! -d /tmp/e2e_site/transformers ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/e2e_site \
     .sparse_whl/*.whl .whl2/*.whl || exit 1
+fi
+if [ -f .tl/tl_site.tar.xz ] && [ ! -d /tmp/tls/site ]; then
+  mkdir -p /tmp/tls && tar -xJf .tl/tl_site.tar.xz -C /tmp/tls || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/e2e_site .tl/transformers-*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/e2e_site:$PWD
 LOG=$OUT/e2e.log JSON=$OUT/e2e.jsonl
@@ -63,7 +70,7 @@ for name in "$@"; do
   topk_filter)
     step 150 python3 bench/e2e.py --stages sparse --lengths 131072 --out "$JSON"
     step 150 python3 bench/e2e.py --stages sparse --lengths 131072 --topk-filter 16 --out "$JSON" ;;
-  anchor) step 330 python3 bench/sparse_anchor.py --lengths 32768 --heads 64 128 \
+  anchor) step 330 env PYTHONPATH="/tmp/tls/site:$PYTHONPATH" python3 bench/sparse_anchor.py --lengths 32768 --heads 64 128 \
       --anchors .tl/tl_sparse_mla_fwd_pipelined.py .tl/tl_sparse_mla_fwd.py --out "$JSON" ;;
   *) echo "unknown step $name" | tee -a "$LOG"; exit 2 ;;
   esac
