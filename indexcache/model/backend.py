@@ -157,6 +157,8 @@ def _sparse_attention(
     # Token-major views: the kernel gathers whole key rows (for the MLA latent form these are contiguous).
     query_t, key_t, value_t = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     output, lse = sparse_attention(query_t, key_t, value_t, slots, scaling)
+    if context.recomputing:  # a checkpointed layer's recomputation: the forward recorded the teacher
+        return output, None
     probs = sparse_attention_probs(query_t.detach(), key_t.detach(), slots, lse, scaling)
     teacher = TeacherInputs(query=query.detach(), key=key.detach(), scaling=scaling, probs=probs)
     context.record(module.layer_idx, selection, teacher)

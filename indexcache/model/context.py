@@ -10,11 +10,18 @@ Under context parallelism the local rows are two runs of global positions (`Cont
 stage is row-local throughout (slots name gathered keys). The dense loss runs once per run of rows with its causal
 offset. Every loss divides its row sums by the global row count, so the group's losses add up over the CP ranks to
 the one-process loss.
+
+Activation checkpointing (`IndexCacheModel.set_activation_checkpointing`): each checkpointed layer gets
+`checkpoint_contexts` as torch's `context_fn`. The layer's forward runs as usual, except that what `record` builds
+(teachers, losses) keeps its own saved tensors instead of handing them to the checkpoint. Its recomputation during
+the backward runs with this forward's settings and F-layer selections restored (the context itself has finished by
+then), reuses the F layers' top-k instead of selecting again, and records nothing: no teacher is captured twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +99,8 @@ class ForwardContext:
         self._results: dict[int, KLResult] = {}
         self._teacher_layers = self._lse_layers = 0
         self.last_lse_share = 0.0
+        self.recomputing = False  # inside a checkpointed layer's recomputation (the backward)
+        self._checkpointed = 0  # inside a checkpointed layer's forward
 
     def reset(
         self,
@@ -125,6 +134,40 @@ class ForwardContext:
         self._forward = None
         self.active = False
         return results
+
+    # ---- activation checkpointing -------------------------------------------------------------------------------
+    def checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """torch.utils.checkpoint's `context_fn` for one checkpointed layer call: (its forward, its recomputation).
+
+        Called as the layer's forward starts; the recomputation keeps this forward's settings and its selections
+        dict (which F layers fill as they run; `finish` replaces the dict, it does not clear it).
+        """
+        if not self.active:
+            raise RuntimeError("a checkpointed layer ran outside IndexCacheModel.forward")
+        return self._checkpointed_forward(), self._recomputation(self.settings, self._selections)
+
+    @contextmanager
+    def _checkpointed_forward(self) -> Iterator[None]:
+        self._checkpointed += 1
+        try:
+            yield
+        finally:
+            self._checkpointed -= 1
+
+    @contextmanager
+    def _recomputation(self, settings: _Forward, selections: dict[int, IndexerSelection]) -> Iterator[None]:
+        saved = (self.active, self._forward, self._selections, self._slots, self.recomputing)
+        self.active, self._forward, self._selections, self._slots = True, settings, selections, {}
+        self.recomputing = True
+        try:
+            yield
+        finally:
+            self.active, self._forward, self._selections, self._slots, self.recomputing = saved
+
+    def recorded_selection(self, layer_idx: int) -> IndexerSelection | None:
+        """During a recomputation: the selection F layer `layer_idx` made in the forward (its top-k is reused, so the
+        recomputed attention reads exactly the keys the forward read); None otherwise."""
+        return self._selections.get(layer_idx) if self.recomputing else None
 
     # ---- what the layers read -----------------------------------------------------------------------------------
     @property
@@ -187,7 +230,18 @@ class ForwardContext:
 
         In sparse mode the teacher carries `probs`, the layer's head-averaged attention probabilities on the
         group's slots [B, T, K] (from the sparse attention, normalised by its LSE); only those are kept.
+
+        A checkpointed layer's recomputation records nothing (the forward did); in a checkpointed layer's forward,
+        the teachers and losses keep their own saved tensors (identity hooks), so the recomputation need not
+        rebuild them.
         """
+        if self.recomputing:
+            return
+        keep_saved = torch.autograd.graph.saved_tensors_hooks(_same, _same) if self._checkpointed else nullcontext()
+        with keep_saved:
+            self._record(layer_idx, selection, teacher)
+
+    def _record(self, layer_idx: int, selection: IndexerSelection, teacher: TeacherInputs) -> None:
         settings = self.settings
         owner = settings.pattern.owner(layer_idx)
         if selection.layer_idx != owner:
@@ -277,6 +331,10 @@ class ForwardContext:
             settings.observer(layer_idx, selection, teacher, settings.key_mask)
         else:
             settings.observer(layer_idx, selection, teacher, settings.key_mask, segments=settings.shard.segments)
+
+
+def _same(tensor: Tensor) -> Tensor:
+    return tensor
 
 
 def teacher_rows(teacher: TeacherInputs, rows: slice, keys: slice) -> TeacherInputs:

@@ -381,7 +381,10 @@ class TrainableIndexer:
         if shard is not None:
             outputs = IndexerOutputs(q=outputs.q, k=context.gather_keys(outputs.k, dim=1), w=outputs.w)
         topk_indices = None
-        if context is None or context.compute_topk:
+        recorded = None if context is None else context.recorded_selection(self.layer_idx)
+        if recorded is not None:  # a checkpointed layer's recomputation: the forward's top-k, not a new selection
+            topk_indices = recorded.topk_indices
+        elif context is None or context.compute_topk:
             kernels = KernelConfig() if context is None else context.kernels
             chunk_size, tiles, screen = kernels.topk_chunk_size, kernels.topk_scorer, kernels.topk_filter
             mask = key_padding_mask(attention_mask) if shard is None else context.key_mask

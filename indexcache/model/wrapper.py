@@ -105,6 +105,7 @@ class IndexCacheModel(nn.Module):
         self.lm_weight = lm_weight
         self.teachers = "served"
         self._context = ForwardContext()
+        self._checkpointing = False  # set_activation_checkpointing
         # Every layer's trainable indexer, kept outside the module tree (a plain dict) so that S layers carry no
         # parameters while a later `apply_pattern` (e.g. pattern search) can still turn them back into F layers.
         self._indexer_pool = self.family.install_indexers(hf_model)
@@ -151,6 +152,23 @@ class IndexCacheModel(nn.Module):
         self.requires_grad_(False)
         for _, param in self.trainable_parameters(trainable):
             param.requires_grad_(True)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer's activations in the backward instead of keeping them (torch's
+        non-reentrant checkpoint, per layer): the memory a trained base holds for its backward drops to each layer's
+        input, for one more forward of every layer. The recomputation reuses the F layers' top-k and captures no
+        teacher twice (`ForwardContext.checkpoint_contexts`). Only a trained base saves activations worth this: a
+        frozen base's backward reaches only the indexers.
+        """
+        if enabled:
+            kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_contexts}
+            self.hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif self.hf_model.is_activation_checkpointing:
+            self.hf_model.activation_checkpointing_disable()
+        self._checkpointing = enabled
+
+    def _checkpoint_contexts(self) -> tuple[object, object]:
+        return self._context.checkpoint_contexts()  # the context of now (a benchmark may have replaced it)
 
     def trainable_parameters(self, groups: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:
         """The parameters of the named groups ("indexers", "base"), with their checkpoint names."""
@@ -221,8 +239,11 @@ class IndexCacheModel(nn.Module):
         """
         if with_lm_loss and labels is None:
             raise ValueError("with_lm_loss=True needs labels")
-        if self.hf_model.is_activation_checkpointing:
-            raise ValueError("activation checkpointing is unsupported: its recomputation would capture teachers twice")
+        if self.hf_model.is_activation_checkpointing and not self._checkpointing:
+            raise ValueError(
+                "activation checkpointing was enabled on the transformers model itself, so its recomputation would "
+                "capture every teacher twice: enable it with IndexCacheModel.set_activation_checkpointing(True)"
+            )
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
             if labels is not None:
