@@ -161,6 +161,9 @@ class StageConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     train_base: bool = False  # sparse only: the base also trains, from the LM loss
+    # With train_base: recompute each decoder layer in the backward instead of keeping its activations (one more
+    # forward of every layer for a trained base's activation memory; see docs/scaling.md).
+    activation_checkpointing: bool = False
     lm_loss_weight: float = 1.0
     base_lr: float = 1e-5
     teachers: str = "served"  # served: multi-layer KL over every layer an F layer serves; own: its own layer only
@@ -188,6 +191,11 @@ class StageConfig:
         _at_least(f"{key}.lm_loss_weight", self.lm_loss_weight, 0.0, "a number")
         if self.train_base and self.mode != "sparse":
             raise ConfigError(f"{key}.train_base=true needs {key}.mode=sparse (the warm-up freezes the base)")
+        if self.activation_checkpointing and not self.train_base:
+            raise ConfigError(
+                f"{key}.activation_checkpointing=true needs {key}.train_base=true: a frozen base keeps no "
+                "activations for the backward, so there is nothing to recompute"
+            )
 
 
 @dataclass

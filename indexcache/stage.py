@@ -51,6 +51,7 @@ class StagePlan:
     teachers: str = "served"  # "served": multi-layer KL; "own": each F indexer against its own layer only
     plateau_patience: int = 0  # evaluations without a mean-recall gain before the stage ends early (0: never)
     plateau_min_delta: float = 0.0
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward (a trained base only)
 
     @property
     def steps(self) -> int:
@@ -70,6 +71,7 @@ class StagePlan:
             "steps": self.steps,
             "trains": list(self.trains),
             "teachers": self.teachers,
+            "activation_checkpointing": self.activation_checkpointing,
         }
 
 
@@ -90,6 +92,7 @@ def build_plan(index: int, name: str, stage: StageConfig, run_pattern: IndexCach
         teachers=stage.teachers,
         plateau_patience=stage.plateau_patience,
         plateau_min_delta=stage.plateau_min_delta,
+        activation_checkpointing=stage.activation_checkpointing,
     )
 
 

@@ -185,6 +185,7 @@ class Trainer:
 
         model = self.run.model
         model.configure(plan.pattern, plan.mode, plan.lm_loss_weight, plan.trains, plan.teachers)
+        model.set_activation_checkpointing(plan.activation_checkpointing)
         model.train()
         groups = [{"params": [p for _, p in model.indexer_parameters()], "lr": plan.lr}]
         if "base" in plan.trains:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from indexcache.attention_stats import LayerStatsObserver
 from indexcache.context_parallel import ContextShard, new_context_shard
 from indexcache.model import IndexCacheModel
+from indexcache.model.context import ForwardContext
 from indexcache.model.tiny import tiny_model
 from indexcache.pattern import IndexCachePattern
 
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--train-base", action="store_true")
     parser.add_argument("--teachers", default="served")
     parser.add_argument("--plant", default=None)
+    parser.add_argument("--train-mode", action="store_true", help="the model in training mode")
+    parser.add_argument("--checkpointing", action="store_true", help="training mode, every layer checkpointed")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
@@ -78,6 +82,19 @@ def main() -> None:
     model = IndexCacheModel(tiny_model(args.family), IndexCachePattern(args.pattern), context_parallel=shard)
     trains = ("indexers", "base") if args.train_base else ("indexers",)
     model.configure(model.pattern, args.mode, trainable=trains, teachers=args.teachers)
+    if args.train_mode or args.checkpointing:
+        model.train()
+    model.set_activation_checkpointing(args.checkpointing)
+    recomputations = []
+    real_recomputation = ForwardContext._recomputation
+
+    @contextmanager
+    def counted(self, *inner_args, **kwargs):  # each checkpointed layer's recomputation, as it starts
+        with real_recomputation(self, *inner_args, **kwargs):
+            recomputations.append(1)
+            yield
+
+    ForwardContext._recomputation = counted
     input_ids = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
 
     selections: dict[int, torch.Tensor] = {}
@@ -120,6 +137,7 @@ def main() -> None:
                 "grads": grads,
                 "topk": topk,
                 "stats": stats,
+                "recomputations": len(recomputations),
             },
             args.out,
         )

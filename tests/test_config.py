@@ -44,6 +44,7 @@ def test_preset_and_overrides_compose():
         (["pattern=no_such_kind"], "pattern=no_such_kind does not exist"),
         (["stage=sparse", "stage.sparse.mode=fast"], "stage.sparse.mode"),
         (["conf=glm5_indexcache"], "model.source"),
+        (["stage=sparse", "stage.sparse.activation_checkpointing=true"], "needs stage.sparse.train_base=true"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, needle):

@@ -193,6 +193,19 @@ def test_context_parallel_equals_one_process(tmp_path: Path, family: str, patter
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["glm_moe_dsa", "llama"])
+def test_checkpointed_layers_under_context_parallelism_equal_one_process(tmp_path: Path, family: str):
+    """CP = 2 with every layer recomputed in the backward (the key all-gather runs again inside the recomputation,
+    on every rank in the same order) against one process without checkpointing: the same losses and gradients."""
+    args = ("--family", family, "--pattern", "FSSF", "--mode", "sparse", "--train-base")
+    one = _run_worker(tmp_path / "one.pt", 1, *args, "--train-mode")
+    cp = _run_worker(tmp_path / "cp.pt", 2, *args, "--checkpointing")
+    assert one["topk"]
+    assert (one["recomputations"], cp["recomputations"]) == (0, 4)  # every layer recomputed, on rank 0 too
+    assert not _differences(one, cp)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("planted", ["positions", "normalisation", "split"])
 def test_a_planted_error_in_context_parallelism_is_caught(tmp_path: Path, planted: str):
     args = ("--family", "glm_moe_dsa", "--pattern", "FSSF", "--mode", "sparse")

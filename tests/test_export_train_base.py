@@ -26,7 +26,7 @@ from indexcache.batches import ResumableBatches
 from indexcache.data import build_datasets
 from indexcache.data_sources import DataConfig
 from indexcache.validate_export import validate_export
-from tests.conftest import subprocess_env
+from tests.conftest import folder_tensors, subprocess_env, train_losses
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_BASE = [
@@ -125,6 +125,24 @@ def test_exported_models_lm_loss_is_the_recorded_sparse_eval_loss(trained_run):
     assert _eval_loss(exported, trained_run) == pytest.approx(metrics["eval/lm_loss_sparse"], rel=1e-4)
     # The dense-attention number is a different model: it must not be the one that matches.
     assert abs(metrics["eval/lm_loss_dense"] - metrics["eval/lm_loss_sparse"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_checkpointed_layers_train_the_same_model(trained_run, tmp_path):
+    """`stage.sparse.activation_checkpointing=true`: every layer recomputed in the backward, the same run (losses
+    and exported weights), and the stage's record says how it was trained."""
+    run_dir = _train(tmp_path, "stage.sparse.activation_checkpointing=true")
+    stages = {stage["stage"]: stage for stage in _record(run_dir)["summary"]["stages"]}
+    assert stages["sparse"]["activation_checkpointing"] is True
+    assert {stage["stage"]: stage for stage in _record(trained_run)["summary"]["stages"]}["sparse"][
+        "activation_checkpointing"
+    ] is False
+    plain_losses, losses = train_losses(trained_run), train_losses(run_dir)
+    assert losses.keys() == plain_losses.keys() and len(losses) == 4
+    assert all(abs(losses[step] - plain_losses[step]) < 1e-6 for step in losses)
+    plain, exported = folder_tensors(trained_run / "export"), folder_tensors(run_dir / "export")
+    assert exported.keys() == plain.keys()
+    assert max(float((exported[k].float() - plain[k].float()).abs().max()) for k in plain) < 1e-6
 
 
 @pytest.mark.slow
