@@ -93,14 +93,20 @@ class TimedContext(ForwardContext):
 
 
 def build_model(
-    shape: str, mode: str, train_base: bool, experts: str, kernels: KernelConfig | None = None
+    shape: str,
+    mode: str,
+    train_base: bool,
+    experts: str,
+    kernels: KernelConfig | None = None,
+    device: str = "cuda",
+    **overrides: object,
 ) -> IndexCacheModel:
-    fields = {**COMMON, **SHAPES[shape], "experts_implementation": experts}
+    fields = {**COMMON, **SHAPES[shape], "experts_implementation": experts, **overrides}
     family = get_family(fields.pop("model_type"))
     config = type(family.tiny_config())(**fields)  # the family's config class, without the tiny defaults
     if hasattr(config, "indexer_types"):
         config.indexer_types = ["full"] * config.num_hidden_layers
-    with torch.device("cuda"):
+    with torch.device(device):
         hf_model = family.build(config)
     hf_model = hf_model.to(torch.bfloat16)
     for name, module in hf_model.named_modules():
