@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,6 +102,17 @@ def measure(seq: int, topk: int, checkpointing: bool, device: str) -> tuple[dict
     return ledger.totals(), info
 
 
+def measure_apart(seq: int, topk: int, checkpointing: bool, device: str) -> tuple[dict, dict]:
+    """`measure` in a process of its own: a CPU build of the model peaks at its float32 size, and the allocator
+    keeps what an earlier model freed."""
+    command = [sys.executable, __file__, "--one", str(seq), str(topk), str(int(checkpointing)), device]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    totals, info = json.loads(done.stdout.strip().splitlines()[-1])
+    return totals, info
+
+
 def per_token(short: dict, long: dict, span: int, topk: int) -> dict[str, float]:
     """Bytes per token of each label (the slope between two lengths), slot tensors scaled to K = 2048."""
     labels = set(short) | set(long)
@@ -114,6 +126,10 @@ def per_token(short: dict, long: dict, span: int, topk: int) -> dict[str, float]
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--one"]:
+        seq, topk, checkpointing, device = sys.argv[2:6]
+        print(json.dumps(measure(int(seq), int(topk), bool(int(checkpointing)), device)))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs=2, default=[256, 512])
     parser.add_argument("--topk", type=int, default=160)
@@ -125,8 +141,8 @@ def main() -> None:
     short_len, long_len = args.lengths
     report: dict[str, object] = {"lengths": args.lengths, "topk_measured": args.topk, "topk_projected": TOPK_SERVED}
     for checkpointing in (False, True):
-        short, info = measure(short_len, args.topk, checkpointing, args.device)
-        long, _ = measure(long_len, args.topk, checkpointing, args.device)
+        short, info = measure_apart(short_len, args.topk, checkpointing, args.device)
+        long, _ = measure_apart(long_len, args.topk, checkpointing, args.device)
         slope = per_token(short, long, long_len - short_len, args.topk)
         name = "checkpointed" if checkpointing else "plain"
         layer_slopes = [value for label, value in slope.items() if label.startswith("layer ")]

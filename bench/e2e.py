@@ -192,11 +192,14 @@ def run_case(
     experts: str,
     profile: bool,
     kernels: KernelConfig | None = None,
+    checkpointing: bool = False,
 ) -> dict:
     row = {"shape": shape, "mode": mode, "seq": seq, "train_base": train_base, "experts": experts}
+    row["activation_checkpointing"] = checkpointing
     model = optimizer = None
     try:
         model = build_model(shape, mode, train_base, experts, kernels)
+        model.set_activation_checkpointing(checkpointing)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         spans = instrument(model)
@@ -390,6 +393,9 @@ def main() -> None:
     # of [T * top_k, hidden] (24 GiB at 128K with 8 of 8 active); the per-expert loop ("eager") holds one [T, hidden].
     parser.add_argument("--experts", choices=["eager", "grouped_mm"], default="eager", help="MoE implementation")
     parser.add_argument("--dense-kernel", choices=["flash", "cudnn"], default=None, help="dense causal attention")
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help="with --train-base: recompute each layer"
+    )
     parser.add_argument("--topk-filter", type=int, default=None, help="the top-k's candidate filter: its key step")
     parser.add_argument("--profile", action="store_true", help="one more step under the profiler: its top kernels")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
@@ -411,7 +417,10 @@ def main() -> None:
             for mode in args.stages:
                 started = time.time()
                 train_base = args.train_base and mode == "sparse"
-                row = run_case(args.shape, mode, seq, args.steps, train_base, args.experts, args.profile, kernels)
+                row = run_case(
+                    args.shape, mode, seq, args.steps, train_base, args.experts, args.profile, kernels,
+                    checkpointing=train_base and args.activation_checkpointing,
+                )  # fmt: skip
                 kernel = causal_kernel(torch.device("cuda"), kernels.causal_kernel)
                 row.update(gpu=gpu, wall_s=round(time.time() - started, 1), dense_kernel=kernel)
                 rows.append(row)

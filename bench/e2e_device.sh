@@ -8,7 +8,8 @@
 #   backward       bench/e2e.py --backward (sparse attention: reference vs Triton backward, 8K and 32K)
 #   profile        GLM-5 dense (the default kernel, then flash) and sparse steps at 32K, each with its top kernels
 #   table          GLM-5 and DeepSeek-V3.2, dense and sparse, 8K to 128K (the table)
-#   train_base     the sparse stage with the base training, GLM-5, 8K and 32K
+#   train_base     the sparse stage with the base training, GLM-5, 8K and 32K; then with activation checkpointing,
+#                  32K and 64K
 #   long           GLM-5 sparse at 128K and 256K, dense at 256K (peak memory)
 #   tests_cp       the GPU tests of the context-parallel pieces, the scorer's tiles, the bf16 model, the fused loss
 #   cp1            GLM-5 dense and sparse at 32K: the f58aa06 baseline (a `git archive` copy in .e2e_base, carried)
@@ -52,7 +53,10 @@ for name in "$@"; do
   table)
     step 300 python3 bench/e2e.py --lengths 8192 32768 65536 131072 --out "$JSON"
     step 200 python3 bench/e2e.py --shape dsv32 --lengths 8192 32768 --out "$JSON" ;;
-  train_base) step 150 python3 bench/e2e.py --stages sparse --train-base --lengths 8192 32768 --out "$JSON" ;;
+  train_base)
+    step 150 python3 bench/e2e.py --stages sparse --train-base --lengths 8192 32768 --out "$JSON"
+    step 150 python3 bench/e2e.py --stages sparse --train-base --activation-checkpointing --lengths 32768 65536 \
+      --out "$JSON" ;;
   long)
     step 120 python3 bench/e2e.py --stages sparse --lengths 131072 262144 --out "$JSON"
     step 200 python3 bench/e2e.py --stages dense --lengths 262144 --steps 1 --out "$JSON" ;;

@@ -213,6 +213,28 @@ def test_triton_index_scores_match_the_float32_scorer_and_pick_the_same_topk():
     assert agree > 0.99  # near-ties may order differently under another summation order
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_candidate_filter_gives_the_same_topk_on_gpu(ties: bool):
+    """The Triton candidate kernel in `select_topk` at a length where the filter engages (rows beyond its 40960-slot
+    buffer), with padding and at a context-parallel offset: the same tensor as without the filter. With ties: a
+    third of the rows score every key 0 (their buffers overflow and are redone)."""
+    from indexcache.kernels.config import TopkFilter
+    from indexcache.model.indexer import select_topk
+
+    torch.manual_seed(5)
+    batch, seq, heads, dim, topk, offset = 1, 49152, 32, 128, 2048, 8192
+    q = torch.randn(batch, seq - offset, heads, dim, device="cuda").bfloat16()
+    k = torch.randn(batch, seq, dim, device="cuda").bfloat16()
+    w = torch.rand(batch, seq - offset, heads, device="cuda")
+    if ties:
+        w[:, ::3] = 0.0
+    real = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    real[:, 100:200] = False
+    plain = select_topk(q, k, w, real, topk, 1024, offset)
+    screened = select_topk(q, k, w, real, topk, 1024, offset, topk_filter=TopkFilter(key_step=16))
+    assert torch.equal(screened, plain)
+
+
 @pytest.mark.parametrize("tiles", ["r64k64w4s3", "r64k128w4s3", "r128k64w8s3", "r128k128w8s2", "r128k128w8s3"])
 def test_triton_scorer_tiles_give_the_float32_scores(tiles: str):
     """Every tile shape bench/topk.py times scores a chunk of rows (off the diagonal, with padding keys) within
