@@ -145,7 +145,9 @@ def main() -> None:
         long, _ = measure_apart(long_len, args.topk, checkpointing, args.device)
         slope = per_token(short, long, long_len - short_len, args.topk)
         name = "checkpointed" if checkpointing else "plain"
-        layer_slopes = [value for label, value in slope.items() if label.startswith("layer ")]
+        layer_slopes = [
+            value for label, value in slope.items() if label.startswith("layer ") and label != "layer inputs"
+        ]
         kept = sum(slope.values())
         # The backward's peak: what is kept, plus (with checkpointing) the largest layer recomputed on top.
         peak = kept + (report["plain"]["largest_layer_per_token"] if checkpointing else 0.0)

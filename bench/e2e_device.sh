@@ -16,7 +16,7 @@
 #                  and this tree one after the other (this tree with a profiled step)
 #   topk           bench/topk.py: the top-k's parts, the candidate filter, the scorer's tiles, GLM-5, 32K and 128K
 #   topk_filter    GLM-5 sparse steps at 128K without and with the top-k's candidate filter (every 16th key)
-#   anchor         bench/sparse_anchor.py: the sparse forward beside TileLang's examples (carry .tl: see NOTES v9)
+#   anchor         bench/sparse_anchor.py: the sparse forward and backward beside TileLang's examples (carry .tl, see NOTES v9)
 # Wheels: .sparse_whl (deepspeed 0.19.8, transformers 5.23.0, pydantic, hjson), .whl2 (hydra-core, omegaconf,
 # antlr4, datasets, ...); torch 2.11 and triton 3.6 are the image's.
 set -u -o pipefail
@@ -31,7 +31,9 @@ if [ -d .sparse_whl ] && [ ! -d /tmp/e2e_site/transformers ]; then
 fi
 if [ -f .tl/tl_site.tar.xz ] && [ ! -d /tmp/tls/site ]; then
   mkdir -p /tmp/tls && tar -xJf .tl/tl_site.tar.xz -C /tmp/tls || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/e2e_site .tl/transformers-*.whl || exit 1
+  if compgen -G ".tl/transformers-*.whl" >/dev/null; then  # .tl alone: it brings its own transformers
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/e2e_site .tl/transformers-*.whl || exit 1
+  fi
 fi
 export PYTHONPATH=/tmp/e2e_site:$PWD
 LOG=$OUT/e2e.log JSON=$OUT/e2e.jsonl
@@ -74,8 +76,9 @@ for name in "$@"; do
   topk_filter)
     step 150 python3 bench/e2e.py --stages sparse --lengths 131072 --out "$JSON"
     step 150 python3 bench/e2e.py --stages sparse --lengths 131072 --topk-filter 16 --out "$JSON" ;;
-  anchor) step 330 env PYTHONPATH="/tmp/tls/site:$PYTHONPATH" python3 bench/sparse_anchor.py --lengths 32768 --heads 64 128 \
-      --anchors .tl/tl_sparse_mla_fwd_pipelined.py .tl/tl_sparse_mla_fwd.py --out "$JSON" ;;
+  anchor) step 400 env PYTHONPATH="/tmp/tls/site:$PYTHONPATH" python3 bench/sparse_anchor.py --lengths 32768 --heads 64 128 \
+      --anchors .tl/tl_sparse_mla_fwd_pipelined.py .tl/tl_sparse_mla_fwd.py \
+      --backward-anchor .tl/tl_sparse_mla_bwd.py .tl/tl_sparse_mla_fwd.py --out "$JSON" ;;
   *) echo "unknown step $name" | tee -a "$LOG"; exit 2 ;;
   esac
 done

@@ -13,6 +13,11 @@ kv [B, T, 1, 576], int32 indices [B, T, 1, K], a slot attended iff its index <= 
 [B, T, H, 512]. Our -1 slots become T - 1, which every row but the last masks and which the last never holds.
 Each row of the output: ms, TFLOP/s at 2 H T K (576 + 512) FLOPs, the ratio to our default, and the output's
 relative difference to ours (bf16 outputs: ~1e-3 is agreement).
+
+`--backward-anchor BWD FWD` (64 heads only) also times the backward: BWD defines `sparse_mla_bwd(q, kv, o, do,
+indices, lse, sm_scale=...)` -> (dq, dkv) (the TileLang example's), fed with FWD's output and LSE (its own LSE
+convention), beside our Triton backward as the model runs it; TFLOP/s at 2 H T K (3 * 576 + 2 * 512) FLOPs, and
+dq / dkv relative to ours (our latent gradient holds the value's).
 """
 
 from __future__ import annotations
@@ -43,12 +48,16 @@ VARIANTS = {  # the forward's screened tiles that fit sm_90 without spills (benc
 }
 
 
-def load_anchor(path: str):
+def load_module(path: str):
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(Path(path).parent))  # an example may import its own helpers
     spec.loader.exec_module(module)
-    forward = module.sparse_mla_fwd_interface
+    return module
+
+
+def load_anchor(path: str):
+    forward = load_module(path).sparse_mla_fwd_interface
     takes_start = "q_start_index_s" in inspect.signature(forward).parameters
     if takes_start:  # the pipelined example: query start 0, key stride 1; compile once, call the kernel
         return lambda q, kv, idx, scale: forward(q, kv, idx, 0, 1, sm_scale=scale)
@@ -106,24 +115,65 @@ def rows_for(heads: int, seq: int, anchors: list[str], rate: float) -> list[dict
     return rows
 
 
+def backward_rows(seq: int, paths: list[str], rate: float) -> list[dict]:
+    """Our Triton backward beside an anchor's, on the same inputs (64 heads, the GLM-5 latent)."""
+    from indexcache.kernels.triton_sparse import triton_sparse_backward
+
+    heads, topk, scaling = 64, 2048, 576**-0.5
+    positions = torch.arange(seq, device="cuda")[None, :, None]
+    slots = visible_slots((torch.rand(1, seq, topk, device="cuda") * (positions + 1)).long(), None)
+    query = torch.randn(1, seq, heads, 576, device="cuda", dtype=torch.bfloat16)
+    latent = torch.randn(1, seq, 1, 576, device="cuda", dtype=torch.bfloat16)
+    d_out = torch.randn(1, seq, heads, 512, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * heads * seq * topk * (3 * 576 + 2 * 512)
+    base = {"heads": heads, "seq": seq, "topk": topk, "floor_ms": flops / rate * 1e3}
+    out, lse = triton_sparse_forward(query, latent, latent[..., :512], slots, scaling)
+
+    def ours():
+        return triton_sparse_backward(query, latent, latent[..., :512], slots, out, d_out, lse, scaling, True)
+
+    dq, dkv, _ = ours()
+    ms = timed(ours) * 1e3
+    rows = [{**base, "kernel": "triton backward", "ms": ms, "tflops": flops / ms / 1e9}]
+    indices = torch.where(slots >= 0, slots, seq - 1).to(torch.int32).unsqueeze(2).contiguous()
+    backward_path, forward_path = paths
+    try:
+        anchor_out, anchor_lse = load_anchor(forward_path)(query, latent, indices, scaling)[:2]
+        backward = load_module(backward_path).sparse_mla_bwd
+
+        def theirs():
+            return backward(query, latent, anchor_out, d_out, indices, anchor_lse, sm_scale=scaling)
+
+        got_dq, got_dkv = theirs()
+        anchor_ms = timed(theirs) * 1e3
+    except Exception as error:  # an anchor that does not build here is reported, not fatal
+        return [*rows, {**base, "kernel": "anchor backward", "error": f"{type(error).__name__}: {str(error)[:300]}"}]
+    row = {"kernel": f"anchor {Path(backward_path).stem}", "ms": anchor_ms, "tflops": flops / anchor_ms / 1e9}
+    row |= {"ours_over_anchor": ms / anchor_ms, "rel_dq": rel(got_dq, dq), "rel_dkv": rel(got_dkv, dkv)}
+    return [*rows, {**base, **row}]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768])
     parser.add_argument("--heads", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--anchors", nargs="*", default=[])
+    parser.add_argument("--backward-anchor", nargs=2, metavar=("BWD", "FWD"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rate = matmul_rate()
     print(f"{torch.cuda.get_device_name()}: bf16 8192^3 matmul {rate / 1e12:.0f} TFLOP/s")
-    for heads in args.heads:
-        for seq in args.lengths:
-            for row in rows_for(heads, seq, args.anchors, rate):
-                row["device"] = torch.cuda.get_device_name()
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-            torch.cuda.empty_cache()
+    batches = [lambda h=h, t=t: rows_for(h, t, args.anchors, rate) for h in args.heads for t in args.lengths]
+    if args.backward_anchor:
+        batches += [lambda t=t: backward_rows(t, args.backward_anchor, rate) for t in args.lengths]
+    for batch in batches:
+        for row in batch():
+            row["device"] = torch.cuda.get_device_name()
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
