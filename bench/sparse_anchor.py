@@ -5,7 +5,7 @@
 The latent form of GLM-5 (64 heads) and DeepSeek-V3.2 (128 heads): q [1, T, H, 576], one 576-wide latent key per
 token whose first 512 columns are the value, K = 2048 slots a row. Row t's slots are uniform among keys 0..t
 (`visible_slots` drops repeats, as in the model). Timed: our forward under its default tiles and the variants in
-`VARIANTS`, our teacher pass, and each anchor.
+`VARIANTS`, our teacher pass under its default and `TEACHER_VARIANTS`, and each anchor.
 
 An anchor is a Python file (not part of this repository; pass its path) that defines
 `sparse_mla_fwd_interface(q, kv, indices, ...)` in the layout of the public TileLang DeepSeek-V3.2 examples:
@@ -44,6 +44,16 @@ VARIANTS = {  # the forward's screened tiles that fit sm_90 without spills (benc
     "k32w8s3": dataclasses.replace(CONFIG, block_slots=32, stages=3),
     "k32w16s3": dataclasses.replace(CONFIG, block_slots=32, warps=16, stages=3),
     "k32w8s4": dataclasses.replace(CONFIG, block_slots=32, stages=4),
+    "k64w16s2": dataclasses.replace(CONFIG, warps=16),
+}
+
+# The teacher pass holds the row's queries [64, 576] and `stages` key tiles of [slots, 576]: 64-slot steps in 2
+# stages need ~220 KiB of shared memory, one program an SM; smaller steps in more stages keep more loads in flight.
+TEACHER_VARIANTS = {
+    "default": CONFIG,
+    "k32s3": dataclasses.replace(CONFIG, block_slots=32, stages=3),
+    "k32s4": dataclasses.replace(CONFIG, block_slots=32, stages=4),
+    "k32w4s3": dataclasses.replace(CONFIG, block_slots=32, warps=4, stages=3),
     "k64w16s2": dataclasses.replace(CONFIG, warps=16),
 }
 
@@ -89,9 +99,22 @@ def rows_for(heads: int, seq: int, anchors: list[str], rate: float) -> list[dict
         ours_ms = ours_ms or ms
         row = {"kernel": f"triton forward {name}", "ms": ms, "tflops": flops / ms / 1e9, "rel_diff": rel(got, out)}
         rows.append({**base, **row})
-    probs_ms = timed(lambda: triton_sparse_probs(query, latent, slots, lse, scaling)) * 1e3
     teacher_floor = 2 * heads * seq * topk * 576 / rate * 1e3
-    rows.append({**base, "kernel": "triton teacher pass", "ms": probs_ms, "floor_ms": teacher_floor})
+    probs = triton_sparse_probs(query, latent, slots, lse, scaling)
+    for name, cfg in TEACHER_VARIANTS.items():
+        try:
+            got = triton_sparse_probs(query, latent, slots, lse, scaling, cfg)
+            ms = timed(lambda cfg=cfg: triton_sparse_probs(query, latent, slots, lse, scaling, cfg)) * 1e3
+        except Exception as error:  # a variant that does not compile is reported, not fatal
+            rows.append({**base, "kernel": f"triton teacher pass {name}", "error": str(error)[:200]})
+            continue
+        row = {
+            "kernel": f"triton teacher pass {name}",
+            "ms": ms,
+            "floor_ms": teacher_floor,
+            "rel_diff": rel(got, probs),
+        }
+        rows.append({**base, **row})
     indices = torch.where(slots >= 0, slots, seq - 1).to(torch.int32).unsqueeze(2).contiguous()
     for path in anchors:
         label = f"anchor {Path(path).stem}"

@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from indexcache.data_sources import DataConfig
 from indexcache.evaluate import EvaluateConfig
 from indexcache.fsutil import unwritable_folder
+from indexcache.kernels.config import CAUSAL_KERNELS, LOSS_IMPLEMENTATIONS, KernelConfig, TopkFilter
 from indexcache.metrics import LoggerConfig
 from indexcache.model import known_families
 from indexcache.search import SearchConfig
@@ -278,6 +279,43 @@ class TrainConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """The kernel choices every forward of the run makes (`KernelConfig`); they change speed, not results (the
+    dense loss's implementations agree to float rounding, the top-k's filter is exact). Tile shapes stay Python-side."""
+
+    causal_kernel: str | None = None  # the dense attention with its LSE on a GPU: flash, cudnn, null (cuDNN on Hopper)
+    loss_impl: str = "auto"  # the dense multi-layer KL: auto (fused on a GPU), reference, chunked, fused
+    loss_chunk_size: int = 1024  # query rows per chunk of the chunked dense loss
+    topk_chunk_size: int = 1024  # query rows scored at once by the indexer's top-k
+    # The top-k's exact candidate filter: 0 off; n scores every n-th key first and keeps only the keys at or above
+    # that subset's K-th best (long sequences: fewer scores written and selected).
+    topk_filter_key_step: int = 0
+    lm_chunk_size: int = 2048  # rows per block of the chunked LM cross-entropy
+
+    def __post_init__(self) -> None:
+        if self.causal_kernel is not None:
+            _choice("kernels.causal_kernel", self.causal_kernel, CAUSAL_KERNELS)
+        _choice("kernels.loss_impl", self.loss_impl, LOSS_IMPLEMENTATIONS)
+        for name in ("loss_chunk_size", "topk_chunk_size", "lm_chunk_size"):
+            _at_least(f"kernels.{name}", getattr(self, name), 1)
+        if self.topk_filter_key_step == 1 or self.topk_filter_key_step < 0:
+            raise ConfigError(
+                f"kernels.topk_filter_key_step={self.topk_filter_key_step} is invalid: use 0 (off) or 2 or more"
+            )
+
+    def build(self) -> KernelConfig:
+        step = self.topk_filter_key_step
+        return KernelConfig(
+            causal_kernel=self.causal_kernel,
+            loss_impl=self.loss_impl,
+            loss_chunk_size=self.loss_chunk_size,
+            topk_chunk_size=self.topk_chunk_size,
+            topk_filter=TopkFilter(key_step=step) if step else None,
+            lm_chunk_size=self.lm_chunk_size,
+        )
+
+
+@dataclass
 class ExportConfig:
     enabled: bool = True
     dir: str | None = None  # default: <run_dir>/export
@@ -297,6 +335,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     search: SearchConfig = field(default_factory=SearchConfig)  # indexcache-search
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # indexcache-evaluate
 
@@ -461,6 +500,7 @@ _RESUME_FREE = (
     "device",
     "logger",
     "export",
+    "kernels",  # speed, not results (see KernelsConfig)
     "search",  # the search and evaluation entry points: they do not change what training computes
     "evaluate",
     "model.cache_dir",

@@ -21,6 +21,7 @@ from indexcache.context_parallel import ContextShard
 from indexcache.conversion.sources import load_tokenizer, read_config, resolve_source
 from indexcache.data import PackedSplits, build_datasets
 from indexcache.data_sources import DataConfig
+from indexcache.kernels.config import KernelConfig
 from indexcache.model import IndexCacheModel, get_family
 from indexcache.pattern import IndexCachePattern
 
@@ -61,6 +62,7 @@ def load_model(
     model_class: type[IndexCacheModel] = IndexCacheModel,
     inference: bool = False,
     context_parallel: ContextShard | None = None,
+    kernels: KernelConfig | None = None,
 ) -> LoadedModel:
     """The family's loader, then `model_class` under `pattern`, on `device` (in eval mode with `inference`).
 
@@ -87,7 +89,7 @@ def load_model(
         raise ValueError(
             f"model.source={source_dir} could not be loaded ({first_line}): check that its shards are complete"
         ) from error
-    model = model_class(hf_model, pattern=pattern, context_parallel=context_parallel)
+    model = model_class(hf_model, pattern=pattern, kernels=kernels, context_parallel=context_parallel)
     if inference:
         model.eval()
         if ds.zero_stage == 3:

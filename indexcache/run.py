@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -215,7 +215,14 @@ def build_run(cfg: RunConfig, dist: DistInfo, stack: ExitStack) -> Run:
     # Context parallelism: every rank's CP group is made now (a collective), before any model is built.
     shard = new_context_shard(cfg.deepspeed.context_parallel_size, cfg.train.seq_len)
     loaded = load_model(
-        cfg.model, cfg.deepspeed, source_dir, source_config, pattern, dist.device, context_parallel=shard
+        cfg.model,
+        cfg.deepspeed,
+        source_dir,
+        source_config,
+        pattern,
+        dist.device,
+        context_parallel=shard,
+        kernels=cfg.kernels.build(),
     )
     model = loaded.model
     if cfg.pattern.kind == "source" and dist.is_main:
@@ -309,6 +316,7 @@ def export_run(run: Run) -> Path | None:
         "config": to_container(cfg),
         "metrics": run.history[-1]["metrics"] if run.history else {},
         "world_size": run.dist.world_size,
+        "kernels": asdict(run.model.kernels),  # the kernel choices the model ran with
         # What did not come from the user's checkpoint: a dense-to-DSA conversion's fresh indexers, else nothing
         # (every other tensor the model needs was checked to be in the source before the run started).
         "initialised_tensors": initialised_tensors(run.source_dir),

@@ -45,6 +45,10 @@ def test_preset_and_overrides_compose():
         (["stage=sparse", "stage.sparse.mode=fast"], "stage.sparse.mode"),
         (["conf=glm5_indexcache"], "model.source"),
         (["stage=sparse", "stage.sparse.activation_checkpointing=true"], "needs stage.sparse.train_base=true"),
+        (["kernels.topk_filter_key_step=1"], "kernels.topk_filter_key_step=1 is invalid"),
+        (["kernels.causal_kernel=flash2"], "kernels.causal_kernel"),
+        (["kernels.loss_impl=fast"], "kernels.loss_impl"),
+        (["kernels.topk_chunk_size=0"], "kernels.topk_chunk_size"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, needle):
@@ -53,6 +57,14 @@ def test_bad_config_is_one_line_naming_the_key(overrides, needle):
     message = str(info.value)
     assert needle in message
     assert "\n" not in message
+
+
+def test_kernel_settings_build_the_models_kernel_config():
+    cfg = load_config(["conf=tiny", "kernels.topk_filter_key_step=16", "kernels.causal_kernel=cudnn"])
+    kernels = cfg.kernels.build()
+    assert kernels.topk_filter is not None and kernels.topk_filter.key_step == 16
+    assert kernels.causal_kernel == "cudnn" and kernels.loss_impl == "auto"
+    assert load_config(["conf=tiny"]).kernels.build().topk_filter is None
 
 
 def test_launcher_local_rank_is_removed():

@@ -146,6 +146,21 @@ def test_checkpointed_layers_train_the_same_model(trained_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_topk_candidate_filter_trains_the_same_model(tmp_path):
+    """`kernels.topk_filter_key_step=2` reaches the model (its record says so) and, being exact, changes nothing the
+    run computes. At 128 tokens the rows past 64 keys (the filter's smallest buffer) take the filter."""
+    plain_dir = _train(tmp_path / "plain", "train.seq_len=128")
+    filtered_dir = _train(tmp_path / "filtered", "train.seq_len=128", "kernels.topk_filter_key_step=2")
+    assert _record(plain_dir)["summary"]["kernels"]["topk_filter"] is None
+    assert _record(filtered_dir)["summary"]["kernels"]["topk_filter"] == {"key_step": 2, "headroom": 1.25}
+    plain_losses, losses = train_losses(plain_dir), train_losses(filtered_dir)
+    assert losses.keys() == plain_losses.keys() and len(losses) == 4
+    assert all(abs(losses[step] - plain_losses[step]) < 1e-6 for step in losses)
+    plain, exported = folder_tensors(plain_dir / "export"), folder_tensors(filtered_dir / "export")
+    assert max(float((exported[k].float() - plain[k].float()).abs().max()) for k in plain) < 1e-6
+
+
+@pytest.mark.slow
 def test_zero3_two_ranks_export_the_trained_base(tmp_path, two_rank_launcher):
     """Under ZeRO-3 every parameter is partitioned: the export gathers the trained base one parameter at a time."""
     run_dir = _train(tmp_path, "deepspeed=zero3", launcher=two_rank_launcher)

@@ -152,7 +152,15 @@ def measure(
     `deepspeed.context_parallel_size` > 1, as in training)."""
     shard = new_context_shard(cfg.deepspeed.context_parallel_size, cfg.train.seq_len)
     loaded = load_model(
-        cfg.model, cfg.deepspeed, source_dir, source_config, None, dist.device, inference=True, context_parallel=shard
+        cfg.model,
+        cfg.deepspeed,
+        source_dir,
+        source_config,
+        None,
+        dist.device,
+        inference=True,
+        context_parallel=shard,
+        kernels=cfg.kernels.build(),
     )
     return evaluate_model(loaded.model, pattern, batches, cfg.evaluate.chunk_size, overlap_rows)
 

@@ -156,6 +156,7 @@ def run_search(cfg: RunConfig) -> SearchResult:
         inference=True,
         # Each calibration sequence split over a CP group when deepspeed.context_parallel_size > 1, as in training.
         context_parallel=new_context_shard(cfg.deepspeed.context_parallel_size, cfg.train.seq_len),
+        kernels=cfg.kernels.build(),
     )
     cache_device = torch.device("cpu") if cfg.search.cache_on_cpu else None
     objective = SearchObjective(
