@@ -149,6 +149,8 @@ def test_checkpointed_layers_train_the_same_model(trained_run, tmp_path):
 def test_the_topk_candidate_filter_trains_the_same_model(tmp_path):
     """`kernels.topk_filter_key_step=2` reaches the model (its record says so) and, being exact, changes nothing the
     run computes. At 128 tokens the rows past 64 keys (the filter's smallest buffer) take the filter."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "filtered").mkdir()
     plain_dir = _train(tmp_path / "plain", "train.seq_len=128")
     filtered_dir = _train(tmp_path / "filtered", "train.seq_len=128", "kernels.topk_filter_key_step=2")
     assert _record(plain_dir)["summary"]["kernels"]["topk_filter"] is None
