@@ -186,12 +186,19 @@ def select_topk(
     # Rows whose K-th score ties a key left out (and rows the candidate filter could not answer exactly) are
     # redone under the rule, after one host sync for the whole call (a sync per chunk would stall the GPU on every
     # chunk's launches). Their chunk is scored again, whole, by the same scorer, so the scores, and hence the ties,
-    # are the same ones.
+    # are the same ones; only the flagged rows go through the rule (exact float32 ties are common on long rows, so
+    # most chunks hold a few).
     if flagged:
-        hits = torch.stack([straddles.any() for *_, straddles in flagged]).tolist()
-        for (start, stop, width, _), hit in zip(flagged, hits, strict=True):
-            if hit:
-                write(start, stop, *topk_lowest_index_ties(chunk_scores(start, stop), width))
+        hits = torch.cat([straddles.flatten() for *_, straddles in flagged]).nonzero().flatten()
+        sizes = torch.tensor([0] + [straddles.numel() for *_, straddles in flagged]).cumsum(0)
+        bounds = torch.searchsorted(hits.cpu(), sizes).tolist()  # hits[bounds[i]:bounds[i + 1]] fall in chunk i
+        for i, (start, stop, width, _) in enumerate(flagged):
+            rows = hits[bounds[i] : bounds[i + 1]] - int(sizes[i])  # flat (batch, row) positions in the chunk
+            if rows.numel():
+                values, indices = topk_lowest_index_ties(chunk_scores(start, stop).flatten(0, 1)[rows], width)
+                chunk_rows = stop - start
+                batch_of, row_of = rows // chunk_rows, start + rows % chunk_rows
+                out[batch_of, row_of, :width] = indices.masked_fill(values == float("-inf"), -1)
     return out
 
 
