@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -78,7 +79,8 @@ def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.float() - expected.float()).norm() / expected.float().norm())
 
 
-def rows_for(heads: int, seq: int, anchors: list[str], rate: float) -> list[dict]:
+def rows_for(heads: int, seq: int, anchors: list[str], rate: float) -> Iterator[dict]:
+    """Each row as soon as it is measured (an anchor that never returns leaves the earlier rows printed)."""
     topk, scaling = 2048, 576**-0.5
     positions = torch.arange(seq, device="cuda")[None, :, None]
     slots = visible_slots((torch.rand(1, seq, topk, device="cuda") * (positions + 1)).long(), None)
@@ -88,17 +90,17 @@ def rows_for(heads: int, seq: int, anchors: list[str], rate: float) -> list[dict
     flops = 2 * heads * seq * topk * (576 + 512)
     base = {"heads": heads, "seq": seq, "topk": topk, "floor_ms": flops / rate * 1e3}
     out, lse = triton_sparse_forward(query, latent, value, slots, scaling)
-    rows, ours_ms = [], None
+    ours_ms = None
     for name, cfg in VARIANTS.items():
         try:
             got, _ = triton_sparse_forward(query, latent, value, slots, scaling, cfg)
             ms = timed(lambda cfg=cfg: triton_sparse_forward(query, latent, value, slots, scaling, cfg)) * 1e3
         except Exception as error:  # a variant that does not compile is reported, not fatal
-            rows.append({**base, "kernel": f"triton forward {name}", "error": str(error)[:200]})
+            yield {**base, "kernel": f"triton forward {name}", "error": str(error)[:200]}
             continue
         ours_ms = ours_ms or ms
         row = {"kernel": f"triton forward {name}", "ms": ms, "tflops": flops / ms / 1e9, "rel_diff": rel(got, out)}
-        rows.append({**base, **row})
+        yield {**base, **row}
     teacher_floor = 2 * heads * seq * topk * 576 / rate * 1e3
     probs = triton_sparse_probs(query, latent, slots, lse, scaling)
     for name, cfg in TEACHER_VARIANTS.items():
@@ -106,7 +108,7 @@ def rows_for(heads: int, seq: int, anchors: list[str], rate: float) -> list[dict
             got = triton_sparse_probs(query, latent, slots, lse, scaling, cfg)
             ms = timed(lambda cfg=cfg: triton_sparse_probs(query, latent, slots, lse, scaling, cfg)) * 1e3
         except Exception as error:  # a variant that does not compile is reported, not fatal
-            rows.append({**base, "kernel": f"triton teacher pass {name}", "error": str(error)[:200]})
+            yield {**base, "kernel": f"triton teacher pass {name}", "error": str(error)[:200]}
             continue
         row = {
             "kernel": f"triton teacher pass {name}",
@@ -114,7 +116,7 @@ def rows_for(heads: int, seq: int, anchors: list[str], rate: float) -> list[dict
             "floor_ms": teacher_floor,
             "rel_diff": rel(got, probs),
         }
-        rows.append({**base, **row})
+        yield {**base, **row}
     indices = torch.where(slots >= 0, slots, seq - 1).to(torch.int32).unsqueeze(2).contiguous()
     for path in anchors:
         label = f"anchor {Path(path).stem}"
@@ -123,9 +125,9 @@ def rows_for(heads: int, seq: int, anchors: list[str], rate: float) -> list[dict
             got = forward(query, latent, indices, scaling)[0]
             ms = timed(lambda forward=forward: forward(query, latent, indices, scaling)) * 1e3
         except Exception as error:  # an anchor that does not build here is reported, not fatal
-            rows.append({**base, "kernel": label, "error": f"{type(error).__name__}: {str(error)[:300]}"})
+            yield {**base, "kernel": label, "error": f"{type(error).__name__}: {str(error)[:300]}"}
             continue
-        rows.append(
+        yield (
             {
                 **base,
                 "kernel": label,
@@ -135,7 +137,6 @@ def rows_for(heads: int, seq: int, anchors: list[str], rate: float) -> list[dict
                 "rel_diff": rel(got, out),
             }
         )
-    return rows
 
 
 def backward_rows(seq: int, paths: list[str], rate: float) -> list[dict]:
