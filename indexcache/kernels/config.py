@@ -105,7 +105,8 @@ class KernelConfig:
     loss_chunk_size: int = 1024  # query rows per chunk of the chunked (PyTorch) dense loss
     topk_chunk_size: int = 1024  # query rows scored at once by the indexer's top-k
     topk_scorer: ScorerTiles = field(default_factory=ScorerTiles)  # the top-k scorer's tiles (CUDA)
-    # The top-k's exact candidate filter, or None (off: not yet timed on a GPU, bench/NOTES.md version 10).
+    # The top-k's exact candidate filter, or None (off: 7-19% slower than without on an H100 at 128K, bench/NOTES.md
+    # versions 10 and 12).
     topk_filter: TopkFilter | None = None
     lm_chunk_size: int = 2048  # rows per block of the chunked LM cross-entropy
     fused_loss: FusedConfig = field(default_factory=FusedConfig)  # the fused dense loss's tiling (CUDA)
