@@ -77,7 +77,7 @@ class TopkFilter:
     K-th best of that subset is each row's threshold; the full scorer then keeps only the keys at or above it, in a
     buffer of `headroom * key_step * K` slots a row, and the top-k is taken among those. Any subset's K-th best is at
     most the row's K-th best, so the result is the same as without the filter; a row whose buffer overflows, or
-    holds fewer than K keys, has its chunk redone without it. Chunks whose rows see no more keys than the buffer
+    holds fewer than K keys, is redone from its chunk's full scores. Chunks whose rows see no more keys than the buffer
     holds skip it."""
 
     key_step: int = 16
